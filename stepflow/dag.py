@@ -1,0 +1,377 @@
+"""DAG workflows: a named set of steps and the order they must run in.
+
+``Workflow`` collects steps through its ``@flow.step(...)`` decorator. A step
+names the steps it runs ``after``, either by the decorated function or by
+name. Names may refer to steps defined later (forward references), so a
+module can be laid out top-down, reading like the pipeline it describes, and
+two steps can be wired without reordering code. The price is that an unknown
+name can only be found once the whole workflow is defined: ``validate()``
+finds it, and the engine calls ``validate()`` before every run.
+
+Errors, and when they are raised (all are ``DefinitionError`` subclasses):
+
+- At decoration, immediately: bad options or an empty name
+  (``DefinitionError``), a second step with the same name
+  (``DuplicateStepError``), a function in ``after`` that is not a step of
+  this workflow (``UnknownDependencyError``, as a function cannot be a
+  forward reference), and a cycle closed by the new step, itself included
+  (``CycleError``). Every step of such a cycle is defined by then, so it is
+  reported at the line that closes it.
+- At ``validate()``: a name in ``after`` that no step of the workflow has
+  (``UnknownDependencyError``).
+
+The decorator returns the function unchanged, so a step stays a plain
+function for unit tests; its frozen ``StepSpec`` hangs on it as
+``__stepflow_step__`` and is kept by the workflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import inspect
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import pydantic
+
+from stepflow import registry
+from stepflow.errors import (
+    CycleError,
+    DefinitionError,
+    DuplicateStepError,
+    InputValidationError,
+    UnknownDependencyError,
+)
+from stepflow.retry import RetryPolicy
+
+__all__ = ["STEP_ATTR", "StepSpec", "Workflow", "get_step_spec"]
+
+STEP_ATTR = "__stepflow_step__"
+"""Attribute under which a decorated step function carries its ``StepSpec``."""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, slots=True)
+class StepSpec:
+    """Everything the engine needs to run one step; fixed once the step is defined."""
+
+    name: str
+    """Unique within the workflow; recorded in the store."""
+    fn: Callable[..., Any]
+    """The function as written; called with the step context."""
+    after: tuple[str, ...]
+    """Names of the steps that must complete first, in the order given."""
+    retry: RetryPolicy
+    """When and how the engine retries a failed attempt."""
+    timeout: float | None
+    """Seconds one attempt may take, or None for no limit."""
+    when: Callable[[Any], bool] | None
+    """Predicate the engine calls with the step context; False skips the step."""
+    is_async: bool
+    """True for coroutine functions; sync steps run in a worker thread."""
+
+
+def get_step_spec(obj: object) -> StepSpec | None:
+    """The ``StepSpec`` attached to a decorated step function, or None."""
+    spec = getattr(obj, STEP_ATTR, None)
+    return spec if isinstance(spec, StepSpec) else None
+
+
+def _describe(obj: object) -> str:
+    """A readable name for a callable in an error message."""
+    return str(getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or repr(obj))
+
+
+def _check_name(what: str, name: object) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise DefinitionError(f"{what} must be a non-empty string, got {name!r}")
+    return name
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    # A callable object with an ``async def __call__`` is a coroutine function too.
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - the method itself is inspected
+    )
+
+
+def _find_cycle(
+    graph: Mapping[str, Sequence[str]], roots: Iterable[str] | None = None
+) -> list[str] | None:
+    """Return one cycle of ``graph`` (step -> its dependencies) reachable from ``roots``.
+
+    ``roots`` defaults to every step; a caller that knows where a cycle must
+    pass (the step just added) searches from there and visits far less.
+
+    The cycle is given in running order (each step runs before the next) and
+    starts at the step that comes first in ``graph``, with that step repeated
+    at the end, so the same definition always reports the same cycle.
+    """
+    rank = {name: i for i, name in enumerate(graph)}
+    done: set[str] = set()
+    for root in graph if roots is None else roots:
+        if root in done:
+            continue
+        path = [root]
+        on_path = {root}
+        # Iterative DFS: a long chain of steps must not hit the recursion limit.
+        stack: list[Iterator[str]] = [iter(graph[root])]
+        while stack:
+            dep = next((d for d in stack[-1] if d in graph and d not in done), None)
+            if dep is None:
+                done.add(path[-1])
+                on_path.discard(path.pop())
+                stack.pop()
+            elif dep in on_path:
+                # Each step in ``path`` depends on the next, so reversing gives running order.
+                cycle = path[path.index(dep) :][::-1]
+                start = min(range(len(cycle)), key=lambda i: rank[cycle[i]])
+                cycle = cycle[start:] + cycle[:start]
+                return [*cycle, cycle[0]]
+            else:
+                path.append(dep)
+                on_path.add(dep)
+                stack.append(iter(graph[dep]))
+    return None
+
+
+class Workflow:
+    """A named DAG of steps; define steps with ``@flow.step(...)``.
+
+    Creating a workflow registers it by name in this process, so a run of it
+    can be resumed by id later. ``input_model``, when given, validates each
+    run's input and stores it in its JSON form.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        version: str = "1",
+        input_model: type[pydantic.BaseModel] | None = None,
+    ) -> None:
+        self._name = _check_name("workflow name", name)
+        self._version = _check_name(f"version of workflow {name!r}", version)
+        if input_model is not None and not (
+            isinstance(input_model, type) and issubclass(input_model, pydantic.BaseModel)
+        ):
+            raise DefinitionError(
+                f"input_model of workflow {name!r} must be a pydantic BaseModel subclass, "
+                f"got {input_model!r}"
+            )
+        self._input_model = input_model
+        self._steps: dict[str, StepSpec] = {}
+        self._referenced: set[str] = set()  # every name in some step's ``after``
+        self._order: list[str] | None = None  # topological order, once validated
+        registry.register(name, self)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @property
+    def input_model(self) -> type[pydantic.BaseModel] | None:
+        return self._input_model
+
+    @property
+    def steps(self) -> Mapping[str, StepSpec]:
+        """Read-only view of the steps, in definition order."""
+        return MappingProxyType(self._steps)
+
+    @property
+    def step_names(self) -> tuple[str, ...]:
+        return tuple(self._steps)
+
+    def step(
+        self,
+        name: str | None = None,
+        *,
+        after: Sequence[Callable[..., Any] | str] = (),
+        retries: int = 0,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        when: Callable[[Any], bool] | None = None,
+    ) -> Callable[[F], F]:
+        """Decorator adding a step; see the module docstring for the errors it raises.
+
+        ``retries=n`` is shorthand for ``retry=RetryPolicy(retries=n)``; give
+        one or the other. The function is returned unchanged.
+        """
+        if callable(name):
+            raise DefinitionError(
+                f"use @{self._name}.step() with parentheses, or pass the step name as a string"
+            )
+        if name is not None:
+            _check_name("step name", name)
+        policy = self._retry_policy(retries, retry)
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+                raise DefinitionError(f"timeout must be a number of seconds, got {timeout!r}")
+            if not (math.isfinite(timeout) and timeout > 0):
+                raise DefinitionError(
+                    f"timeout must be a positive, finite number of seconds (or None for no "
+                    f"limit), got {timeout!r}"
+                )
+            timeout = float(timeout)
+        if when is not None and not callable(when):
+            raise DefinitionError(f"when must be callable, got {when!r}")
+        # A lone name or function is an easy slip; a str would otherwise iterate by character.
+        refs: Sequence[object] = (after,) if isinstance(after, str) or callable(after) else after
+
+        def decorate(fn: F) -> F:
+            if not callable(fn):
+                raise DefinitionError(f"@step must decorate a callable, got {fn!r}")
+            step_name = name if name is not None else getattr(fn, "__name__", None)
+            if step_name is None:
+                raise DefinitionError(f"{fn!r} has no __name__; pass the step name explicitly")
+            step_name = _check_name("step name", step_name)
+            if step_name in self._steps:
+                raise DuplicateStepError(self._name, step_name)
+            deps = tuple(dict.fromkeys(self._resolve(step_name, ref) for ref in refs))
+            # The steps so far are acyclic, so a new cycle must pass through this step,
+            # which needs an earlier step to have named it: usually none did, so skip.
+            if step_name in deps or step_name in self._referenced:
+                graph = {**{s.name: s.after for s in self._steps.values()}, step_name: deps}
+                cycle = _find_cycle(graph, roots=[step_name])
+                if cycle is not None:
+                    raise CycleError(self._name, cycle)
+            spec = StepSpec(
+                name=step_name,
+                fn=fn,
+                after=deps,
+                retry=policy,
+                timeout=timeout,
+                when=when,
+                is_async=_is_async(fn),
+            )
+            self._steps[step_name] = spec
+            self._referenced.update(deps)
+            self._order = None
+            # A bound method takes no attributes; the workflow still holds its spec.
+            with contextlib.suppress(AttributeError, TypeError):
+                setattr(fn, STEP_ATTR, spec)
+            return fn
+
+        return decorate
+
+    @staticmethod
+    def _retry_policy(retries: int, retry: RetryPolicy | None) -> RetryPolicy:
+        if retry is not None:
+            if not isinstance(retry, RetryPolicy):
+                raise DefinitionError(f"retry must be a RetryPolicy, got {retry!r}")
+            if retries != 0:
+                raise DefinitionError(
+                    "give either retries= or retry=, not both (set retries on the RetryPolicy)"
+                )
+            return retry
+        if isinstance(retries, bool) or not isinstance(retries, int):
+            raise DefinitionError(f"retries must be an int, got {retries!r}")
+        if retries < 0:
+            raise DefinitionError(f"retries must be >= 0, got {retries}")
+        return RetryPolicy(retries=retries)
+
+    def _resolve(self, step_name: str, ref: object) -> str:
+        """Turn one ``after`` entry into a step name."""
+        if isinstance(ref, str):
+            return _check_name(f"dependency of step {step_name!r}", ref)
+        if not callable(ref):
+            raise DefinitionError(
+                f"after= of step {step_name!r} takes step functions or names, got {ref!r}"
+            )
+        # Match by identity, not by the attached spec: one function may be a step of
+        # several workflows, and the attribute holds only the latest spec.
+        matches = [s.name for s in self._steps.values() if s.fn is ref]
+        if not matches:
+            raise UnknownDependencyError(self._name, step_name, _describe(ref))
+        if len(matches) > 1:
+            raise DefinitionError(
+                f"{_describe(ref)} is steps {matches} of workflow {self._name!r}; "
+                f"name the one step {step_name!r} depends on"
+            )
+        return matches[0]
+
+    def validate(self) -> None:
+        """Check every dependency exists and there is no cycle; cached until a step is added."""
+        if self._order is not None:
+            return
+        for spec in self._steps.values():
+            for dep in spec.after:
+                if dep not in self._steps:
+                    raise UnknownDependencyError(self._name, spec.name, dep)
+        graph = {s.name: s.after for s in self._steps.values()}
+        cycle = _find_cycle(graph)
+        if cycle is not None:  # decoration rejects cycles already; this guards the invariant
+            raise CycleError(self._name, cycle)
+        self._order = self._kahn()
+
+    def _kahn(self) -> list[str]:
+        """Topological order, always taking the earliest-defined ready step."""
+        names = list(self._steps)
+        rank = {name: i for i, name in enumerate(names)}
+        dependents: dict[str, list[str]] = {name: [] for name in names}
+        for spec in self._steps.values():
+            for dep in spec.after:
+                dependents[dep].append(spec.name)
+        waiting = {name: len(spec.after) for name, spec in self._steps.items()}
+        ready = [rank[name] for name, count in waiting.items() if count == 0]
+        heapq.heapify(ready)
+        order: list[str] = []
+        while ready:
+            current = names[heapq.heappop(ready)]
+            order.append(current)
+            for dependent in dependents[current]:
+                waiting[dependent] -= 1
+                if waiting[dependent] == 0:
+                    heapq.heappush(ready, rank[dependent])
+        return order
+
+    def topological_order(self) -> list[str]:
+        """Step names so each comes after its dependencies; ties go by definition order."""
+        self.validate()
+        assert self._order is not None
+        return list(self._order)
+
+    def dependencies(self, name: str) -> tuple[str, ...]:
+        """Names the step ``name`` runs after; KeyError for an undefined step."""
+        return self._spec(name).after
+
+    def dependents(self, name: str) -> tuple[str, ...]:
+        """Names of the steps that run after ``name``, in definition order."""
+        self._spec(name)
+        return tuple(s.name for s in self._steps.values() if name in s.after)
+
+    def _spec(self, name: str) -> StepSpec:
+        try:
+            return self._steps[name]
+        except KeyError:
+            raise KeyError(f"workflow {self._name!r} has no step named {name!r}") from None
+
+    def validate_input(self, value: Any) -> Any:
+        """Validate a run's input against ``input_model`` and return its JSON form.
+
+        Without a model the value is returned as given. Storing the dumped
+        form, not the model, keeps the stored input plain JSON.
+        """
+        if self._input_model is None:
+            return value
+        try:
+            model = self._input_model.model_validate(value)
+        except pydantic.ValidationError as exc:
+            detail = "; ".join(
+                f"{'.'.join(str(part) for part in err['loc']) or '(root)'}: {err['msg']}"
+                for err in exc.errors(include_url=False)
+            )
+            raise InputValidationError(self._name, detail) from exc
+        return model.model_dump(mode="json")
+
+    def __repr__(self) -> str:
+        return f"Workflow({self._name!r}, version={self._version!r}, steps={list(self._steps)!r})"

@@ -1,0 +1,246 @@
+"""The one error hierarchy of stepflow.
+
+Every error stepflow raises on purpose is a `StepflowError`. Where a caller
+would naturally catch a builtin, the error also derives from it, so
+``except ValueError`` around bad input or ``except LookupError`` around a
+missing run keeps working::
+
+    StepflowError
+    ├── InvalidRunIdError(ValueError)          a run id unfit for a key name
+    ├── InvalidPayloadError(ValueError)        a value that is not JSON
+    │   └── PayloadTooLargeError               over the store's size limit
+    ├── InputValidationError(ValueError)       run input rejected by input_model
+    ├── NotFoundError(LookupError)
+    │   ├── RunNotFoundError                   .run_id
+    │   ├── StepNotFoundError                  .run_id, .step_id
+    │   ├── ExecutionNotFoundError             .run_id, .execution_id
+    │   └── WorkflowNotFoundError              .workflow (not registered here)
+    ├── LeaseError                             the step lease protocol
+    │   ├── LeaseHeldError                     another owner's lease is live
+    │   ├── StaleLeaseError                    a write carried an old lease
+    │   └── StepAlreadyCompletedError          the step finished already
+    ├── ConflictError                          state changed under the caller
+    ├── DefinitionError(ValueError)            a workflow definition is invalid
+    │   ├── DuplicateStepError                 .name
+    │   ├── UnknownDependencyError             .step, .dependency
+    │   └── CycleError                         .cycle
+    ├── RunFailedError                         a run ended failed: .run_id, .error
+    ├── RunCancelledError                      a run was cancelled: .run_id
+    ├── StepTimeoutError(TimeoutError)         one attempt ran past its timeout
+    ├── WaitTimeoutError(TimeoutError)         Engine.wait gave up
+    └── StoreError                             the backend misbehaved
+        └── ScriptError                        a Lua script failed unexpectedly
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class StepflowError(Exception):
+    """Root of every error stepflow raises on purpose."""
+
+
+class InvalidRunIdError(StepflowError, ValueError):
+    """A run id that cannot be stored: empty, too long or with forbidden characters."""
+
+    def __init__(self, run_id: object, reason: str) -> None:
+        self.run_id = run_id
+        self.reason = reason
+        super().__init__(
+            f"invalid run id {run_id!r}: {reason}. Use 1-200 characters from "
+            "letters, digits and - _ . : @ / + ="
+        )
+
+
+class InvalidPayloadError(StepflowError, ValueError):
+    """A value that cannot be stored as JSON (NaN, a set, an object, a non-str key...)."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        self.what = what
+        self.reason = reason
+        super().__init__(f"{what} is not storable JSON: {reason}")
+
+
+class PayloadTooLargeError(InvalidPayloadError):
+    """A JSON payload over the store's configured size limit."""
+
+    def __init__(self, what: str, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            what,
+            f"{size} bytes encoded, over the limit of {limit} bytes "
+            "(raise max_payload_bytes on the store, or keep large blobs elsewhere "
+            "and store a reference)",
+        )
+
+
+class InputValidationError(StepflowError, ValueError):
+    """The run input did not validate against the workflow's ``input_model``."""
+
+    def __init__(self, workflow: str, detail: str) -> None:
+        self.workflow = workflow
+        self.detail = detail
+        super().__init__(f"input for workflow {workflow!r} is invalid: {detail}")
+
+
+class NotFoundError(StepflowError, LookupError):
+    """Something that was asked for by id does not exist."""
+
+
+class RunNotFoundError(NotFoundError):
+    """No run with this id exists in the store."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        super().__init__(f"run {run_id!r} not found")
+
+
+class StepNotFoundError(NotFoundError):
+    """The run has no step with this id."""
+
+    def __init__(self, run_id: str, step_id: str) -> None:
+        self.run_id = run_id
+        self.step_id = step_id
+        super().__init__(f"step {step_id!r} of run {run_id!r} not found")
+
+
+class ExecutionNotFoundError(NotFoundError):
+    """The run has no execution with this number."""
+
+    def __init__(self, run_id: str, execution_id: int) -> None:
+        self.run_id = run_id
+        self.execution_id = execution_id
+        super().__init__(f"execution {execution_id} of run {run_id!r} not found")
+
+
+class WorkflowNotFoundError(NotFoundError):
+    """No workflow of this name is known to this process."""
+
+    def __init__(self, workflow: str) -> None:
+        self.workflow = workflow
+        super().__init__(
+            f"workflow {workflow!r} is not registered in this process: import the "
+            "module that defines it, or pass it in Engine(store, workflows=[...])"
+        )
+
+
+class LeaseError(StepflowError):
+    """The step lease protocol refused an operation."""
+
+
+class LeaseHeldError(LeaseError):
+    """Another owner holds a live lease on the step."""
+
+    def __init__(self, run_id: str, step_id: str, owner: str, expires_at: int) -> None:
+        self.run_id = run_id
+        self.step_id = step_id
+        self.owner = owner
+        self.expires_at = expires_at
+        super().__init__(
+            f"step {step_id!r} of run {run_id!r} is leased by {owner!r} "
+            f"until {expires_at} ms; retry after the lease expires"
+        )
+
+
+class StaleLeaseError(LeaseError):
+    """A write carried a lease that expired or was taken over; it was refused."""
+
+    def __init__(self, run_id: str, step_id: str, detail: str) -> None:
+        self.run_id = run_id
+        self.step_id = step_id
+        super().__init__(
+            f"write to step {step_id!r} of run {run_id!r} refused: {detail}; "
+            "another owner may be running it, so this result is discarded"
+        )
+
+
+class StepAlreadyCompletedError(LeaseError):
+    """The step completed already; it is never run or recorded again."""
+
+    def __init__(self, run_id: str, step_id: str) -> None:
+        self.run_id = run_id
+        self.step_id = step_id
+        super().__init__(f"step {step_id!r} of run {run_id!r} is already completed")
+
+
+class ConflictError(StepflowError):
+    """The stored state changed under the caller (e.g. an execution moved on)."""
+
+
+class DefinitionError(StepflowError, ValueError):
+    """A workflow or step definition is invalid; raised when it is defined."""
+
+
+class DuplicateStepError(DefinitionError):
+    """Two steps of one workflow share a name."""
+
+    def __init__(self, workflow: str, name: str) -> None:
+        self.workflow = workflow
+        self.name = name
+        super().__init__(f"workflow {workflow!r} already has a step named {name!r}")
+
+
+class UnknownDependencyError(DefinitionError):
+    """A step depends on a step the workflow does not define."""
+
+    def __init__(self, workflow: str, step: str, dependency: str) -> None:
+        self.workflow = workflow
+        self.step = step
+        self.dependency = dependency
+        super().__init__(
+            f"step {step!r} of workflow {workflow!r} depends on unknown step {dependency!r}"
+        )
+
+
+class CycleError(DefinitionError):
+    """The step dependencies form a cycle; ``.cycle`` names it in order."""
+
+    def __init__(self, workflow: str, cycle: list[str]) -> None:
+        self.workflow = workflow
+        self.cycle = cycle
+        super().__init__(f"workflow {workflow!r} has a dependency cycle: {' -> '.join(cycle)}")
+
+
+class RunFailedError(StepflowError):
+    """A run ended in ``failed``; ``.error`` holds the recorded error."""
+
+    def __init__(self, run_id: str, error: Any) -> None:
+        self.run_id = run_id
+        self.error = error
+        super().__init__(f"run {run_id!r} failed: {error}")
+
+
+class RunCancelledError(StepflowError):
+    """A run was cancelled."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        super().__init__(f"run {run_id!r} was cancelled")
+
+
+class StepTimeoutError(StepflowError, TimeoutError):
+    """One attempt of a step ran past its ``timeout``."""
+
+    def __init__(self, step: str, timeout: float) -> None:
+        self.step = step
+        self.timeout = timeout
+        super().__init__(f"step {step!r} timed out after {timeout:g} s")
+
+
+class WaitTimeoutError(StepflowError, TimeoutError):
+    """``Engine.wait`` gave up before the run finished; the run goes on."""
+
+    def __init__(self, run_id: str, timeout: float) -> None:
+        self.run_id = run_id
+        self.timeout = timeout
+        super().__init__(f"run {run_id!r} did not finish within {timeout:g} s")
+
+
+class StoreError(StepflowError):
+    """The storage backend failed in a way stepflow did not expect."""
+
+
+class ScriptError(StoreError):
+    """A Lua script returned an error stepflow has no mapping for."""

@@ -1,0 +1,305 @@
+"""Records stepflow stores and returns: runs, steps, history, admin views.
+
+All records are pydantic v2 models and frozen: a record is a snapshot of the
+store at the moment it was read, and changing it changes nothing stored. To
+write, build a new record (``record.model_copy(update=...)``) and hand it to
+the store. Times are integer milliseconds since the epoch; payload fields
+hold JSON values.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds since the epoch (records' time unit)."""
+    return time.time_ns() // 1_000_000
+
+
+class _CaseInsensitiveEnum(StrEnum):
+    """A status users may write in any case: ``"Completed" == "completed"``."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> Any:
+        if isinstance(value, str):
+            lowered = value.strip().lower()
+            for member in cls:
+                if member.value == lowered:
+                    return member
+        return None
+
+
+class RunStatus(_CaseInsensitiveEnum):
+    """Where a run (or one of its executions) stands."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CONTINUED_AS_NEW = "continued_as_new"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the run will not change by itself any more."""
+        return self in _TERMINAL_RUN
+
+
+_TERMINAL_RUN = frozenset(
+    {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.CONTINUED_AS_NEW}
+)
+
+
+class StepStatus(_CaseInsensitiveEnum):
+    """Where one step of a run stands."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+
+
+class EventKind(_CaseInsensitiveEnum):
+    """Kinds of history events, one list per execution."""
+
+    RUN_STARTED = "run_started"
+    STEP_SCHEDULED = "step_scheduled"
+    STEP_COMPLETED = "step_completed"
+    STEP_FAILED = "step_failed"
+    STEP_SKIPPED = "step_skipped"
+    TIMER_CREATED = "timer_created"
+    TIMER_FIRED = "timer_fired"
+    EVENT_RAISED = "event_raised"
+    EVENT_RECEIVED = "event_received"
+    CHILD_STARTED = "child_started"
+    CHILD_COMPLETED = "child_completed"
+    CHILD_FAILED = "child_failed"
+    CONTINUED_AS_NEW = "continued_as_new"
+    HISTORY_PRUNED = "history_pruned"
+    RUN_COMPLETED = "run_completed"
+    RUN_FAILED = "run_failed"
+    RUN_CANCELLED = "run_cancelled"
+
+
+_FROZEN = ConfigDict(frozen=True, use_attribute_docstrings=True, extra="forbid")
+
+
+class RunRecord(BaseModel):
+    """One run (an "instance") of a workflow, with its context bag."""
+
+    model_config = _FROZEN
+
+    run_id: str
+    """Unique id; every key of the run is built from it."""
+    workflow: str
+    """Registered name of the workflow definition."""
+    version: str = "1"
+    """Version of the definition that started the run."""
+    status: RunStatus = RunStatus.PENDING
+    input: Any = None
+    """Input of the current execution (JSON)."""
+    output: Any = None
+    """Result once completed (JSON)."""
+    error: Any = None
+    """Error once failed: a JSON object with at least ``type`` and ``message``."""
+    context: dict[str, Any] = Field(default_factory=dict)
+    """The shared context bag; steps' returned mappings merge into it."""
+    created_at: int = Field(default_factory=now_ms)
+    updated_at: int = Field(default_factory=now_ms)
+    completed_at: int | None = None
+    parent_run_id: str | None = None
+    """Set on child runs: the run that started this one."""
+    current_execution_id: int = 1
+    """Executions count up from 1; continue-as-new starts the next."""
+
+
+class StepState(BaseModel):
+    """The stored state of one step of a run."""
+
+    model_config = _FROZEN
+
+    step_id: str
+    """Unique within the run; the DAG engine uses the step name."""
+    name: str
+    status: StepStatus = StepStatus.PENDING
+    attempt: int = 0
+    """Number of attempts started so far."""
+    input: Any = None
+    output: Any = None
+    error: Any = None
+    started_at: int | None = None
+    finished_at: int | None = None
+    worker_id: str | None = None
+    """Owner of the lease under which the step last ran."""
+    execution_id: int = 1
+
+
+class Lease(BaseModel):
+    """A claim on one step: only the holder of the newest lease may record its result."""
+
+    model_config = _FROZEN
+
+    run_id: str
+    step_id: str
+    owner: str
+    token: str
+    """Random per claim: a lease from before a delete and re-create never matches."""
+    epoch: int
+    """Grows by one with every claim of the step; a write carrying an older one is refused."""
+    expires_at: int
+    """Store-clock milliseconds (Redis ``TIME``) after which another owner may claim."""
+    execution_id: int = 1
+    """Execution the attempt belongs to; its history receives the step's events."""
+
+
+class Event(BaseModel):
+    """One entry of an execution's history."""
+
+    model_config = _FROZEN
+
+    event_id: int
+    """1..N within its execution, in order of appending."""
+    kind: EventKind
+    timestamp: int
+    payload: Any = None
+
+
+class NewEvent(BaseModel):
+    """An event to append; the store assigns its id and timestamp."""
+
+    model_config = _FROZEN
+
+    kind: EventKind
+    payload: Any = None
+
+
+class ExecutionInfo(BaseModel):
+    """One execution of a run (continue-as-new starts the next)."""
+
+    model_config = _FROZEN
+
+    execution_id: int
+    status: RunStatus
+    input: Any = None
+    output: Any = None
+    error: Any = None
+    started_at: int
+    completed_at: int | None = None
+    event_count: int = 0
+
+
+class InstanceInfo(BaseModel):
+    """What an operator sees of one run."""
+
+    model_config = _FROZEN
+
+    instance_id: str
+    workflow: str
+    version: str
+    status: RunStatus
+    current_execution_id: int
+    output: Any = None
+    error: Any = None
+    created_at: int
+    updated_at: int
+    completed_at: int | None = None
+    parent_id: str | None = None
+
+
+class SystemMetrics(BaseModel):
+    """Counters kept up to date with every transition (never computed by a scan)."""
+
+    model_config = _FROZEN
+
+    total_instances: int = 0
+    total_executions: int = 0
+    running_instances: int = 0
+    completed_instances: int = 0
+    failed_instances: int = 0
+    total_events: int = 0
+
+
+class QueueDepths(BaseModel):
+    """Ready work per queue; zero where a queue does not exist yet."""
+
+    model_config = _FROZEN
+
+    orchestrator: int = 0
+    worker: int = 0
+    timer: int = 0
+
+
+class PruneOptions(BaseModel):
+    """Which finished executions of a run to delete.
+
+    The current execution and running executions are never pruned;
+    ``keep_last`` of None, 0 and 1 all mean "keep only the current".
+    """
+
+    model_config = _FROZEN
+
+    keep_last: int | None = None
+    """Keep this many newest executions (the current one counts)."""
+    completed_before: int | None = None
+    """Only prune executions completed before this time (ms)."""
+
+    @field_validator("keep_last")
+    @classmethod
+    def _non_negative(cls, value: int | None) -> int | None:
+        if value is not None and value < 0:
+            raise ValueError("keep_last must be >= 0")
+        return value
+
+
+class InstanceFilter(BaseModel):
+    """Selects runs for bulk deletes and prunes."""
+
+    model_config = _FROZEN
+
+    instance_ids: list[str] | None = None
+    completed_before: int | None = None
+    limit: int | None = None
+
+
+class PruneResult(BaseModel):
+    """What a prune removed."""
+
+    model_config = _FROZEN
+
+    instances_processed: int = 0
+    executions_deleted: int = 0
+    events_deleted: int = 0
+
+
+class DeleteResult(BaseModel):
+    """What a delete removed."""
+
+    model_config = _FROZEN
+
+    instances_deleted: int = 0
+    executions_deleted: int = 0
+    events_deleted: int = 0
+    queue_messages_deleted: int = 0
+
+
+class InstanceTree(BaseModel):
+    """A run and all its descendants (child runs, their children...)."""
+
+    model_config = _FROZEN
+
+    instance_id: str
+    children: list[InstanceTree] = Field(default_factory=list)
+
+    def all_ids(self) -> list[str]:
+        """The root first, then every descendant depth-first."""
+        ids = [self.instance_id]
+        for child in self.children:
+            ids.extend(child.all_ids())
+        return ids

@@ -1,0 +1,209 @@
+"""The storage contract every backend implements.
+
+`WorkflowStore` is the hot path the engines use: runs, the context bag,
+steps, leases and per-execution history. Each method is one atomic operation
+on the backend (one Lua script on Redis), so a crash between two calls never
+leaves a half-written change. `MemoryStore` is the reference semantics;
+`RedisStore` must behave identically, which the conformance suite checks.
+
+The management operations (list, delete trees, prune, metrics) form a second
+protocol, `AdminStore`, on the same classes, so the hot path stays small.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+from stepflow.errors import InvalidRunIdError
+from stepflow.models import (
+    Event,
+    ExecutionInfo,
+    Lease,
+    NewEvent,
+    RunRecord,
+    RunStatus,
+    StepState,
+)
+
+MAX_RUN_ID_LENGTH = 200
+_RUN_ID = re.compile(r"[A-Za-z0-9\-_.:@/+=]+")
+DEFAULT_LEASE_MS = 30_000
+
+
+def validate_run_id(run_id: object) -> str:
+    """Return ``run_id`` if it can be part of a key name, else raise `InvalidRunIdError`.
+
+    Braces would change the Redis Cluster hash tag and whitespace or control
+    characters make ids that cannot be typed back into the CLI, so the
+    allowed alphabet is explicit rather than a list of exclusions.
+    """
+    if not isinstance(run_id, str):
+        raise InvalidRunIdError(run_id, f"must be a str, not {type(run_id).__name__}")
+    if not run_id:
+        raise InvalidRunIdError(run_id, "is empty")
+    if len(run_id) > MAX_RUN_ID_LENGTH:
+        raise InvalidRunIdError(run_id, f"is {len(run_id)} characters long, over the limit")
+    if _RUN_ID.fullmatch(run_id) is None:
+        bad = next(ch for ch in run_id if _RUN_ID.fullmatch(ch) is None)
+        raise InvalidRunIdError(run_id, f"contains the forbidden character {bad!r}")
+    return run_id
+
+
+def validate_step_id(step_id: object) -> str:
+    """Step ids live inside hash fields, not key names, but share the alphabet for sanity."""
+    if not isinstance(step_id, str) or not step_id or len(step_id) > MAX_RUN_ID_LENGTH:
+        raise InvalidRunIdError(step_id, "is not a valid step id")
+    if _RUN_ID.fullmatch(step_id) is None:
+        raise InvalidRunIdError(step_id, "is not a valid step id")
+    return step_id
+
+
+@runtime_checkable
+class WorkflowStore(Protocol):
+    """Durable state of runs; every method is atomic on its backend.
+
+    Unless noted, a method on a run that does not exist raises
+    `RunNotFoundError`, and a method given bad input raises a
+    `StepflowError` subclass without changing anything stored.
+    """
+
+    max_payload_bytes: int
+    """Largest encoded JSON payload accepted (input, output, patch, event...)."""
+
+    async def aclose(self) -> None:
+        """Release connections; the store is unusable afterwards."""
+
+    async def time_ms(self) -> int:
+        """The store's clock in milliseconds, the one leases and timers follow."""
+
+    # -- runs -----------------------------------------------------------------
+
+    async def create_run(self, record: RunRecord) -> None:
+        """Create the run, or overwrite the record of an existing one (create-or-resume).
+
+        The context bag is replaced by ``record.context``; step rows and history
+        of an existing run are kept, so a resumed run sees its completed steps.
+        The run's current execution is created when missing.
+        """
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        """The run with its context bag, or None when absent."""
+
+    async def set_run_status(
+        self,
+        run_id: str,
+        status: RunStatus,
+        *,
+        execution_id: int,
+        output: Any = None,
+        error: Any = None,
+        event: NewEvent | None = None,
+    ) -> RunRecord:
+        """Move the run and its current execution to ``status`` in one step.
+
+        ``execution_id`` must be the run's current execution (else
+        `ConflictError`): an engine that lost a race with continue-as-new
+        cannot finish the newer execution. Terminal statuses set
+        ``completed_at``. ``event`` is appended to that execution's history.
+        """
+
+    async def update_context(self, run_id: str, context: Mapping[str, Any]) -> None:
+        """Replace the whole context bag."""
+
+    async def merge_context(self, run_id: str, patch: Mapping[str, Any]) -> None:
+        """Set each key of ``patch`` in the bag, leaving other keys as they are."""
+
+    async def delete_run(self, run_id: str) -> bool:
+        """Remove the run and everything of it; False when it did not exist."""
+
+    async def list_runs(self, *, limit: int = 100, offset: int = 0) -> list[RunRecord]:
+        """Runs newest first (by ``created_at``)."""
+
+    async def list_runs_by_status(
+        self, status: RunStatus | str, *, limit: int = 100, offset: int = 0
+    ) -> list[RunRecord]:
+        """Runs in ``status`` (any case), newest first."""
+
+    # -- steps ----------------------------------------------------------------
+
+    async def upsert_step(self, run_id: str, step: StepState) -> None:
+        """Write a step row as given (no lease check); a new step keeps insertion order."""
+
+    async def get_step(self, run_id: str, step_id: str) -> StepState | None:
+        """The step, or None when the run has no such step."""
+
+    async def list_steps(self, run_id: str) -> list[StepState]:
+        """Every step of the run in insertion order ([] for an unknown run)."""
+
+    async def claim_step(
+        self,
+        run_id: str,
+        step_id: str,
+        *,
+        name: str,
+        owner: str,
+        lease_ms: int = DEFAULT_LEASE_MS,
+        execution_id: int = 1,
+        input: Any = None,
+    ) -> Lease:
+        """Start an attempt of the step under a fresh lease.
+
+        The step is created if missing, set ``running`` with its attempt
+        count raised by one. Refused with `LeaseHeldError` while another
+        lease is live and with `StepAlreadyCompletedError` once completed.
+        The new lease's epoch is one above every earlier one of the step.
+        """
+
+    async def renew_lease(self, lease: Lease, *, lease_ms: int = DEFAULT_LEASE_MS) -> Lease:
+        """Extend a live lease (heartbeat); `StaleLeaseError` if it is no longer current."""
+
+    async def complete_step(
+        self,
+        lease: Lease,
+        *,
+        output: Any = None,
+        context_patch: Mapping[str, Any] | None = None,
+        event: NewEvent | None = None,
+    ) -> None:
+        """Record the step completed, merge ``context_patch`` and append ``event``, atomically.
+
+        Refused with `StaleLeaseError` (nothing changes) when the lease
+        expired, was taken over or the run was deleted.
+        """
+
+    async def fail_step(
+        self,
+        lease: Lease,
+        *,
+        error: Any,
+        final: bool,
+        event: NewEvent | None = None,
+    ) -> None:
+        """Record a failed attempt and release the lease.
+
+        ``final`` marks the step ``failed``; otherwise it goes back to
+        ``pending`` for the next attempt. Same lease checks as `complete_step`.
+        """
+
+    # -- history and executions -----------------------------------------------
+
+    async def append_event(self, run_id: str, event: NewEvent, *, execution_id: int) -> Event:
+        """Append to the execution's history; the store assigns id and timestamp."""
+
+    async def read_history(self, run_id: str, execution_id: int | None = None) -> list[Event]:
+        """Events of one execution (default: the current one), oldest first."""
+
+    async def list_executions(self, run_id: str) -> list[ExecutionInfo]:
+        """The run's stored executions, ascending."""
+
+    async def continue_as_new(self, run_id: str, input: Any, *, execution_id: int) -> int:
+        """End execution ``execution_id`` as continued-as-new and start the next one.
+
+        Atomically: the old execution gets status ``continued_as_new``, its
+        ``completed_at`` and a ``continued_as_new`` event; the new one starts
+        ``running`` with ``input`` and a ``run_started`` event; the run points
+        at it. Returns the new execution id. `ConflictError` when
+        ``execution_id`` is not the current execution.
+        """

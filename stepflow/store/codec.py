@@ -1,0 +1,63 @@
+"""Encoding of records and payloads, shared by every store.
+
+Both stores encode the same way and apply the same size limit, so a value
+refused by one is refused by the other, and the error names the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from stepflow import _json
+from stepflow.errors import InvalidPayloadError
+from stepflow.models import NewEvent, RunRecord, StepState
+
+
+class EncodedRun(NamedTuple):
+    input: bytes
+    output: bytes
+    error: bytes
+
+
+class Codec:
+    """JSON encoding with one payload size limit."""
+
+    def __init__(self, max_payload_bytes: int) -> None:
+        if max_payload_bytes <= 0:
+            raise ValueError("max_payload_bytes must be positive")
+        self.limit = max_payload_bytes
+
+    def encode(self, value: Any, what: str) -> bytes:
+        return _json.dumps(value, what=what, limit=self.limit)
+
+    def encode_run(self, record: RunRecord) -> EncodedRun:
+        return EncodedRun(
+            self.encode(record.input, "run input"),
+            self.encode(record.output, "run output"),
+            self.encode(record.error, "run error"),
+        )
+
+    def encode_context(self, patch: Mapping[str, Any], what: str) -> dict[str, bytes]:
+        """Encode each value of a bag or patch; the whole patch counts against the limit."""
+        if not isinstance(patch, Mapping):
+            raise InvalidPayloadError(what, f"must be a mapping, not {type(patch).__name__}")
+        self.encode(dict(patch), what)
+        return {key: _json.dumps(value, what=f"{what}[{key!r}]") for key, value in patch.items()}
+
+    def encode_event(self, event: NewEvent) -> bytes:
+        return self.encode(event.payload, f"{event.kind.value} event payload")
+
+    def encode_step(self, step: StepState) -> bytes:
+        """The whole step row as JSON, its payload fields checked against the limit."""
+        self.encode(step.input, "step input")
+        self.encode(step.output, "step output")
+        self.encode(step.error, "step error")
+        return _json.dumps(step.model_dump(mode="json"), what="step")
+
+    def decode_step(self, data: bytes | str) -> StepState:
+        return StepState.model_validate_json(data)
+
+    def isolate_step(self, step: StepState) -> StepState:
+        """A copy sharing no mutable value with ``step`` (what a store round trip gives)."""
+        return self.decode_step(self.encode_step(step))

@@ -1,0 +1,30 @@
+#!lua
+-- End the current execution as continued-as-new and start the next one.
+-- KEYS[1] run hash  KEYS[2] reqs hash  KEYS[3] reqlog list  KEYS[4] execs hash
+-- KEYS[5] events list of the current execution  KEYS[6] events list of the next
+-- ARGV[1] request id  ARGV[2] current execution id  ARGV[3] next execution id
+-- ARGV[4] next input (JSON)
+-- Returns the next execution id. Errors: SF_NOTFOUND, SF_CONFLICT.
+local done = sf_replayed(KEYS[2], ARGV[1])
+if done then return tonumber(done) end
+if redis.call('EXISTS', KEYS[1]) == 0 then return sf_fail('NOTFOUND', 'run') end
+local current = redis.call('HGET', KEYS[1], 'current_execution_id')
+if current ~= ARGV[2] then
+  return sf_fail('CONFLICT', 'the run is at execution ' .. tostring(current) ..
+    ', not ' .. ARGV[2])
+end
+
+local now = sf_now_ms()
+local old, new = ARGV[2] .. '|', ARGV[3] .. '|'
+redis.call('HSET', KEYS[4], old .. 'status', '"continued_as_new"', old .. 'completed_at', now)
+sf_append_event(KEYS[5], KEYS[4], ARGV[2], 'continued_as_new',
+  '{"next":' .. ARGV[3] .. '}', now)
+redis.call('HSET', KEYS[4], new .. 'status', '"running"', new .. 'input', ARGV[4],
+  new .. 'output', 'null', new .. 'error', 'null', new .. 'started_at', now,
+  new .. 'completed_at', 'null', new .. 'events', 0)
+sf_append_event(KEYS[6], KEYS[4], ARGV[3], 'run_started', ARGV[4], now)
+redis.call('HSET', KEYS[1], 'current_execution_id', ARGV[3], 'status', '"running"',
+  'input', ARGV[4], 'output', 'null', 'error', 'null', 'updated_at', now,
+  'completed_at', 'null')
+sf_remember(KEYS[2], KEYS[3], ARGV[1], ARGV[3])
+return tonumber(ARGV[3])

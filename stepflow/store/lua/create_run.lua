@@ -1,0 +1,31 @@
+#!lua
+-- Create a run, or overwrite the record of an existing one (create-or-resume).
+-- Step rows and history are kept; the context bag is replaced; the current
+-- execution is created when missing, else its status follows the record.
+-- KEYS[1] run hash  KEYS[2] reqs hash  KEYS[3] reqlog list
+-- KEYS[4] ctx hash  KEYS[5] execs hash
+-- ARGV[1] request id   ARGV[2] execution id   ARGV[3] status (JSON)
+-- ARGV[4] input (JSON) ARGV[5] created_at (ms) ARGV[6] n = number of run fields
+-- ARGV[7 .. 6+2n] run field/value pairs, then context key/value pairs
+-- Returns 'OK'.
+local done = sf_replayed(KEYS[2], ARGV[1])
+if done then return done end
+
+local n = tonumber(ARGV[6])
+local run_fields = {}
+for i = 7, 6 + 2 * n do run_fields[#run_fields + 1] = ARGV[i] end
+
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(run_fields))
+redis.call('DEL', KEYS[4])
+sf_hset_from(KEYS[4], ARGV, 7 + 2 * n)
+
+local x = ARGV[2] .. '|'
+if redis.call('HEXISTS', KEYS[5], x .. 'status') == 0 then
+  redis.call('HSET', KEYS[5], x .. 'status', ARGV[3], x .. 'input', ARGV[4],
+    x .. 'output', 'null', x .. 'error', 'null', x .. 'started_at', ARGV[5],
+    x .. 'completed_at', 'null', x .. 'events', 0)
+else
+  redis.call('HSET', KEYS[5], x .. 'status', ARGV[3])
+end
+return sf_remember(KEYS[2], KEYS[3], ARGV[1], 'OK')

@@ -1,0 +1,15 @@
+#!lua
+-- Extend a live lease (a heartbeat from the owner of a long step).
+-- KEYS[1] run hash  KEYS[2] reqs hash  KEYS[3] reqlog list  KEYS[4] steps hash
+-- ARGV[1] request id  ARGV[2] step id  ARGV[3] token  ARGV[4] epoch
+-- ARGV[5] lease duration (ms)
+-- Returns the new expires_at (ms). Errors: SF_STALE, SF_DONE.
+local done = sf_replayed(KEYS[2], ARGV[1])
+if done then return tonumber(done) end
+local now = sf_now_ms()
+local code, detail = sf_check_lease(KEYS[1], KEYS[4], ARGV[2], ARGV[3], ARGV[4], now)
+if code then return sf_fail(code, detail) end
+local expires = now + tonumber(ARGV[5])
+redis.call('HSET', KEYS[4], ARGV[2] .. '|expires', expires)
+sf_remember(KEYS[2], KEYS[3], ARGV[1], tostring(expires))
+return expires

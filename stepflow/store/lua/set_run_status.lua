@@ -1,0 +1,31 @@
+#!lua
+-- Move a run and its current execution to a new status, optionally
+-- appending a history event, in one step.
+-- KEYS[1] run hash  KEYS[2] reqs hash  KEYS[3] reqlog list
+-- KEYS[4] execs hash  KEYS[5] events list of that execution
+-- ARGV[1] request id  ARGV[2] execution id (must be current)
+-- ARGV[3] status (JSON)  ARGV[4] '1' if terminal (sets completed_at)
+-- ARGV[5] output (JSON)  ARGV[6] error (JSON)
+-- ARGV[7] event kind ('' for none)  ARGV[8] event payload (JSON)
+-- Returns 'OK'. Errors: SF_NOTFOUND, SF_CONFLICT (not the current execution).
+local done = sf_replayed(KEYS[2], ARGV[1])
+if done then return done end
+if redis.call('EXISTS', KEYS[1]) == 0 then return sf_fail('NOTFOUND', 'run') end
+local current = redis.call('HGET', KEYS[1], 'current_execution_id')
+if current ~= ARGV[2] then
+  return sf_fail('CONFLICT', 'the run is at execution ' .. tostring(current) ..
+    ', not ' .. ARGV[2])
+end
+
+local now = sf_now_ms()
+local completed = 'null'
+if ARGV[4] == '1' then completed = now end
+redis.call('HSET', KEYS[1], 'status', ARGV[3], 'output', ARGV[5], 'error', ARGV[6],
+  'updated_at', now, 'completed_at', completed)
+local x = ARGV[2] .. '|'
+redis.call('HSET', KEYS[4], x .. 'status', ARGV[3], x .. 'output', ARGV[5],
+  x .. 'error', ARGV[6], x .. 'completed_at', completed)
+if ARGV[7] ~= '' then
+  sf_append_event(KEYS[5], KEYS[4], ARGV[2], ARGV[7], ARGV[8], now)
+end
+return sf_remember(KEYS[2], KEYS[3], ARGV[1], 'OK')

@@ -1,0 +1,443 @@
+"""`MemoryStore`: the reference semantics of `WorkflowStore`, in one process.
+
+Every method does all its work without awaiting in between, so on one event
+loop each is atomic with respect to every other task, just as a Lua script
+is on Redis. Payloads are encoded to JSON on the way in and decoded on the
+way out: the same values are refused as on Redis, and a caller mutating a
+dict after handing it over changes nothing stored.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from stepflow import _json
+from stepflow.errors import (
+    ConflictError,
+    ExecutionNotFoundError,
+    LeaseHeldError,
+    RunNotFoundError,
+    StaleLeaseError,
+    StepAlreadyCompletedError,
+)
+from stepflow.models import (
+    Event,
+    EventKind,
+    ExecutionInfo,
+    Lease,
+    NewEvent,
+    RunRecord,
+    RunStatus,
+    StepState,
+    StepStatus,
+    now_ms,
+)
+from stepflow.store.base import DEFAULT_LEASE_MS, validate_run_id, validate_step_id
+from stepflow.store.codec import Codec
+
+
+@dataclass
+class _StepLease:
+    epoch: int = 0
+    owner: str = ""
+    token: str = ""
+    expires_at: int = 0
+
+
+@dataclass
+class _Execution:
+    execution_id: int
+    status: RunStatus
+    input: bytes
+    started_at: int
+    output: bytes = b"null"
+    error: bytes = b"null"
+    completed_at: int | None = None
+    events: list[Event] = field(default_factory=list)
+
+
+@dataclass
+class _Run:
+    record: RunRecord  # payload fields hold decoded copies; context is kept apart
+    context: dict[str, bytes] = field(default_factory=dict)
+    steps: dict[str, StepState] = field(default_factory=dict)  # insertion ordered
+    leases: dict[str, _StepLease] = field(default_factory=dict)
+    executions: dict[int, _Execution] = field(default_factory=dict)
+
+
+class MemoryStore:
+    """In-process store: the quick start, the tests, and the definition of correct."""
+
+    def __init__(self, *, max_payload_bytes: int = _json.DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+        self.max_payload_bytes = max_payload_bytes
+        self._codec = Codec(max_payload_bytes)
+        self._runs: dict[str, _Run] = {}
+
+    async def __aenter__(self) -> MemoryStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Nothing to release; present so both stores are used the same way."""
+
+    async def time_ms(self) -> int:
+        return now_ms()
+
+    def _run(self, run_id: str) -> _Run:
+        validate_run_id(run_id)
+        run = self._runs.get(run_id)
+        if run is None:
+            raise RunNotFoundError(run_id)
+        return run
+
+    def _copy(self, data: bytes) -> Any:
+        return _json.loads(data)
+
+    # -- runs -----------------------------------------------------------------
+
+    async def create_run(self, record: RunRecord) -> None:
+        validate_run_id(record.run_id)
+        encoded = self._codec.encode_run(record)
+        context = self._codec.encode_context(record.context, "context")
+        stored = record.model_copy(
+            update={
+                "input": self._copy(encoded.input),
+                "output": self._copy(encoded.output),
+                "error": self._copy(encoded.error),
+                "context": {},
+            }
+        )
+        run = self._runs.get(record.run_id)
+        if run is None:
+            run = self._runs[record.run_id] = _Run(record=stored)
+        run.record = stored
+        run.context = context
+        xid = record.current_execution_id
+        execution = run.executions.get(xid)
+        if execution is None:
+            run.executions[xid] = _Execution(
+                execution_id=xid,
+                status=record.status,
+                input=encoded.input,
+                started_at=record.created_at,
+            )
+        else:
+            execution.status = record.status
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        validate_run_id(run_id)
+        run = self._runs.get(run_id)
+        if run is None:
+            return None
+        context = {key: self._copy(value) for key, value in run.context.items()}
+        return self._snapshot(run.record).model_copy(update={"context": context})
+
+    def _snapshot(self, record: RunRecord) -> RunRecord:
+        return record.model_copy(
+            update={
+                "input": self._copy(_json.dumps(record.input)),
+                "output": self._copy(_json.dumps(record.output)),
+                "error": self._copy(_json.dumps(record.error)),
+            }
+        )
+
+    async def set_run_status(
+        self,
+        run_id: str,
+        status: RunStatus,
+        *,
+        execution_id: int,
+        output: Any = None,
+        error: Any = None,
+        event: NewEvent | None = None,
+    ) -> RunRecord:
+        status = RunStatus(status)
+        run = self._run(run_id)
+        output_json = self._codec.encode(output, "run output")
+        error_json = self._codec.encode(error, "run error")
+        event_json = self._codec.encode_event(event) if event is not None else None
+        if run.record.current_execution_id != execution_id:
+            raise ConflictError(
+                f"run {run_id!r} is at execution {run.record.current_execution_id}, "
+                f"not {execution_id}"
+            )
+        now = now_ms()
+        completed_at = now if status.is_terminal else None
+        run.record = run.record.model_copy(
+            update={
+                "status": status,
+                "output": self._copy(output_json),
+                "error": self._copy(error_json),
+                "updated_at": now,
+                "completed_at": completed_at,
+            }
+        )
+        execution = run.executions[execution_id]
+        execution.status = status
+        execution.output = output_json
+        execution.error = error_json
+        execution.completed_at = completed_at
+        if event is not None and event_json is not None:
+            self._append(execution, event.kind, event_json, now)
+        return await self._get_existing(run_id)
+
+    async def _get_existing(self, run_id: str) -> RunRecord:
+        record = await self.get_run(run_id)
+        assert record is not None
+        return record
+
+    async def update_context(self, run_id: str, context: Mapping[str, Any]) -> None:
+        run = self._run(run_id)
+        run.context = self._codec.encode_context(context, "context")
+
+    async def merge_context(self, run_id: str, patch: Mapping[str, Any]) -> None:
+        run = self._run(run_id)
+        run.context.update(self._codec.encode_context(patch, "context patch"))
+
+    async def delete_run(self, run_id: str) -> bool:
+        validate_run_id(run_id)
+        return self._runs.pop(run_id, None) is not None
+
+    async def list_runs(self, *, limit: int = 100, offset: int = 0) -> list[RunRecord]:
+        return self._page(self._runs.values(), limit, offset)
+
+    async def list_runs_by_status(
+        self, status: RunStatus | str, *, limit: int = 100, offset: int = 0
+    ) -> list[RunRecord]:
+        wanted = RunStatus(status)
+        return self._page(
+            (run for run in self._runs.values() if run.record.status == wanted), limit, offset
+        )
+
+    def _page(self, runs: Any, limit: int, offset: int) -> list[RunRecord]:
+        ordered = sorted(runs, key=lambda run: (run.record.created_at, run.record.run_id))
+        ordered.reverse()
+        page = ordered[offset : offset + limit] if limit > 0 else []
+        return [
+            self._snapshot(run.record).model_copy(
+                update={"context": {k: self._copy(v) for k, v in run.context.items()}}
+            )
+            for run in page
+        ]
+
+    # -- steps ----------------------------------------------------------------
+
+    async def upsert_step(self, run_id: str, step: StepState) -> None:
+        validate_step_id(step.step_id)
+        run = self._run(run_id)
+        run.steps[step.step_id] = self._codec.isolate_step(step)
+
+    async def get_step(self, run_id: str, step_id: str) -> StepState | None:
+        validate_run_id(run_id)
+        run = self._runs.get(run_id)
+        step = run.steps.get(step_id) if run is not None else None
+        return self._codec.isolate_step(step) if step is not None else None
+
+    async def list_steps(self, run_id: str) -> list[StepState]:
+        validate_run_id(run_id)
+        run = self._runs.get(run_id)
+        if run is None:
+            return []
+        return [self._codec.isolate_step(step) for step in run.steps.values()]
+
+    async def claim_step(
+        self,
+        run_id: str,
+        step_id: str,
+        *,
+        name: str,
+        owner: str,
+        lease_ms: int = DEFAULT_LEASE_MS,
+        execution_id: int = 1,
+        input: Any = None,
+    ) -> Lease:
+        validate_step_id(step_id)
+        run = self._run(run_id)
+        input_json = self._codec.encode(input, "step input")
+        lease = run.leases.setdefault(step_id, _StepLease())
+        previous = run.steps.get(step_id)
+        now = now_ms()
+        if previous is not None and previous.status == StepStatus.COMPLETED:
+            raise StepAlreadyCompletedError(run_id, step_id)
+        if lease.token and lease.expires_at > now:
+            raise LeaseHeldError(run_id, step_id, lease.owner, lease.expires_at)
+        lease.epoch += 1
+        lease.owner = owner
+        lease.token = secrets.token_hex(16)
+        lease.expires_at = now + lease_ms
+        run.steps[step_id] = StepState(
+            step_id=step_id,
+            name=name,
+            status=StepStatus.RUNNING,
+            attempt=(previous.attempt if previous else 0) + 1,
+            input=self._copy(input_json),
+            started_at=now,
+            worker_id=owner,
+            execution_id=execution_id,
+        )
+        return Lease(
+            run_id=run_id,
+            step_id=step_id,
+            owner=owner,
+            token=lease.token,
+            epoch=lease.epoch,
+            expires_at=lease.expires_at,
+            execution_id=execution_id,
+        )
+
+    def _current_lease(self, lease: Lease) -> tuple[_Run, _StepLease]:
+        run = self._runs.get(lease.run_id)
+        if run is None:
+            raise StaleLeaseError(lease.run_id, lease.step_id, "the run no longer exists")
+        held = run.leases.get(lease.step_id)
+        if held is None or held.token != lease.token or held.epoch != lease.epoch:
+            step = run.steps.get(lease.step_id)
+            if step is not None and step.status == StepStatus.COMPLETED:
+                raise StepAlreadyCompletedError(lease.run_id, lease.step_id)
+            raise StaleLeaseError(lease.run_id, lease.step_id, "the lease was taken over")
+        if held.expires_at <= now_ms():
+            raise StaleLeaseError(lease.run_id, lease.step_id, "the lease expired")
+        return run, held
+
+    async def renew_lease(self, lease: Lease, *, lease_ms: int = DEFAULT_LEASE_MS) -> Lease:
+        _, held = self._current_lease(lease)
+        held.expires_at = now_ms() + lease_ms
+        return lease.model_copy(update={"expires_at": held.expires_at})
+
+    async def complete_step(
+        self,
+        lease: Lease,
+        *,
+        output: Any = None,
+        context_patch: Mapping[str, Any] | None = None,
+        event: NewEvent | None = None,
+    ) -> None:
+        output_json = self._codec.encode(output, "step output")
+        patch = self._codec.encode_context(context_patch or {}, "context patch")
+        event_json = self._codec.encode_event(event) if event is not None else None
+        run, held = self._current_lease(lease)
+        step = run.steps[lease.step_id]
+        execution = self._execution(run, step.execution_id)
+        now = now_ms()
+        held.token = ""
+        run.steps[lease.step_id] = step.model_copy(
+            update={
+                "status": StepStatus.COMPLETED,
+                "output": self._copy(output_json),
+                "error": None,
+                "finished_at": now,
+            }
+        )
+        run.context.update(patch)
+        if event is not None and event_json is not None:
+            self._append(execution, event.kind, event_json, now)
+
+    async def fail_step(
+        self,
+        lease: Lease,
+        *,
+        error: Any,
+        final: bool,
+        event: NewEvent | None = None,
+    ) -> None:
+        error_json = self._codec.encode(error, "step error")
+        event_json = self._codec.encode_event(event) if event is not None else None
+        run, held = self._current_lease(lease)
+        step = run.steps[lease.step_id]
+        execution = self._execution(run, step.execution_id)
+        now = now_ms()
+        held.token = ""
+        held.expires_at = 0
+        run.steps[lease.step_id] = step.model_copy(
+            update={
+                "status": StepStatus.FAILED if final else StepStatus.PENDING,
+                "error": self._copy(error_json),
+                "finished_at": now,
+            }
+        )
+        if event is not None and event_json is not None:
+            self._append(execution, event.kind, event_json, now)
+
+    # -- history and executions -----------------------------------------------
+
+    def _execution(self, run: _Run, execution_id: int) -> _Execution:
+        execution = run.executions.get(execution_id)
+        if execution is None:
+            raise ExecutionNotFoundError(run.record.run_id, execution_id)
+        return execution
+
+    def _append(self, execution: _Execution, kind: EventKind, payload: bytes, now: int) -> Event:
+        event = Event(
+            event_id=len(execution.events) + 1,
+            kind=kind,
+            timestamp=now,
+            payload=self._copy(payload),
+        )
+        execution.events.append(event)
+        return event
+
+    async def append_event(self, run_id: str, event: NewEvent, *, execution_id: int) -> Event:
+        payload = self._codec.encode_event(event)
+        run = self._run(run_id)
+        execution = self._execution(run, execution_id)
+        return self._isolate_event(self._append(execution, event.kind, payload, now_ms()))
+
+    def _isolate_event(self, event: Event) -> Event:
+        return event.model_copy(update={"payload": self._copy(_json.dumps(event.payload))})
+
+    async def read_history(self, run_id: str, execution_id: int | None = None) -> list[Event]:
+        run = self._run(run_id)
+        xid = run.record.current_execution_id if execution_id is None else execution_id
+        return [self._isolate_event(e) for e in self._execution(run, xid).events]
+
+    async def list_executions(self, run_id: str) -> list[ExecutionInfo]:
+        run = self._run(run_id)
+        return [
+            ExecutionInfo(
+                execution_id=x.execution_id,
+                status=x.status,
+                input=self._copy(x.input),
+                output=self._copy(x.output),
+                error=self._copy(x.error),
+                started_at=x.started_at,
+                completed_at=x.completed_at,
+                event_count=len(x.events),
+            )
+            for x in sorted(run.executions.values(), key=lambda x: x.execution_id)
+        ]
+
+    async def continue_as_new(self, run_id: str, input: Any, *, execution_id: int) -> int:
+        input_json = self._codec.encode(input, "continue-as-new input")
+        run = self._run(run_id)
+        if run.record.current_execution_id != execution_id:
+            raise ConflictError(
+                f"run {run_id!r} is at execution {run.record.current_execution_id}, "
+                f"not {execution_id}"
+            )
+        now = now_ms()
+        old = self._execution(run, execution_id)
+        old.status = RunStatus.CONTINUED_AS_NEW
+        old.completed_at = now
+        new_id = execution_id + 1
+        self._append(old, EventKind.CONTINUED_AS_NEW, _json.dumps({"next": new_id}), now)
+        new = run.executions[new_id] = _Execution(
+            execution_id=new_id, status=RunStatus.RUNNING, input=input_json, started_at=now
+        )
+        self._append(new, EventKind.RUN_STARTED, input_json, now)
+        run.record = run.record.model_copy(
+            update={
+                "current_execution_id": new_id,
+                "status": RunStatus.RUNNING,
+                "input": self._copy(input_json),
+                "output": None,
+                "error": None,
+                "updated_at": now,
+                "completed_at": None,
+            }
+        )
+        return new_id

@@ -1,0 +1,105 @@
+"""The Lua scripts of `RedisStore`: loading, registration and error mapping.
+
+Each atomic operation is one ``.lua`` file in ``stepflow/store/lua``, shipped
+as package data. ``_prelude.lua`` holds helpers every script uses; it is
+placed after a script's ``#!lua`` line. redis-py's ``register_script`` does
+EVALSHA and reloads a script on NOSCRIPT (after ``SCRIPT FLUSH`` or a
+failover), so there is no SHA cache here.
+
+The ``#!lua`` line lets Redis Cluster refuse a script that touches a key it
+was not given. Real Redis >= 7 accepts it; older servers and fakeredis do
+not, so the store probes once and strips the line where it is refused.
+
+Scripts report refusals as ``SF_<CODE> <detail>``; `raise_for_script_error`
+is the one place that turns them into `StepflowError` subclasses.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+from typing import Any, NoReturn
+
+from redis.exceptions import ResponseError
+
+from stepflow import _json
+from stepflow.errors import (
+    ConflictError,
+    ExecutionNotFoundError,
+    LeaseHeldError,
+    RunNotFoundError,
+    ScriptError,
+    StaleLeaseError,
+    StepAlreadyCompletedError,
+    StepflowError,
+)
+
+SCRIPT_NAMES = (
+    "append_event",
+    "claim_step",
+    "complete_step",
+    "continue_as_new",
+    "create_run",
+    "delete_run",
+    "fail_step",
+    "get_run",
+    "list_executions",
+    "list_steps",
+    "read_history",
+    "renew_lease",
+    "set_run_status",
+    "update_context",
+    "upsert_step",
+)
+
+
+def _read(name: str) -> str:
+    return resources.files("stepflow.store").joinpath("lua", f"{name}.lua").read_text("utf-8")
+
+
+@cache
+def script_source(name: str, *, shebang: bool) -> str:
+    """The full text of script ``name``: its ``#!lua`` line, the prelude, its body."""
+    first, _, body = _read(name).partition("\n")
+    if not first.startswith("#!lua"):
+        raise ValueError(f"{name}.lua must start with a #!lua line")
+    text = f"{_read('_prelude')}\n{body}"
+    return f"{first}\n{text}" if shebang else text
+
+
+def raise_for_script_error(
+    exc: ResponseError, *, run_id: str, step_id: str = "", execution_id: int = 0
+) -> NoReturn:
+    """Raise the `StepflowError` an ``SF_<CODE>`` reply stands for.
+
+    Anything else (a bug in a script, a server refusing it) becomes
+    `ScriptError` with the server's text, so it is never mistaken for a
+    refusal the caller can act on.
+    """
+    message = str(exc)
+    code, _, detail = message.partition(" ")
+    error: StepflowError
+    if code == "SF_NOTFOUND":
+        error = RunNotFoundError(run_id)
+    elif code == "SF_NOEXEC":
+        error = ExecutionNotFoundError(run_id, execution_id)
+    elif code == "SF_DONE":
+        error = StepAlreadyCompletedError(run_id, step_id)
+    elif code == "SF_STALE":
+        error = StaleLeaseError(run_id, step_id, detail)
+    elif code == "SF_HELD":
+        owner, _, expires = detail.rpartition("|")
+        error = LeaseHeldError(run_id, step_id, _owner(owner), int(expires))
+    elif code == "SF_CONFLICT":
+        error = ConflictError(f"run {run_id!r}: {detail}")
+    else:
+        error = ScriptError(f"Redis script failed for run {run_id!r}: {message}")
+    raise error from exc
+
+
+def _owner(raw: str) -> str:
+    try:
+        value: Any = _json.loads(raw)
+    except ValueError:
+        return raw
+    return str(value)
