@@ -7,6 +7,7 @@ and the quick start, `RedisStore` for production.
 """
 
 from stepflow.dag import StepSpec, Workflow
+from stepflow.engine import Engine, StepContext
 from stepflow.errors import (
     ConflictError,
     CycleError,
@@ -64,6 +65,7 @@ __all__ = [
     "DefinitionError",
     "DeleteResult",
     "DuplicateStepError",
+    "Engine",
     "Event",
     "EventKind",
     "ExecutionInfo",
@@ -94,6 +96,7 @@ __all__ = [
     "ScriptError",
     "StaleLeaseError",
     "StepAlreadyCompletedError",
+    "StepContext",
     "StepNotFoundError",
     "StepSpec",
     "StepState",

@@ -1,0 +1,240 @@
+"""Drives one run of a DAG `Workflow` to its end against a store.
+
+The runner reads what the store already holds (completed steps and their
+outputs, the context bag), so starting and resuming are the same code: a
+completed step is never run again, anything else runs once its
+dependencies are done. Ready steps run concurrently in one task group.
+
+When a step fails for good the runner cancels the steps still running
+(recorded ``cancelled``), marks every step that had not started ``skipped``
+and fails the run with the step's error. Nothing completed is lost: a later
+``Engine.resume`` re-runs only what did not complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, Literal
+
+import anyio
+from anyio.abc import TaskGroup
+
+from stepflow.dag import StepSpec, Workflow
+from stepflow.engine.attempts import (
+    LeaseLost,
+    StepCall,
+    StepFailed,
+    execute_step,
+)
+from stepflow.engine.context import StepContext
+from stepflow.errors import StepAlreadyCompletedError
+from stepflow.models import EventKind, NewEvent, RunRecord, RunStatus, StepState, StepStatus
+from stepflow.store.base import WorkflowStore
+
+StopReason = Literal["cancel", "shutdown"]
+
+
+class DagRunner:
+    """Executes (or resumes) one run of ``flow``; use once."""
+
+    def __init__(
+        self,
+        store: WorkflowStore,
+        flow: Workflow,
+        record: RunRecord,
+        *,
+        owner: str,
+        lease_ms: int,
+        limiter: anyio.CapacityLimiter,
+        stop_reason: Callable[[], StopReason | None],
+    ) -> None:
+        self.store = store
+        self.flow = flow
+        self.record = record
+        self.owner = owner
+        self.lease_ms = lease_ms
+        self.limiter = limiter
+        self.stop_reason = stop_reason
+        self.bag: dict[str, Any] = dict(record.context)
+        self.outputs: dict[str, Any] = {}
+        self.done: set[str] = set()
+        self.started: set[str] = set()
+        self.interrupted: set[str] = set()
+        self.attempts: dict[str, int] = {}
+        self.failure: StepFailed | None = None
+        self.lost_lease = False
+
+    @property
+    def run_id(self) -> str:
+        return self.record.run_id
+
+    @property
+    def execution_id(self) -> int:
+        return self.record.current_execution_id
+
+    async def execute(self) -> RunRecord:
+        await self._load_steps()
+        if self.record.status != RunStatus.RUNNING:
+            self.record = await self.store.set_run_status(
+                self.run_id,
+                RunStatus.RUNNING,
+                execution_id=self.execution_id,
+                event=NewEvent(kind=EventKind.RUN_STARTED, payload=self.record.input),
+            )
+        try:
+            async with anyio.create_task_group() as tg:
+                self._launch_ready(tg)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                if self.stop_reason() == "cancel":
+                    await self._finish_cancelled()
+            raise
+        if self.failure is not None:
+            return await self._finish_failed(self.failure)
+        if self.lost_lease:
+            # Another owner runs this run now; report what the store says.
+            return await self._reload()
+        sinks = [name for name in self.flow.step_names if not self.flow.dependents(name)]
+        return await self.store.set_run_status(
+            self.run_id,
+            RunStatus.COMPLETED,
+            execution_id=self.execution_id,
+            output={name: self.outputs.get(name) for name in sinks},
+            event=NewEvent(kind=EventKind.RUN_COMPLETED, payload=None),
+        )
+
+    async def _load_steps(self) -> None:
+        for step in await self.store.list_steps(self.run_id):
+            if step.step_id not in self.flow.steps:
+                continue
+            self.attempts[step.step_id] = step.attempt
+            skipped_by_condition = step.status == StepStatus.SKIPPED and step.error is None
+            if step.status == StepStatus.COMPLETED or skipped_by_condition:
+                self.done.add(step.step_id)
+                self.outputs[step.step_id] = step.output
+
+    async def _reload(self) -> RunRecord:
+        record = await self.store.get_run(self.run_id)
+        return record if record is not None else self.record
+
+    def _launch_ready(self, tg: TaskGroup) -> None:
+        for name in self.flow.step_names:
+            if name in self.started or name in self.done:
+                continue
+            if all(dep in self.done for dep in self.flow.dependencies(name)):
+                self.started.add(name)
+                tg.start_soon(self._run_step, tg, name, name=f"stepflow step {name}")
+
+    def _context(self, name: str, attempt: int) -> StepContext:
+        return StepContext.for_attempt(
+            run_id=self.run_id,
+            step_id=name,
+            attempt=attempt,
+            input=self.record.input,
+            context=MappingProxyType(dict(self.bag)),
+            execution_id=self.execution_id,
+        )
+
+    async def _run_step(self, tg: TaskGroup, name: str) -> None:
+        spec = self.flow.steps[name]
+        first_attempt = self.attempts.get(name, 0) + 1
+        if spec.when is not None and not spec.when(self._context(name, first_attempt)):
+            await self._record(name, StepStatus.SKIPPED, error=None)
+            self._finished(tg, name, None)
+            return
+        try:
+            async with self.limiter:
+                outcome = await execute_step(
+                    self.store,
+                    self._call(spec),
+                    owner=self.owner,
+                    lease_ms=self.lease_ms,
+                    first_attempt=first_attempt,
+                )
+            output = outcome.output
+        except StepAlreadyCompletedError:
+            step = await self.store.get_step(self.run_id, name)
+            output = step.output if step is not None else None
+            if isinstance(output, Mapping):
+                self.bag.update(output)
+        except StepFailed as failure:
+            self.failure = self.failure or failure
+            tg.cancel_scope.cancel()
+            return
+        except LeaseLost:
+            self.lost_lease = True
+            tg.cancel_scope.cancel()
+            return
+        except BaseException:
+            self.interrupted.add(name)
+            raise
+        self._finished(tg, name, output)
+
+    def _call(self, spec: StepSpec) -> StepCall:
+        def invoke(attempt: int) -> Any:
+            return spec.fn(self._context(spec.name, attempt))
+
+        return StepCall(
+            run_id=self.run_id,
+            step_id=spec.name,
+            name=spec.name,
+            execution_id=self.execution_id,
+            invoke=invoke,
+            policy=spec.retry,
+            timeout=spec.timeout,
+            is_async=spec.is_async,
+        )
+
+    def _finished(self, tg: TaskGroup, name: str, output: Any) -> None:
+        self.outputs[name] = output
+        if isinstance(output, Mapping):
+            self.bag.update(output)
+        self.done.add(name)
+        self._launch_ready(tg)
+
+    async def _record(self, name: str, status: StepStatus, *, error: Any) -> None:
+        """Write a step row that no attempt wrote: skipped, or cancelled after release."""
+        current = await self.store.get_step(self.run_id, name)
+        base = current or StepState(step_id=name, name=name, execution_id=self.execution_id)
+        await self.store.upsert_step(
+            self.run_id, base.model_copy(update={"status": status, "error": error})
+        )
+
+    async def _mark_unfinished(
+        self, *, interrupted: StepStatus, unstarted: StepStatus, reason: dict[str, Any]
+    ) -> None:
+        for name in self.flow.step_names:
+            if name in self.done:
+                continue
+            if name in self.interrupted:
+                await self._record(name, interrupted, error=reason)
+            elif name not in self.started:
+                await self._record(name, unstarted, error=reason)
+
+    async def _finish_failed(self, failure: StepFailed) -> RunRecord:
+        reason = {"type": "Skipped", "message": f"step {failure.name!r} failed"}
+        await self._mark_unfinished(
+            interrupted=StepStatus.CANCELLED, unstarted=StepStatus.SKIPPED, reason=reason
+        )
+        return await self.store.set_run_status(
+            self.run_id,
+            RunStatus.FAILED,
+            execution_id=self.execution_id,
+            error=failure.error,
+            event=NewEvent(kind=EventKind.RUN_FAILED, payload=failure.error),
+        )
+
+    async def _finish_cancelled(self) -> None:
+        reason = {"type": "Cancelled", "message": "the run was cancelled"}
+        await self._mark_unfinished(
+            interrupted=StepStatus.CANCELLED, unstarted=StepStatus.CANCELLED, reason=reason
+        )
+        await self.store.set_run_status(
+            self.run_id,
+            RunStatus.CANCELLED,
+            execution_id=self.execution_id,
+            error=reason,
+            event=NewEvent(kind=EventKind.RUN_CANCELLED, payload=None),
+        )
+

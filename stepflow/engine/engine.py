@@ -1,0 +1,253 @@
+"""`Engine`: starts, resumes, waits for and cancels runs against a store.
+
+``await engine.run(flow, input)`` runs a workflow in the calling task and
+returns its `RunRecord`. Inside ``async with Engine(store) as engine`` the
+engine also owns background runs (`start`, `resume`); leaving the block
+stops the runs still in flight and hands their steps back, so their status
+stays ``running`` in the store and a later `resume` (in this process or a
+fresh one) finishes them from their last completed step.
+
+Workflows register by name when they are defined, so a fresh process that
+imports the defining module can resume any run by id. ``workflows=[...]``
+narrows the set this engine accepts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from stepflow import registry
+from stepflow.dag import Workflow
+from stepflow.engine.dag_runner import DagRunner, StopReason
+from stepflow.errors import (
+    ConflictError,
+    RunNotFoundError,
+    StepflowError,
+    WaitTimeoutError,
+    WorkflowNotFoundError,
+)
+from stepflow.models import EventKind, NewEvent, RunRecord, RunStatus
+from stepflow.store.base import DEFAULT_LEASE_MS, WorkflowStore, validate_run_id
+
+_POLL_START = 0.02
+_POLL_MAX = 0.5
+_FINISHED = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
+
+
+def default_owner() -> str:
+    """A lease owner id that tells an operator which process held a step."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class _ActiveRun:
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    finished: anyio.Event = field(default_factory=anyio.Event)
+    stop: StopReason | None = None
+
+
+class Engine:
+    """Runs workflows against a `WorkflowStore`; see the module docstring."""
+
+    def __init__(
+        self,
+        store: WorkflowStore,
+        *,
+        workflows: Iterable[Workflow] | None = None,
+        max_concurrency: int = 16,
+        lease_ms: int = DEFAULT_LEASE_MS,
+        owner: str | None = None,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        if lease_ms < 30:
+            raise ValueError("lease_ms must be at least 30 ms (it is renewed every third)")
+        self.store = store
+        self.owner = owner or default_owner()
+        self.lease_ms = lease_ms
+        self._workflows = {flow.name: flow for flow in workflows} if workflows is not None else None
+        self._limiter = anyio.CapacityLimiter(max_concurrency)
+        self._active: dict[str, _ActiveRun] = {}
+        self._stack: AsyncExitStack | None = None
+        self._tg: TaskGroup | None = None
+
+    async def __aenter__(self) -> Engine:
+        self._stack = AsyncExitStack()
+        self._tg = await self._stack.enter_async_context(anyio.create_task_group())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._stack is not None and self._tg is not None
+        for active in self._active.values():
+            active.stop = active.stop or "shutdown"
+        self._tg.cancel_scope.cancel()
+        try:
+            await self._stack.__aexit__(*exc_info)  # type: ignore[arg-type]
+        finally:
+            self._stack = self._tg = None
+
+    # -- definitions ------------------------------------------------------------
+
+    def workflow(self, name: str) -> Workflow:
+        """The definition this engine runs for workflow ``name``."""
+        if self._workflows is not None:
+            if name not in self._workflows:
+                raise WorkflowNotFoundError(name)
+            return self._workflows[name]
+        definition = registry.lookup(name)
+        if not isinstance(definition, Workflow):
+            raise WorkflowNotFoundError(name)
+        return definition
+
+    # -- starting runs ----------------------------------------------------------
+
+    async def run(self, flow: Workflow, input: Any = None, *, run_id: str | None = None) -> RunRecord:
+        """Run ``flow`` to its end in the calling task and return the final record.
+
+        A failed run is returned, not raised: check ``record.status`` and
+        ``record.error``. With the ``run_id`` of an existing run of the same
+        workflow, this resumes it instead (a finished run is returned as is).
+        """
+        run_id = await self._prepare(flow, input, run_id)
+        return await self._drive(run_id)
+
+    async def start(self, flow: Workflow, input: Any = None, *, run_id: str | None = None) -> str:
+        """Store the run and return its id at once; it runs in the background."""
+        tg = self._require_started("start")
+        run_id = await self._prepare(flow, input, run_id)
+        tg.start_soon(self._drive, run_id, name=f"stepflow run {run_id}")
+        return run_id
+
+    async def resume(self, run_id: str) -> str:
+        """Continue a stored run in the background from its last completed step.
+
+        A failed or cancelled run runs again: completed steps keep their
+        results, the steps that failed or never ran are attempted anew.
+        """
+        tg = self._require_started("resume")
+        record = await self._existing(run_id)
+        self.workflow(record.workflow)  # fail here, not in the background
+        if run_id not in self._active:
+            tg.start_soon(self._drive, run_id, True, name=f"stepflow run {run_id}")
+        return run_id
+
+    def _require_started(self, what: str) -> TaskGroup:
+        if self._tg is None:
+            raise StepflowError(
+                f"Engine.{what} runs work in the background: use "
+                "'async with Engine(store) as engine:' (or await engine.run(...) instead)"
+            )
+        return self._tg
+
+    async def _existing(self, run_id: str) -> RunRecord:
+        record = await self.store.get_run(validate_run_id(run_id))
+        if record is None:
+            raise RunNotFoundError(run_id)
+        return record
+
+    async def _prepare(
+        self,
+        flow: Workflow,
+        input: Any,
+        run_id: str | None,
+    ) -> str:
+        """Validate, then store the new run (nothing is stored when validation fails)."""
+        flow.validate()
+        value = flow.validate_input(input)
+        run_id = validate_run_id(run_id) if run_id is not None else uuid.uuid4().hex
+        existing = await self.store.get_run(run_id)
+        if existing is not None:
+            if existing.workflow != flow.name:
+                raise ConflictError(
+                    f"run {run_id!r} exists and belongs to workflow {existing.workflow!r}, "
+                    f"not {flow.name!r}; choose another run id"
+                )
+            return run_id
+        record = RunRecord(run_id=run_id, workflow=flow.name, version=flow.version, input=value)
+        await self.store.create_run(record)
+        return run_id
+
+    async def _drive(self, run_id: str, rerun_finished: bool = False) -> RunRecord:
+        """Execute a stored run in this task, tracked so `wait` and `cancel` can find it."""
+        active = self._active.setdefault(run_id, _ActiveRun())
+        try:
+            with active.scope:
+                record = await self._existing(run_id)
+                if record.status in _FINISHED and not rerun_finished:
+                    return record
+                runner = DagRunner(
+                    self.store,
+                    self.workflow(record.workflow),
+                    record,
+                    owner=self.owner,
+                    lease_ms=self.lease_ms,
+                    limiter=self._limiter,
+                    stop_reason=lambda: active.stop,
+                )
+                return await runner.execute()
+            # Cancelled by Engine.cancel: the runner recorded it before leaving.
+            return await self._existing(run_id)
+        finally:
+            active.finished.set()
+            self._active.pop(run_id, None)
+
+    # -- watching and stopping runs ------------------------------------------------
+
+    async def wait(self, run_id: str, timeout: float | None = None) -> RunRecord:
+        """Wait until the run is completed, failed or cancelled, and return its record.
+
+        Works for runs of any process: a run this engine drives is awaited
+        directly, any other is polled in the store. Raises `WaitTimeoutError`
+        after ``timeout`` seconds; the run itself goes on.
+        """
+        validate_run_id(run_id)
+        try:
+            with anyio.fail_after(timeout):
+                return await self._wait_finished(run_id)
+        except TimeoutError as exc:
+            raise WaitTimeoutError(run_id, timeout or 0.0) from exc
+
+    async def _wait_finished(self, run_id: str) -> RunRecord:
+        delay = _POLL_START
+        while True:
+            active = self._active.get(run_id)
+            if active is not None:
+                await active.finished.wait()
+            record = await self._existing(run_id)
+            if record.status in _FINISHED:
+                return record
+            if active is None:
+                await anyio.sleep(delay)
+                delay = min(delay * 2, _POLL_MAX)
+
+    async def cancel(self, run_id: str) -> RunRecord:
+        """Cancel a run: running steps are interrupted, the rest never start.
+
+        A run driven by this engine stops at once; a run of another process
+        is marked ``cancelled`` in the store. A finished run is left as is.
+        """
+        active = self._active.get(run_id)
+        if active is not None:
+            active.stop = "cancel"
+            active.scope.cancel()
+            await active.finished.wait()
+            return await self._existing(run_id)
+        record = await self._existing(run_id)
+        if record.status in _FINISHED:
+            return record
+        return await self.store.set_run_status(
+            run_id,
+            RunStatus.CANCELLED,
+            execution_id=record.current_execution_id,
+            error={"type": "Cancelled", "message": "the run was cancelled"},
+            event=NewEvent(kind=EventKind.RUN_CANCELLED, payload=None),
+        )

@@ -1,0 +1,156 @@
+"""Shared fixtures: every store behind one parametrised ``store`` fixture.
+
+The real Redis is a ``redis-server`` this session starts on a free port, so
+tests never depend on (or disturb) whatever else runs on the machine. When
+no ``redis-server`` can be started, real-Redis tests skip locally and fail
+under ``CI=true``. Each test gets its own key prefix; nothing is flushed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import fakeredis
+import pytest
+
+from stepflow import MemoryStore, RedisStore, WorkflowStore
+
+STORE_KINDS = ("memory", "fakeredis", "redis")
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run every ``async def`` test on anyio's asyncio backend."""
+    for item in items:
+        function = getattr(item, "function", None)
+        if function is not None and inspect.iscoroutinefunction(function):
+            item.add_marker(pytest.mark.anyio)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class RedisServer:
+    """A ``redis-server`` process owned by the tests (it can be killed and restarted)."""
+
+    port: int
+    directory: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, *extra: str) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise FileNotFoundError("redis-server is not on PATH")
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not answer on port {self.port}")
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+def need_real_redis(reason: str) -> None:
+    """Skip locally; under CI a missing real Redis is a failure, never a silent skip."""
+    if IN_CI:
+        pytest.fail(f"real Redis required under CI: {reason}")
+    pytest.skip(f"real Redis unavailable: {reason}")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer(port=free_port(), directory=Path(tempfile.mkdtemp(prefix="stepflow-")))
+    try:
+        server.start()
+    except (OSError, RuntimeError) as exc:
+        need_real_redis(str(exc))
+    yield server
+    server.kill()
+    shutil.rmtree(server.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+async def make_store(kind: str, prefix: str, request: pytest.FixtureRequest) -> WorkflowStore:
+    """A fresh store of ``kind``; on Redis, isolated by ``prefix``."""
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "fakeredis":
+        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+        return RedisStore(client, prefix=prefix)
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return RedisStore.from_url(server.url, prefix=prefix)
+
+
+@pytest.fixture(params=STORE_KINDS)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+async def store(
+    store_kind: str, key_prefix: str, request: pytest.FixtureRequest
+) -> AsyncIterator[WorkflowStore]:
+    instance = await make_store(store_kind, key_prefix, request)
+    yield instance
+    await instance.aclose()
