@@ -10,6 +10,7 @@ owner took the step over; this process then drops its result.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import traceback
 from collections.abc import Callable, Mapping
@@ -219,7 +220,5 @@ async def _record_failure(
 
 async def _release(store: WorkflowStore, lease: Lease, attempt: int) -> None:
     error = {"type": "Interrupted", "message": "the attempt was interrupted", "attempt": attempt}
-    try:
+    with contextlib.suppress(StepflowError):  # lease already gone: nothing to hand back
         await store.fail_step(lease, error=error, final=False)
-    except StepflowError:
-        pass  # lease already gone: nothing to hand back

@@ -237,4 +237,3 @@ class DagRunner:
             error=reason,
             event=NewEvent(kind=EventKind.RUN_CANCELLED, payload=None),
         )
-

@@ -86,7 +86,8 @@ class Engine:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        assert self._stack is not None and self._tg is not None
+        assert self._stack is not None
+        assert self._tg is not None
         for active in self._active.values():
             active.stop = active.stop or "shutdown"
         self._tg.cancel_scope.cancel()
@@ -110,7 +111,9 @@ class Engine:
 
     # -- starting runs ----------------------------------------------------------
 
-    async def run(self, flow: Workflow, input: Any = None, *, run_id: str | None = None) -> RunRecord:
+    async def run(
+        self, flow: Workflow, input: Any = None, *, run_id: str | None = None
+    ) -> RunRecord:
         """Run ``flow`` to its end in the calling task and return the final record.
 
         A failed run is returned, not raised: check ``record.status`` and

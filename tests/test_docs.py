@@ -1,0 +1,81 @@
+"""The README's examples and the examples/ programs run as documented."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import stepflow
+from stepflow import registry
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def _python_blocks() -> list[str]:
+    return [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "anyio.run" in b]
+
+
+@pytest.mark.parametrize("block", _python_blocks(), ids=lambda b: b.splitlines()[2][:30])
+def test_readme_example_runs(block: str) -> None:
+    namespace: dict[str, object] = {"__name__": "readme_example"}
+    try:
+        exec(compile(block, "README.md", "exec"), namespace)
+    finally:
+        for value in namespace.values():
+            if isinstance(value, stepflow.Workflow):
+                registry.unregister(value.name)
+
+
+def test_readme_opens_with_the_two_setup_commands() -> None:
+    first_block = re.search(r"```sh\n(.*?)```", README, re.S)
+    assert first_block is not None
+    demo, tests = first_block.group(1).strip().splitlines()
+    assert demo.endswith("stepflow demo")
+    assert tests.endswith("python -m pytest")
+    assert tests in (ROOT / ".ci" / "run").read_text()
+
+
+def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+        check=False,
+    )
+
+
+def test_demo_command_runs_the_pipeline_live() -> None:
+    result = _run("-m", "stepflow.cli", "demo")
+    assert result.returncode == 0, result.stderr
+    assert "✓ index" in result.stdout
+    assert "completed" in result.stdout.splitlines()[-2]
+
+
+def test_research_agent_example_runs_offline() -> None:
+    result = _run("examples/research_agent.py")
+    assert result.returncode == 0, result.stderr
+    assert "completed" in result.stdout
+    assert "answer:" in result.stdout
+
+
+def test_research_agent_example_runs_on_redis(redis_url: str) -> None:
+    result = _run("examples/research_agent_redis.py", redis_url, PYTHONPATH="examples")
+    assert result.returncode == 0, result.stderr
+    assert "summarise   completed" in result.stdout
+
+
+def test_public_names_are_exported_and_sorted() -> None:
+    assert stepflow.__all__ == sorted(stepflow.__all__)
+    for name in stepflow.__all__:
+        assert hasattr(stepflow, name), name
+    for name in ("Workflow", "Engine", "StepContext", "MemoryStore", "RedisStore", "RunRecord"):
+        assert name in stepflow.__all__
