@@ -7,18 +7,22 @@ and the quick start, `RedisStore` for production.
 """
 
 from stepflow.dag import StepSpec, Workflow
+from stepflow.durable import DurableWorkflow, WorkflowContext, workflow
 from stepflow.engine import Engine, StepContext
 from stepflow.errors import (
+    ChildRunFailedError,
     ConflictError,
     CycleError,
     DefinitionError,
     DuplicateStepError,
+    EventTimeoutError,
     ExecutionNotFoundError,
     InputValidationError,
     InvalidPayloadError,
     InvalidRunIdError,
     LeaseError,
     LeaseHeldError,
+    NonDeterminismError,
     NotFoundError,
     PayloadTooLargeError,
     RunCancelledError,
@@ -27,6 +31,7 @@ from stepflow.errors import (
     ScriptError,
     StaleLeaseError,
     StepAlreadyCompletedError,
+    StepFailedError,
     StepflowError,
     StepNotFoundError,
     StepTimeoutError,
@@ -60,14 +65,17 @@ from stepflow.store import MemoryStore, RedisStore, WorkflowStore
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChildRunFailedError",
     "ConflictError",
     "CycleError",
     "DefinitionError",
     "DeleteResult",
     "DuplicateStepError",
+    "DurableWorkflow",
     "Engine",
     "Event",
     "EventKind",
+    "EventTimeoutError",
     "ExecutionInfo",
     "ExecutionNotFoundError",
     "InputValidationError",
@@ -81,6 +89,7 @@ __all__ = [
     "LeaseHeldError",
     "MemoryStore",
     "NewEvent",
+    "NonDeterminismError",
     "NotFoundError",
     "PayloadTooLargeError",
     "PruneOptions",
@@ -97,6 +106,7 @@ __all__ = [
     "StaleLeaseError",
     "StepAlreadyCompletedError",
     "StepContext",
+    "StepFailedError",
     "StepNotFoundError",
     "StepSpec",
     "StepState",
@@ -108,6 +118,8 @@ __all__ = [
     "UnknownDependencyError",
     "WaitTimeoutError",
     "Workflow",
+    "WorkflowContext",
     "WorkflowNotFoundError",
     "WorkflowStore",
+    "workflow",
 ]

@@ -93,8 +93,8 @@ def _check_name(what: str, name: object) -> str:
     return name
 
 
-def _is_async(fn: Callable[..., Any]) -> bool:
-    # A callable object with an ``async def __call__`` is a coroutine function too.
+def is_async_callable(fn: Callable[..., Any]) -> bool:
+    """True for coroutine functions and objects whose ``__call__`` is one."""
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - the method itself is inspected
     )
@@ -251,7 +251,7 @@ class Workflow:
                 retry=policy,
                 timeout=timeout,
                 when=when,
-                is_async=_is_async(fn),
+                is_async=is_async_callable(fn),
             )
             self._steps[step_name] = spec
             self._referenced.update(deps)

@@ -26,7 +26,11 @@ missing run keeps working::
     │   └── CycleError                         .cycle
     ├── RunFailedError                         a run ended failed: .run_id, .error
     ├── RunCancelledError                      a run was cancelled: .run_id
+    ├── StepFailedError                        ctx.step failed for good: .name, .error
+    ├── ChildRunFailedError                    ctx.child's run failed: .run_id, .error
+    ├── NonDeterminismError                    replay diverged from the history
     ├── StepTimeoutError(TimeoutError)         one attempt ran past its timeout
+    ├── EventTimeoutError(TimeoutError)        ctx.wait_for_event timed out
     ├── WaitTimeoutError(TimeoutError)         Engine.wait gave up
     └── StoreError                             the backend misbehaved
         └── ScriptError                        a Lua script failed unexpectedly
@@ -220,6 +224,49 @@ class RunCancelledError(StepflowError):
         super().__init__(f"run {run_id!r} was cancelled")
 
 
+class StepFailedError(StepflowError):
+    """Raised inside a durable workflow when ``ctx.step`` failed for good.
+
+    The workflow may catch it and carry on; the failure is in the history, so
+    a replay raises it again at the same point without calling the step.
+    """
+
+    def __init__(self, name: str, error: Any) -> None:
+        self.name = name
+        self.error = error
+        message = error.get("message") if isinstance(error, dict) else error
+        kind = error.get("type") if isinstance(error, dict) else "Error"
+        super().__init__(f"step {name!r} failed: {kind}: {message}")
+
+
+class ChildRunFailedError(StepflowError):
+    """Raised inside a durable workflow when a child run it awaited failed."""
+
+    def __init__(self, run_id: str, error: Any) -> None:
+        self.run_id = run_id
+        self.error = error
+        super().__init__(f"child run {run_id!r} failed: {error}")
+
+
+class NonDeterminismError(StepflowError):
+    """Replay diverged from the recorded history; the run fails rather than guess.
+
+    ``.position`` is the command's sequence number, ``.expected`` what the
+    history recorded there and ``.actual`` what the code asked for now.
+    """
+
+    def __init__(self, run_id: str, position: int, expected: str, actual: str) -> None:
+        self.run_id = run_id
+        self.position = position
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"run {run_id!r} is not deterministic: command #{position} was recorded as "
+            f"{expected} but the workflow now asks for {actual}. Changing a workflow's "
+            "steps breaks runs in flight: give the new code a new version or workflow name"
+        )
+
+
 class StepTimeoutError(StepflowError, TimeoutError):
     """One attempt of a step ran past its ``timeout``."""
 
@@ -227,6 +274,15 @@ class StepTimeoutError(StepflowError, TimeoutError):
         self.step = step
         self.timeout = timeout
         super().__init__(f"step {step!r} timed out after {timeout:g} s")
+
+
+class EventTimeoutError(StepflowError, TimeoutError):
+    """``ctx.wait_for_event`` saw no event of that name within its timeout."""
+
+    def __init__(self, name: str, timeout: float) -> None:
+        self.name = name
+        self.timeout = timeout
+        super().__init__(f"no event {name!r} arrived within {timeout:g} s")
 
 
 class WaitTimeoutError(StepflowError, TimeoutError):

@@ -26,8 +26,8 @@ import anyio
 from anyio.abc import TaskGroup
 
 from stepflow import registry
-from stepflow.dag import Workflow
-from stepflow.engine.dag_runner import DagRunner, StopReason
+from stepflow.engine.dag_runner import StopReason
+from stepflow.engine.runners import Definition, RunnerServices, is_definition, make_runner
 from stepflow.errors import (
     ConflictError,
     RunNotFoundError,
@@ -35,7 +35,7 @@ from stepflow.errors import (
     WaitTimeoutError,
     WorkflowNotFoundError,
 )
-from stepflow.models import EventKind, NewEvent, RunRecord, RunStatus
+from stepflow.models import EventKind, NewEvent, PruneOptions, RunRecord, RunStatus
 from stepflow.store.base import DEFAULT_LEASE_MS, WorkflowStore, validate_run_id
 
 _POLL_START = 0.02
@@ -62,10 +62,11 @@ class Engine:
         self,
         store: WorkflowStore,
         *,
-        workflows: Iterable[Workflow] | None = None,
+        workflows: Iterable[Definition] | None = None,
         max_concurrency: int = 16,
         lease_ms: int = DEFAULT_LEASE_MS,
         owner: str | None = None,
+        default_prune: PruneOptions | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
@@ -77,6 +78,9 @@ class Engine:
         self._workflows = {flow.name: flow for flow in workflows} if workflows is not None else None
         self._limiter = anyio.CapacityLimiter(max_concurrency)
         self._active: dict[str, _ActiveRun] = {}
+        self._news: dict[str, anyio.Event] = {}
+        self.default_prune = default_prune
+        """Pruning on continue-as-new for workflows without their own ``auto_prune``."""
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
 
@@ -98,21 +102,21 @@ class Engine:
 
     # -- definitions ------------------------------------------------------------
 
-    def workflow(self, name: str) -> Workflow:
+    def workflow(self, name: str) -> Definition:
         """The definition this engine runs for workflow ``name``."""
         if self._workflows is not None:
             if name not in self._workflows:
                 raise WorkflowNotFoundError(name)
             return self._workflows[name]
         definition = registry.lookup(name)
-        if not isinstance(definition, Workflow):
+        if not is_definition(definition):
             raise WorkflowNotFoundError(name)
-        return definition
+        return definition  # type: ignore[return-value]
 
     # -- starting runs ----------------------------------------------------------
 
     async def run(
-        self, flow: Workflow, input: Any = None, *, run_id: str | None = None
+        self, flow: Definition, input: Any = None, *, run_id: str | None = None
     ) -> RunRecord:
         """Run ``flow`` to its end in the calling task and return the final record.
 
@@ -123,7 +127,7 @@ class Engine:
         run_id = await self._prepare(flow, input, run_id)
         return await self._drive(run_id)
 
-    async def start(self, flow: Workflow, input: Any = None, *, run_id: str | None = None) -> str:
+    async def start(self, flow: Definition, input: Any = None, *, run_id: str | None = None) -> str:
         """Store the run and return its id at once; it runs in the background."""
         tg = self._require_started("start")
         run_id = await self._prepare(flow, input, run_id)
@@ -159,7 +163,7 @@ class Engine:
 
     async def _prepare(
         self,
-        flow: Workflow,
+        flow: Definition,
         input: Any,
         run_id: str | None,
     ) -> str:
@@ -187,15 +191,16 @@ class Engine:
                 record = await self._existing(run_id)
                 if record.status in _FINISHED and not rerun_finished:
                     return record
-                runner = DagRunner(
-                    self.store,
-                    self.workflow(record.workflow),
-                    record,
+                services = RunnerServices(
                     owner=self.owner,
                     lease_ms=self.lease_ms,
                     limiter=self._limiter,
+                    default_prune=self.default_prune,
+                    drive=self._drive,
+                    wait_for_news=self._wait_for_news,
                     stop_reason=lambda: active.stop,
                 )
+                runner = make_runner(self.store, self.workflow(record.workflow), record, services)
                 return await runner.execute()
             # Cancelled by Engine.cancel: the runner recorded it before leaving.
             return await self._existing(run_id)
@@ -254,3 +259,31 @@ class Engine:
             error={"type": "Cancelled", "message": "the run was cancelled"},
             event=NewEvent(kind=EventKind.RUN_CANCELLED, payload=None),
         )
+
+    # -- events -------------------------------------------------------------------
+
+    async def raise_event(self, run_id: str, name: str, payload: Any = None) -> None:
+        """Deliver an event to a durable run; ``ctx.wait_for_event(name)`` receives it.
+
+        The event is recorded in the run's current execution at once, so it
+        is kept if the run is not waiting yet (or not running in any process)
+        and delivered to the next wait for ``name``, in the order raised.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError("event name must be a non-empty str")
+        record = await self._existing(run_id)
+        if record.status in _FINISHED:
+            raise ConflictError(f"run {run_id!r} is {record.status}; it takes no more events")
+        await self.store.append_event(
+            run_id,
+            NewEvent(kind=EventKind.EVENT_RAISED, payload={"name": name, "payload": payload}),
+            execution_id=record.current_execution_id,
+        )
+        news = self._news.pop(run_id, None)
+        if news is not None:
+            news.set()
+
+    async def _wait_for_news(self, run_id: str, seconds: float) -> None:
+        news = self._news.setdefault(run_id, anyio.Event())
+        with anyio.move_on_after(seconds):
+            await news.wait()

@@ -1,0 +1,241 @@
+"""`WorkflowContext`: the only door from a durable workflow to the outside world.
+
+Every method records what happened in the execution's history before it
+returns, and on replay returns the recorded result instead of doing it
+again. So a workflow resumed after a crash, or after waiting days for an
+event, re-runs its code but none of its side effects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from stepflow.dag import is_async_callable
+from stepflow.engine.attempts import StepCall, StepFailed, execute_step
+from stepflow.errors import (
+    ChildRunFailedError,
+    EventTimeoutError,
+    StepFailedError,
+)
+from stepflow.models import EventKind, PruneOptions, PruneResult, RunStatus
+from stepflow.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from stepflow.durable.definition import DurableWorkflow
+    from stepflow.durable.runner import DurableRunner
+
+logger = logging.getLogger("stepflow.durable")
+
+_EVENT_POLL_MAX = 1.0
+
+
+class ContinueAsNew(BaseException):
+    """Raised by ``ctx.continue_as_new``; a BaseException so ``except Exception`` can't eat it."""
+
+    def __init__(self, input: Any, prune: PruneOptions | None) -> None:
+        super().__init__("continue as new")
+        self.input = input
+        self.prune = prune
+
+
+class WorkflowContext:
+    """Passed to a durable workflow as ``ctx``; see the module docstring."""
+
+    def __init__(self, runner: DurableRunner) -> None:
+        self._runner = runner
+        self._replay = runner.replay
+        seed = hashlib.sha256(f"{runner.run_id}/{runner.execution_id}".encode()).digest()
+        self._random = random.Random(seed)
+        self.logger = logging.LoggerAdapter(logger, {"run_id": runner.run_id})
+
+    @property
+    def run_id(self) -> str:
+        return self._runner.run_id
+
+    @property
+    def execution_id(self) -> int:
+        return self._runner.execution_id
+
+    # -- deterministic values -----------------------------------------------------
+
+    def now(self) -> int:
+        """Milliseconds since the epoch, as of the last recorded command: same on replay."""
+        return self._replay.clock
+
+    def random(self) -> random.Random:
+        """A random generator seeded by the run and execution: same values on replay."""
+        return self._random
+
+    def uuid(self) -> str:
+        """A UUID (hex) from `random`: the same sequence of ids on every replay."""
+        return uuid.UUID(int=self._random.getrandbits(128), version=4).hex
+
+    # -- commands ---------------------------------------------------------------------
+
+    async def step(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        name: str | None = None,
+        retries: int = 0,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run ``fn(*args)`` once (sync functions in a thread) and record its result.
+
+        On replay the recorded result is returned and ``fn`` is not called. A
+        step that fails for good raises `StepFailedError` here, on replay too.
+        """
+        step_name: str = name or getattr(fn, "__name__", None) or "step"
+        seq, recorded = self._replay.next_command("step", step_name)
+        if EventKind.STEP_COMPLETED in recorded:
+            return recorded[EventKind.STEP_COMPLETED].payload.get("output")
+        if EventKind.STEP_FAILED in recorded:
+            raise StepFailedError(step_name, recorded[EventKind.STEP_FAILED].payload["error"])
+        runner = self._runner
+        call = StepCall(
+            run_id=runner.run_id,
+            step_id=f"x{runner.execution_id}-{seq}",
+            name=step_name,
+            execution_id=runner.execution_id,
+            invoke=lambda _attempt: fn(*args),
+            policy=retry or RetryPolicy(retries=retries),
+            timeout=timeout,
+            is_async=is_async_callable(fn),
+            merge_mapping=False,
+            history_tags=self._replay.tags(seq, "step", step_name),
+            record_output=True,
+        )
+        try:
+            outcome = await execute_step(
+                runner.store,
+                call,
+                owner=runner.owner,
+                lease_ms=runner.lease_ms,
+                first_attempt=await runner.attempts_of(call.step_id) + 1,
+            )
+        except StepFailed as failure:
+            await runner.refresh()
+            raise StepFailedError(step_name, failure.error) from failure.cause
+        await runner.refresh()
+        return outcome.output
+
+    async def sleep(self, seconds: float) -> None:
+        """A durable timer: the wake-up time is recorded, so restarts don't reset it."""
+        if seconds < 0:
+            raise ValueError("seconds must be >= 0")
+        seq, recorded = self._replay.next_command("sleep", "sleep")
+        if EventKind.TIMER_FIRED in recorded:
+            return
+        created = recorded.get(EventKind.TIMER_CREATED)
+        if created is None:
+            created = await self._runner.append(
+                EventKind.TIMER_CREATED,
+                {**self._replay.tags(seq, "sleep", "sleep"), "seconds": seconds},
+            )
+        fire_at = created.timestamp + int(created.payload["seconds"] * 1000)
+        await self._runner.sleep_until(fire_at)
+        await self._runner.append(EventKind.TIMER_FIRED, self._replay.tags(seq, "sleep", "sleep"))
+
+    async def wait_for_event(self, name: str, timeout: float | None = None) -> Any:
+        """Wait for ``Engine.raise_event(run_id, name, payload)`` and return its payload.
+
+        Events raised before the wait are kept and delivered in order, one per
+        wait. With ``timeout`` (seconds, measured from the first time this
+        wait ran, so restarts don't extend it) raises `EventTimeoutError`.
+        """
+        seq, recorded = self._replay.next_command("event", name)
+        tags = self._replay.tags(seq, "event", name)
+        if EventKind.EVENT_RECEIVED in recorded:
+            return recorded[EventKind.EVENT_RECEIVED].payload.get("payload")
+        if EventKind.TIMER_FIRED in recorded:
+            raise EventTimeoutError(name, float(timeout or 0))
+        deadline: int | None = None
+        if timeout is not None:
+            created = recorded.get(EventKind.TIMER_CREATED)
+            if created is None:
+                created = await self._runner.append(
+                    EventKind.TIMER_CREATED, {**tags, "seconds": timeout}
+                )
+            deadline = created.timestamp + int(created.payload["seconds"] * 1000)
+        delay = 0.02
+        while True:
+            raised = self._replay.pending_event(name)
+            if raised is not None:
+                await self._runner.append(
+                    EventKind.EVENT_RECEIVED,
+                    {
+                        **tags,
+                        "raised_id": raised.event_id,
+                        "payload": raised.payload.get("payload"),
+                    },
+                )
+                return raised.payload.get("payload")
+            now = await self._runner.store.time_ms()
+            if deadline is not None and now >= deadline:
+                await self._runner.append(EventKind.TIMER_FIRED, {**tags, "timed_out": True})
+                raise EventTimeoutError(name, float(timeout or 0))
+            wait = delay if deadline is None else min(delay, (deadline - now) / 1000)
+            await self._runner.wait_for_news(wait)
+            await self._runner.refresh()
+            delay = min(delay * 2, _EVENT_POLL_MAX)
+
+    async def child(self, workflow: DurableWorkflow, input: Any = None) -> Any:
+        """Run ``workflow`` as a sub-run of this one and return its output.
+
+        The child has its own run id (derived from this run and the call's
+        position, so a replay finds the same child) and records this run as
+        its parent. Its failure raises `ChildRunFailedError` here.
+        """
+        seq, recorded = self._replay.next_command("child", workflow.name)
+        tags = self._replay.tags(seq, "child", workflow.name)
+        if EventKind.CHILD_COMPLETED in recorded:
+            return recorded[EventKind.CHILD_COMPLETED].payload.get("output")
+        started = recorded.get(EventKind.CHILD_STARTED)
+        if EventKind.CHILD_FAILED in recorded and started is not None:
+            error = recorded[EventKind.CHILD_FAILED].payload.get("error")
+            raise ChildRunFailedError(started.payload["child_run_id"], error)
+        runner = self._runner
+        child_id = started.payload["child_run_id"] if started else runner.child_run_id(seq)
+        if started is None:
+            await runner.create_child(workflow, child_id, input)
+            await runner.append(EventKind.CHILD_STARTED, {**tags, "child_run_id": child_id})
+        record = await runner.drive_child(child_id)
+        if record.status == RunStatus.COMPLETED:
+            await runner.append(EventKind.CHILD_COMPLETED, {**tags, "output": record.output})
+            return record.output
+        error = record.error or {"type": "Cancelled", "message": f"child run {record.status}"}
+        await runner.append(EventKind.CHILD_FAILED, {**tags, "error": error})
+        raise ChildRunFailedError(child_id, error)
+
+    async def prune_history(self, options: PruneOptions) -> PruneResult:
+        """Delete this run's old finished executions now; recorded, so a replay doesn't redo it.
+
+        A prune that fails is recorded and logged; it never fails the run.
+        """
+        seq, recorded = self._replay.next_command("prune", "prune_history")
+        done = recorded.get(EventKind.HISTORY_PRUNED)
+        if done is not None:
+            return PruneResult.model_validate(done.payload.get("result") or {})
+        result = await self._runner.prune(options)
+        payload: dict[str, Any] = {**self._replay.tags(seq, "prune", "prune_history")}
+        if isinstance(result, PruneResult):
+            payload["result"] = result.model_dump()
+        else:
+            payload["error"] = result
+            result = PruneResult()
+        await self._runner.append(EventKind.HISTORY_PRUNED, payload)
+        return result
+
+    def continue_as_new(self, input: Any, *, prune: PruneOptions | None = None) -> NoReturn:
+        """End this execution and start the next with ``input`` and a fresh history.
+
+        ``prune`` (else the workflow's ``auto_prune``, else the engine's
+        default) deletes old executions atomically with the continue.
+        """
+        raise ContinueAsNew(input, prune)

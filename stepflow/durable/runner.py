@@ -1,0 +1,190 @@
+"""Drives one run of a `DurableWorkflow`: replay, execute, continue-as-new.
+
+The runner calls the workflow function with a fresh `WorkflowContext` over
+the current execution's history. Commands already recorded return their
+recorded results; the first unrecorded one does real work and records it.
+When the function returns, raises, or continues as new, the runner records
+that outcome in one store operation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import anyio
+
+from stepflow.durable.context import ContinueAsNew, WorkflowContext
+from stepflow.durable.definition import DurableWorkflow
+from stepflow.durable.replay import Replay
+from stepflow.engine.attempts import describe_error
+from stepflow.engine.runners import RunnerServices
+from stepflow.errors import StepflowError
+from stepflow.models import (
+    Event,
+    EventKind,
+    NewEvent,
+    PruneOptions,
+    PruneResult,
+    RunRecord,
+    RunStatus,
+)
+from stepflow.store.base import MAX_RUN_ID_LENGTH, WorkflowStore
+
+logger = logging.getLogger("stepflow.durable")
+
+
+class DurableRunner:
+    """Executes (or resumes) one durable run; use once."""
+
+    def __init__(
+        self,
+        store: WorkflowStore,
+        definition: DurableWorkflow,
+        record: RunRecord,
+        services: RunnerServices,
+    ) -> None:
+        self.store = store
+        self.definition = definition
+        self.record = record
+        self.services = services
+        self.replay = Replay(record.run_id, [])
+
+    @property
+    def run_id(self) -> str:
+        return self.record.run_id
+
+    @property
+    def execution_id(self) -> int:
+        return self.record.current_execution_id
+
+    @property
+    def owner(self) -> str:
+        return self.services.owner
+
+    @property
+    def lease_ms(self) -> int:
+        return self.services.lease_ms
+
+    async def execute(self) -> RunRecord:
+        if self.record.status != RunStatus.RUNNING:
+            self.record = await self.store.set_run_status(
+                self.run_id,
+                RunStatus.RUNNING,
+                execution_id=self.execution_id,
+                event=NewEvent(kind=EventKind.RUN_STARTED, payload=self.record.input),
+            )
+        while True:
+            self.replay = Replay(self.run_id, await self.store.read_history(self.run_id))
+            try:
+                output = await self.definition.fn(WorkflowContext(self), self.record.input)
+            except ContinueAsNew as request:
+                await self._continue_as_new(request)
+                continue
+            except anyio.get_cancelled_exc_class():
+                with anyio.CancelScope(shield=True):
+                    if self.services.stop_reason() == "cancel":
+                        await self._finish(RunStatus.CANCELLED, error=_CANCELLED)
+                raise
+            except Exception as exc:
+                return await self._finish(RunStatus.FAILED, error=describe_error(exc))
+            return await self._finish(RunStatus.COMPLETED, output=output)
+
+    async def _finish(
+        self, status: RunStatus, *, output: Any = None, error: Any = None
+    ) -> RunRecord:
+        kinds = {
+            RunStatus.COMPLETED: EventKind.RUN_COMPLETED,
+            RunStatus.FAILED: EventKind.RUN_FAILED,
+            RunStatus.CANCELLED: EventKind.RUN_CANCELLED,
+        }
+        try:
+            return await self.store.set_run_status(
+                self.run_id,
+                status,
+                execution_id=self.execution_id,
+                output=output,
+                error=error,
+                event=NewEvent(kind=kinds[status], payload=error),
+            )
+        except StepflowError as exc:
+            if status != RunStatus.COMPLETED:
+                raise
+            # The output itself was refused (not JSON, too large): fail clearly.
+            return await self._finish(RunStatus.FAILED, error=describe_error(exc))
+
+    async def _continue_as_new(self, request: ContinueAsNew) -> None:
+        prune = request.prune or self.definition.auto_prune or self.services.default_prune
+        await self.store.continue_as_new(
+            self.run_id, request.input, execution_id=self.execution_id, prune=prune
+        )
+        record = await self.store.get_run(self.run_id)
+        assert record is not None, "the run disappeared during continue-as-new"
+        self.record = record
+
+    # -- services for WorkflowContext ---------------------------------------------
+
+    async def append(self, kind: EventKind, payload: Any) -> Event:
+        event = await self.store.append_event(
+            self.run_id, NewEvent(kind=kind, payload=payload), execution_id=self.execution_id
+        )
+        self.replay.add(event)
+        self.replay.clock = max(self.replay.clock, event.timestamp)
+        return event
+
+    async def refresh(self) -> None:
+        """Take in events written by others (raised events) or by the store (step results)."""
+        for event in await self.store.read_history(self.run_id, self.execution_id):
+            self.replay.add(event)
+
+    def note_recorded(self, event: Event | None) -> None:
+        if event is not None:
+            self.replay.add(event)
+            self.replay.clock = max(self.replay.clock, event.timestamp)
+
+    async def attempts_of(self, step_id: str) -> int:
+        step = await self.store.get_step(self.run_id, step_id)
+        return step.attempt if step is not None else 0
+
+    async def sleep_until(self, fire_at: int) -> None:
+        # The store's clock decides; sleeping on ours may wake a little early.
+        while (remaining := fire_at - await self.store.time_ms()) > 0:  # noqa: ASYNC110
+            await anyio.sleep(remaining / 1000)
+
+    async def wait_for_news(self, seconds: float) -> None:
+        await self.services.wait_for_news(self.run_id, max(seconds, 0.0))
+
+    def child_run_id(self, seq: int) -> str:
+        """A child's id: derived from this run and the call's position, stable on replay."""
+        child_id = f"{self.run_id}.{self.execution_id}.{seq}"
+        if len(child_id) > MAX_RUN_ID_LENGTH:
+            digest = hashlib.sha256(child_id.encode()).hexdigest()[:32]
+            child_id = f"child-{digest}"
+        return child_id
+
+    async def create_child(self, workflow: DurableWorkflow, child_id: str, input: Any) -> None:
+        if await self.store.get_run(child_id) is None:
+            await self.store.create_run(
+                RunRecord(
+                    run_id=child_id,
+                    workflow=workflow.name,
+                    version=workflow.version,
+                    input=workflow.validate_input(input),
+                    parent_run_id=self.run_id,
+                )
+            )
+
+    async def drive_child(self, child_id: str) -> RunRecord:
+        return await self.services.drive(child_id)
+
+    async def prune(self, options: PruneOptions) -> PruneResult | dict[str, Any]:
+        """Prune old executions; a failure is returned (to be recorded), never raised."""
+        try:
+            return await self.store.prune_executions(self.run_id, options)
+        except StepflowError as exc:
+            logger.warning("history prune of run %s failed: %s", self.run_id, exc)
+            return describe_error(exc)
+
+
+_CANCELLED = {"type": "Cancelled", "message": "the run was cancelled"}
