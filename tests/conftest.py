@@ -8,7 +8,6 @@ under ``CI=true``. Each test gets its own key prefix; nothing is flushed.
 
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 import socket
@@ -27,14 +26,6 @@ from stepflow import MemoryStore, RedisStore, WorkflowStore
 
 STORE_KINDS = ("memory", "fakeredis", "redis")
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run every ``async def`` test on anyio's asyncio backend."""
-    for item in items:
-        function = getattr(item, "function", None)
-        if function is not None and inspect.iscoroutinefunction(function):
-            item.add_marker(pytest.mark.anyio)
 
 
 @pytest.fixture

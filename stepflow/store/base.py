@@ -66,7 +66,10 @@ class WorkflowStore(Protocol):
 
     Unless noted, a method on a run that does not exist raises
     `RunNotFoundError`, and a method given bad input raises a
-    `StepflowError` subclass without changing anything stored.
+    `StepflowError` subclass without changing anything stored. Checks run
+    in one order on every backend, so a call with several faults gets the
+    same error everywhere: ids (`InvalidRunIdError`), then payloads
+    (`InvalidPayloadError`), then the stored state (not found, lease, conflict).
     """
 
     max_payload_bytes: int
@@ -154,6 +157,7 @@ class WorkflowStore(Protocol):
         count raised by one. Refused with `LeaseHeldError` while another
         lease is live and with `StepAlreadyCompletedError` once completed.
         The new lease's epoch is one above every earlier one of the step.
+        `ExecutionNotFoundError` when the run has no execution ``execution_id``.
         """
 
     async def renew_lease(self, lease: Lease, *, lease_ms: int = DEFAULT_LEASE_MS) -> Lease:
@@ -170,7 +174,8 @@ class WorkflowStore(Protocol):
         """Record the step completed, merge ``context_patch`` and append ``event``, atomically.
 
         Refused with `StaleLeaseError` (nothing changes) when the lease
-        expired, was taken over or the run was deleted.
+        expired, was taken over or the run was deleted. ``event`` goes to the
+        history of the lease's execution.
         """
 
     async def fail_step(

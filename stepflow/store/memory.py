@@ -157,10 +157,11 @@ class MemoryStore:
         event: NewEvent | None = None,
     ) -> RunRecord:
         status = RunStatus(status)
-        run = self._run(run_id)
+        validate_run_id(run_id)
         output_json = self._codec.encode(output, "run output")
         error_json = self._codec.encode(error, "run error")
         event_json = self._codec.encode_event(event) if event is not None else None
+        run = self._run(run_id)
         if run.record.current_execution_id != execution_id:
             raise ConflictError(
                 f"run {run_id!r} is at execution {run.record.current_execution_id}, "
@@ -192,12 +193,14 @@ class MemoryStore:
         return record
 
     async def update_context(self, run_id: str, context: Mapping[str, Any]) -> None:
-        run = self._run(run_id)
-        run.context = self._codec.encode_context(context, "context")
+        validate_run_id(run_id)
+        encoded = self._codec.encode_context(context, "context")
+        self._run(run_id).context = encoded
 
     async def merge_context(self, run_id: str, patch: Mapping[str, Any]) -> None:
-        run = self._run(run_id)
-        run.context.update(self._codec.encode_context(patch, "context patch"))
+        validate_run_id(run_id)
+        encoded = self._codec.encode_context(patch, "context patch")
+        self._run(run_id).context.update(encoded)
 
     async def delete_run(self, run_id: str) -> bool:
         validate_run_id(run_id)
@@ -228,9 +231,10 @@ class MemoryStore:
     # -- steps ----------------------------------------------------------------
 
     async def upsert_step(self, run_id: str, step: StepState) -> None:
+        validate_run_id(run_id)
         validate_step_id(step.step_id)
-        run = self._run(run_id)
-        run.steps[step.step_id] = self._codec.isolate_step(step)
+        isolated = self._codec.isolate_step(step)
+        self._run(run_id).steps[step.step_id] = isolated
 
     async def get_step(self, run_id: str, step_id: str) -> StepState | None:
         validate_run_id(run_id)
@@ -256,9 +260,11 @@ class MemoryStore:
         execution_id: int = 1,
         input: Any = None,
     ) -> Lease:
+        validate_run_id(run_id)
         validate_step_id(step_id)
-        run = self._run(run_id)
         input_json = self._codec.encode(input, "step input")
+        run = self._run(run_id)
+        self._execution(run, execution_id)
         lease = run.leases.setdefault(step_id, _StepLease())
         previous = run.steps.get(step_id)
         now = now_ms()
@@ -291,6 +297,7 @@ class MemoryStore:
         )
 
     def _current_lease(self, lease: Lease) -> tuple[_Run, _StepLease]:
+        """The run and the live lease ``lease`` stands for, else the refusal to raise."""
         run = self._runs.get(lease.run_id)
         if run is None:
             raise StaleLeaseError(lease.run_id, lease.step_id, "the run no longer exists")
@@ -305,6 +312,7 @@ class MemoryStore:
         return run, held
 
     async def renew_lease(self, lease: Lease, *, lease_ms: int = DEFAULT_LEASE_MS) -> Lease:
+        validate_run_id(lease.run_id)
         _, held = self._current_lease(lease)
         held.expires_at = now_ms() + lease_ms
         return lease.model_copy(update={"expires_at": held.expires_at})
@@ -317,12 +325,13 @@ class MemoryStore:
         context_patch: Mapping[str, Any] | None = None,
         event: NewEvent | None = None,
     ) -> None:
+        validate_run_id(lease.run_id)
         output_json = self._codec.encode(output, "step output")
         patch = self._codec.encode_context(context_patch or {}, "context patch")
         event_json = self._codec.encode_event(event) if event is not None else None
         run, held = self._current_lease(lease)
         step = run.steps[lease.step_id]
-        execution = self._execution(run, step.execution_id)
+        execution = self._execution(run, lease.execution_id)
         now = now_ms()
         held.token = ""
         run.steps[lease.step_id] = step.model_copy(
@@ -345,11 +354,12 @@ class MemoryStore:
         final: bool,
         event: NewEvent | None = None,
     ) -> None:
+        validate_run_id(lease.run_id)
         error_json = self._codec.encode(error, "step error")
         event_json = self._codec.encode_event(event) if event is not None else None
         run, held = self._current_lease(lease)
         step = run.steps[lease.step_id]
-        execution = self._execution(run, step.execution_id)
+        execution = self._execution(run, lease.execution_id)
         now = now_ms()
         held.token = ""
         held.expires_at = 0
@@ -382,6 +392,7 @@ class MemoryStore:
         return event
 
     async def append_event(self, run_id: str, event: NewEvent, *, execution_id: int) -> Event:
+        validate_run_id(run_id)
         payload = self._codec.encode_event(event)
         run = self._run(run_id)
         execution = self._execution(run, execution_id)
@@ -412,6 +423,7 @@ class MemoryStore:
         ]
 
     async def continue_as_new(self, run_id: str, input: Any, *, execution_id: int) -> int:
+        validate_run_id(run_id)
         input_json = self._codec.encode(input, "continue-as-new input")
         run = self._run(run_id)
         if run.record.current_execution_id != execution_id:

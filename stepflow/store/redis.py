@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import anyio
 from redis.asyncio import Redis
@@ -41,7 +41,7 @@ from stepflow.models import (
     StepState,
 )
 from stepflow.store import scripts
-from stepflow.store.base import DEFAULT_LEASE_MS, validate_run_id, validate_step_id
+from stepflow.store.base import DEFAULT_LEASE_MS, validate_step_id
 from stepflow.store.codec import Codec
 from stepflow.store.keys import Keys, RunKeys
 
@@ -156,9 +156,7 @@ class RedisStore:
                 if self._check_durability:
                     await self._warn_if_not_durable()
                 self._scripts = {
-                    name: self.client.register_script(
-                        scripts.script_source(name, shebang=shebang)
-                    )
+                    name: self.client.register_script(scripts.script_source(name, shebang=shebang))
                     for name in scripts.SCRIPT_NAMES
                 }
         return self._scripts
@@ -177,7 +175,7 @@ class RedisStore:
             config.update(await self.client.config_get("maxmemory-policy"))
         except ResponseError:
             return  # CONFIG is disabled on many managed services
-        settings = {_text(k): _text(v) for k, v in config.items()}
+        settings = {_text(k): _text(v) for k, v in config.items() if k and v}
         if settings.get("appendonly", "yes") != "yes":
             logger.warning(
                 "Redis has appendonly=no: a Redis crash can lose completed steps; "
@@ -388,7 +386,8 @@ class RedisStore:
         """One page of an index, newest first, with stale entries repaired on the way."""
         if limit <= 0:
             return []
-        ids = [_text(i) for i in await self.client.zrevrange(index, offset, offset + limit - 1)]
+        members = await self.client.zrevrange(index, offset, offset + limit - 1)
+        ids = [_text(member) for member in cast("list[bytes | str]", members)]
         if not ids:
             return []
         get_run = (await self._ready())["get_run"]
@@ -414,7 +413,9 @@ class RedisStore:
         keys = self.keys.run(run_id)
         sid = validate_step_id(step.step_id)
         row = _json.loads(self._codec.encode_step(step))
-        pairs = [item for name in _STEP_FIELDS for item in (f"{sid}|{name}", _json.dumps(row[name]))]
+        pairs = [
+            item for name in _STEP_FIELDS for item in (f"{sid}|{name}", _json.dumps(row[name]))
+        ]
         await self._call(
             "upsert_step",
             [keys.run, keys.reqs, keys.reqlog, keys.steps, keys.order],
@@ -460,7 +461,7 @@ class RedisStore:
         token = secrets.token_hex(16)
         reply = await self._call(
             "claim_step",
-            [keys.run, keys.reqs, keys.reqlog, keys.steps, keys.order],
+            [keys.run, keys.reqs, keys.reqlog, keys.steps, keys.order, keys.execs],
             [
                 _request_id(),
                 step_id,
@@ -473,6 +474,7 @@ class RedisStore:
             ],
             run_id=run_id,
             step_id=step_id,
+            execution_id=execution_id,
         )
         epoch, _, expires = _text(reply).partition("|")
         return Lease(
@@ -532,6 +534,7 @@ class RedisStore:
             ],
             run_id=lease.run_id,
             step_id=lease.step_id,
+            execution_id=lease.execution_id,
         )
 
     async def fail_step(
@@ -568,6 +571,7 @@ class RedisStore:
             ],
             run_id=lease.run_id,
             step_id=lease.step_id,
+            execution_id=lease.execution_id,
         )
 
     # -- history and executions -----------------------------------------------
@@ -649,7 +653,3 @@ def _execution_info(execution_id: int, row: Mapping[str, Any]) -> ExecutionInfo:
         completed_at=row.get("completed_at"),
         event_count=row.get("events", 0),
     )
-
-
-def _flatten(pairs: Iterable[tuple[str, Any]]) -> list[Any]:
-    return [item for pair in pairs for item in pair]

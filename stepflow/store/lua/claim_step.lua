@@ -1,15 +1,19 @@
 #!lua
 -- Start an attempt of a step under a fresh lease.
 -- KEYS[1] run hash  KEYS[2] reqs hash  KEYS[3] reqlog list
--- KEYS[4] steps hash  KEYS[5] order list
+-- KEYS[4] steps hash  KEYS[5] order list  KEYS[6] execs hash
 -- ARGV[1] request id  ARGV[2] step id  ARGV[3] name (JSON)  ARGV[4] owner (JSON)
 -- ARGV[5] lease token  ARGV[6] lease duration (ms)  ARGV[7] execution id
 -- ARGV[8] step input (JSON)
--- Returns '<epoch>|<expires_at ms>'. Errors: SF_NOTFOUND, SF_DONE (step
--- completed), SF_HELD '<owner JSON>|<expires_at>' (a live lease exists).
+-- Returns '<epoch>|<expires_at ms>'. Errors: SF_NOTFOUND, SF_NOEXEC (no such
+-- execution), SF_DONE (step completed), SF_HELD '<owner JSON>|<expires_at>'
+-- (a live lease exists).
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return done end
 if redis.call('EXISTS', KEYS[1]) == 0 then return sf_fail('NOTFOUND', 'run') end
+if redis.call('HEXISTS', KEYS[6], ARGV[7] .. '|status') == 0 then
+  return sf_fail('NOEXEC', ARGV[7])
+end
 
 local s = ARGV[2] .. '|'
 local row = redis.call('HMGET', KEYS[4], s .. 'status', s .. 'token', s .. 'expires',

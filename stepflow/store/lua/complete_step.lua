@@ -7,12 +7,16 @@
 -- ARGV[5] execution id  ARGV[6] output (JSON)
 -- ARGV[7] event kind ('' for none)  ARGV[8] event payload (JSON)
 -- ARGV[9..] context key/value pairs (JSON values)
--- Returns 'OK'. Errors: SF_STALE (lease expired, taken over, run deleted), SF_DONE.
+-- Returns 'OK'. Errors: SF_STALE (lease expired, taken over, run deleted), SF_DONE,
+-- SF_NOEXEC (the lease's execution is gone).
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return done end
 local now = sf_now_ms()
 local code, detail = sf_check_lease(KEYS[1], KEYS[4], ARGV[2], ARGV[3], ARGV[4], now)
 if code then return sf_fail(code, detail) end
+if redis.call('HEXISTS', KEYS[6], ARGV[5] .. '|status') == 0 then
+  return sf_fail('NOEXEC', ARGV[5])
+end
 
 local s = ARGV[2] .. '|'
 redis.call('HSET', KEYS[4], s .. 'status', '"completed"', s .. 'output', ARGV[6],

@@ -4,7 +4,9 @@
 -- KEYS[5] events list of the current execution  KEYS[6] events list of the next
 -- ARGV[1] request id  ARGV[2] current execution id  ARGV[3] next execution id
 -- ARGV[4] next input (JSON)
--- Returns the next execution id. Errors: SF_NOTFOUND, SF_CONFLICT.
+-- A next execution left from before a create_run that moved the run back
+-- is replaced, history included. Returns the next execution id.
+-- Errors: SF_NOTFOUND, SF_CONFLICT.
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return tonumber(done) end
 if redis.call('EXISTS', KEYS[1]) == 0 then return sf_fail('NOTFOUND', 'run') end
@@ -19,6 +21,7 @@ local old, new = ARGV[2] .. '|', ARGV[3] .. '|'
 redis.call('HSET', KEYS[4], old .. 'status', '"continued_as_new"', old .. 'completed_at', now)
 sf_append_event(KEYS[5], KEYS[4], ARGV[2], 'continued_as_new',
   '{"next":' .. ARGV[3] .. '}', now)
+redis.call('DEL', KEYS[6])
 redis.call('HSET', KEYS[4], new .. 'status', '"running"', new .. 'input', ARGV[4],
   new .. 'output', 'null', new .. 'error', 'null', new .. 'started_at', now,
   new .. 'completed_at', 'null', new .. 'events', 0)

@@ -1,0 +1,452 @@
+"""What only `RedisStore` promises: key layout, Lua hygiene, replays, connections.
+
+The behaviour every store shares lives in ``test_store_conformance.py``; here
+the tests look at the Redis keys themselves, on the real ``redis-server`` this
+session starts and, where fakeredis behaves the same, on fakeredis too.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import pytest
+from conftest import RedisServer, free_port
+from redis.crc import key_slot
+from redis.exceptions import AuthenticationError
+
+from stepflow import (
+    EventKind,
+    InvalidPayloadError,
+    InvalidRunIdError,
+    MemoryStore,
+    NewEvent,
+    RedisStore,
+    RunRecord,
+    RunStatus,
+    StepState,
+    StepStatus,
+    WorkflowStore,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["fakeredis", "redis"])
+async def redis_store(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[RedisStore]:
+    if request.param == "fakeredis":
+        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+        store = RedisStore(client, prefix=key_prefix)
+    else:
+        store = RedisStore.from_url(request.getfixturevalue("redis_url"), prefix=key_prefix)
+    yield store
+    await store.aclose()
+
+
+@pytest.fixture
+async def real_store(redis_url: str, key_prefix: str) -> AsyncIterator[RedisStore]:
+    store = RedisStore.from_url(redis_url, prefix=key_prefix)
+    yield store
+    await store.aclose()
+
+
+@pytest.fixture
+def own_server() -> Iterator[RedisServer]:
+    """A private ``redis-server`` a test may reconfigure, kill and restart."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not on PATH")
+    server = RedisServer(port=free_port(), directory=Path(tempfile.mkdtemp(prefix="stepflow-")))
+    server.start()
+    yield server
+    server.kill()
+    shutil.rmtree(server.directory, ignore_errors=True)
+
+
+async def keys_matching(store: RedisStore, pattern: str) -> set[str]:
+    return {key.decode() async for key in store.client.scan_iter(match=pattern, count=1000)}
+
+
+async def populate(store: WorkflowStore, run_id: str = "r1") -> None:
+    """A run with every kind of key: context, steps, three executions, history."""
+    await store.create_run(RunRecord(run_id=run_id, workflow="wf", context={"a": 1}))
+    await store.upsert_step(run_id, StepState(step_id="plain", name="plain"))
+    lease = await store.claim_step(run_id, "s1", name="s1", owner="w")
+    await store.complete_step(
+        lease, output=1, context_patch={"b": 2}, event=NewEvent(kind=EventKind.STEP_COMPLETED)
+    )
+    lease = await store.claim_step(run_id, "s2", name="s2", owner="w")
+    await store.fail_step(lease, error="e", final=False)
+    await store.append_event(run_id, NewEvent(kind=EventKind.TIMER_FIRED), execution_id=1)
+    await store.continue_as_new(run_id, "second", execution_id=1)
+    await store.continue_as_new(run_id, "third", execution_id=2)
+    await store.set_run_status(run_id, RunStatus.COMPLETED, execution_id=3, output="done")
+
+
+async def observable(store: WorkflowStore, run_id: str = "r1") -> dict[str, Any]:
+    """What a reader sees of a run, without the store-assigned times."""
+    times = {"created_at", "updated_at", "completed_at", "started_at", "finished_at"}
+    run = await store.get_run(run_id)
+    if run is None:
+        return {"run": None}
+    executions = await store.list_executions(run_id)
+    return {
+        "run": run.model_dump(exclude=times),
+        "steps": [s.model_dump(exclude=times) for s in await store.list_steps(run_id)],
+        "executions": [x.model_dump(exclude=times) for x in executions],
+        "history": [
+            [e.model_dump(exclude={"timestamp"}) for e in await store.read_history(run_id, x)]
+            for x in (x.execution_id for x in executions)
+        ],
+    }
+
+
+# -- key layout -------------------------------------------------------------------
+
+
+async def test_delete_leaves_only_a_short_lived_tomb(redis_store: RedisStore) -> None:
+    await populate(redis_store)
+    await populate(redis_store, "neighbour")
+    keys = redis_store.keys.run("r1")
+    pattern = redis_store.keys.run_pattern("r1")
+    before = await keys_matching(redis_store, pattern)
+    expected = {keys.run, keys.ctx, keys.steps, keys.order, keys.execs, keys.reqs, keys.reqlog}
+    assert before == expected | {keys.events(x) for x in (1, 2, 3)}
+
+    assert await redis_store.delete_run("r1") is True
+
+    assert await keys_matching(redis_store, pattern) == {keys.tomb}
+    assert 0 < await redis_store.client.pttl(keys.tomb) <= 60_000
+    for status in RunStatus:
+        assert (
+            await redis_store.client.zscore(redis_store.keys.runs_by_status(status), "r1") is None
+        )
+    assert await redis_store.client.zscore(redis_store.keys.runs_by_time, "r1") is None
+    assert len(await keys_matching(redis_store, redis_store.keys.run_pattern("neighbour"))) == 10
+
+
+async def test_every_key_of_a_run_shares_one_cluster_slot(redis_store: RedisStore) -> None:
+    await populate(redis_store, "run/with:odd=chars+1")
+    stored = await keys_matching(redis_store, redis_store.keys.run_pattern("run/with:odd=chars+1"))
+    keys = redis_store.keys.run("run/with:odd=chars+1")
+    named = {*keys[:-1], *(keys.events(x) for x in (1, 2, 3, 99))}
+    assert stored <= named
+    assert len({key_slot(key.encode()) for key in stored | named}) == 1
+
+    indexes = {redis_store.keys.runs_by_time} | {
+        redis_store.keys.runs_by_status(status) for status in RunStatus
+    }
+    stored_indexes = await keys_matching(redis_store, f"{redis_store.keys.prefix}:{{#idx}}:*")
+    assert redis_store.keys.runs_by_time in stored_indexes
+    assert stored_indexes <= indexes
+    assert len({key_slot(key.encode()) for key in indexes}) == 1
+    all_stored = await keys_matching(redis_store, f"{redis_store.keys.prefix}:*")
+    assert all_stored == stored | stored_indexes
+
+
+def lua_sources() -> dict[str, str]:
+    folder = resources.files("stepflow.store").joinpath("lua")
+    return {f.name: f.read_text("utf-8") for f in folder.iterdir() if f.name.endswith(".lua")}
+
+
+_CALL = re.compile(r"redis\.p?call\(\s*'(\w+)'\s*(?:,\s*([^,)]+?))?\s*[,)]")
+_HELPER_DEF = re.compile(r"local function (sf_\w+)\(([^)]*)\)(.*?)\nend\n", re.S)
+_KEYLESS = {"TIME"}
+
+
+def key_violations(sources: dict[str, str]) -> list[str]:
+    """Every place a script could touch a key it was not given in KEYS."""
+    sources = dict(sources)
+    prelude = sources.pop("_prelude.lua")
+    found: list[str] = []
+    key_params: dict[str, list[int]] = {}  # prelude helper -> positions of its key arguments
+    for name, params, body in _HELPER_DEF.findall(prelude):
+        names = [p.strip() for p in params.split(",")]
+        used = {arg for command, arg in _CALL.findall(body) if command not in _KEYLESS}
+        found += [f"_prelude.lua: {name} touches {arg}" for arg in sorted(used - set(names))]
+        key_params[name] = [i for i, p in enumerate(names) if p in used]
+    for file, text in sorted(sources.items()):
+        if re.search(r"KEYS\[[^\]]*\]\s*\.\.", text):
+            found.append(f"{file}: builds a key name from KEYS")
+        for command, arg in _CALL.findall(text):
+            if command not in _KEYLESS and not re.fullmatch(r"KEYS\[\w+\]", arg):
+                found.append(f"{file}: {command} on {arg}")
+        for helper, positions in key_params.items():
+            for call in re.findall(rf"{helper}\(([^\n]*)\)", text):
+                args = [a.strip() for a in call.split(",")]
+                found += [
+                    f"{file}: {helper}({call})"
+                    for i in positions
+                    if not re.fullmatch(r"KEYS\[\w+\]", args[i])
+                ]
+    return found
+
+
+def test_scripts_only_touch_keys_they_are_given() -> None:
+    """Redis Cluster routes a script by its KEYS; a key built inside Lua could be elsewhere."""
+    sources = lua_sources()
+    assert len(sources) > 10
+    assert all(text.startswith("#!lua") for f, text in sources.items() if f != "_prelude.lua")
+    assert key_violations(sources) == []
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        "redis.call('DEL', KEYS[1] .. ':x')",
+        "redis.call('GET', 'stepflow:{r1}:run')",
+        "redis.call('HGET', ARGV[1], 'f')",
+        "sf_append_event(ARGV[2], KEYS[4], '1', 'k', '1', 0)",
+    ],
+)
+def test_key_check_catches_a_script_building_its_own_key(planted: str) -> None:
+    sources = lua_sources()
+    sources["planted.lua"] = f"#!lua\n{planted}\n"
+    assert key_violations(sources) != []
+
+
+async def test_shebang_is_used_on_real_redis(real_store: RedisStore) -> None:
+    await real_store.get_run("r1")
+    assert await real_store._accepts_shebang() is True
+    for name, script in real_store._scripts.items():
+        assert script.script.startswith("#!lua"), name
+    assert real_store._scripts["get_run"].script.startswith("#!lua flags=no-writes")
+
+
+async def test_shebang_is_stripped_where_refused(key_prefix: str) -> None:
+    store = RedisStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), prefix=key_prefix)
+    await populate(store)
+    assert await store._accepts_shebang() is False
+    for name, script in store._scripts.items():
+        assert not script.script.startswith("#!"), name
+    await store.aclose()
+
+
+async def test_bad_input_stores_no_key_at_all(redis_store: RedisStore) -> None:
+    with pytest.raises(InvalidRunIdError):
+        await redis_store.create_run(RunRecord(run_id="a{b}", workflow="wf"))
+    with pytest.raises(InvalidPayloadError):
+        await redis_store.create_run(RunRecord(run_id="r1", workflow="wf", input=float("nan")))
+    with pytest.raises(InvalidPayloadError):
+        await redis_store.create_run(RunRecord(run_id="r1", workflow="wf", context={"k": {1, 2}}))
+    assert await keys_matching(redis_store, f"{redis_store.keys.prefix}:*") == set()
+
+
+async def test_stores_with_other_prefixes_share_nothing(redis_store: RedisStore) -> None:
+    other = RedisStore(redis_store.client, prefix=f"{redis_store.keys.prefix}-other")
+    await populate(redis_store)
+
+    assert await other.get_run("r1") is None
+    assert await other.list_runs() == []
+    assert await other.list_runs_by_status("completed") == []
+    assert await other.list_steps("r1") == []
+    assert await other.delete_run("r1") is False
+
+    await other.create_run(RunRecord(run_id="r1", workflow="other", context={"mine": 1}))
+    run = await redis_store.get_run("r1")
+    assert run is not None
+    assert (run.workflow, run.context) == ("wf", {"a": 1, "b": 2})
+    assert await other.delete_run("r1") is True
+    assert await redis_store.get_run("r1") is not None
+
+
+def test_prefixes_that_would_break_key_names_are_refused() -> None:
+    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    for prefix in ("", "a{b", "a}b", "a b", "a\nb"):
+        with pytest.raises(ValueError, match="prefix"):
+            RedisStore(client, prefix=prefix)
+
+
+async def test_stale_index_entries_are_repaired_by_readers(redis_store: RedisStore) -> None:
+    await redis_store.create_run(RunRecord(run_id="r1", workflow="wf", created_at=10))
+    # What a crash between the index write and the run write leaves behind:
+    await redis_store.client.zadd(redis_store.keys.runs_by_time, {"ghost": 20})
+    completed = redis_store.keys.runs_by_status(RunStatus.COMPLETED)
+    await redis_store.client.zadd(completed, {"r1": 10, "ghost": 20})
+
+    assert [r.run_id for r in await redis_store.list_runs()] == ["r1"]
+    assert await redis_store.list_runs_by_status("completed") == []
+    assert [r.run_id for r in await redis_store.list_runs_by_status("pending")] == ["r1"]
+    assert await redis_store.client.zscore(redis_store.keys.runs_by_time, "ghost") is None
+    assert await redis_store.client.zcard(completed) == 0
+
+
+# -- scripts and replays ------------------------------------------------------------
+
+
+async def test_store_keeps_working_after_script_flush(redis_store: RedisStore) -> None:
+    await redis_store.create_run(RunRecord(run_id="r1", workflow="wf"))
+    await redis_store.client.script_flush()
+    await populate(redis_store, "r2")
+    await redis_store.client.script_flush()
+    assert [r.run_id for r in await redis_store.list_runs()] == ["r2", "r1"]  # pipelined path
+    await redis_store.client.script_flush()
+    await redis_store.merge_context("r1", {"after": "flush"})
+    run = await redis_store.get_run("r1")
+    assert run is not None
+    assert run.context == {"after": "flush"}
+
+
+@contextmanager
+def every_script_sent_twice(store: RedisStore) -> Iterator[None]:
+    """Run each script twice per call, as redis-py does when a reply is lost and it retries."""
+    original = store.client.evalsha
+
+    async def twice(*args: Any, **kwargs: Any) -> Any:
+        await original(*args, **kwargs)
+        return await original(*args, **kwargs)
+
+    store.client.evalsha = twice  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del store.client.evalsha
+
+
+async def test_a_script_run_twice_for_one_call_applies_once(redis_store: RedisStore) -> None:
+    reference = MemoryStore()
+    await redis_store.get_run("warm-up")  # scripts loaded, so no NOSCRIPT in between
+    with every_script_sent_twice(redis_store):
+        for store in (reference, redis_store):
+            await populate(store)
+            await populate(store, "doomed")
+            assert await store.delete_run("doomed") is True
+            lease = await store.claim_step("r1", "s2", name="s2", owner="w2", execution_id=3)
+            assert lease.epoch == 2
+            appended = await store.append_event(
+                "r1", NewEvent(kind=EventKind.EVENT_RAISED, payload={"n": 1}), execution_id=3
+            )
+            assert appended.event_id == 2
+            await store.renew_lease(lease)
+    assert await observable(redis_store) == await observable(reference)
+    assert await observable(redis_store, "doomed") == {"run": None}
+    [step] = [s for s in await redis_store.list_steps("r1") if s.step_id == "s2"]
+    assert step.attempt == 2
+
+
+async def test_a_late_replay_does_not_undo_a_newer_change(redis_store: RedisStore) -> None:
+    await redis_store.create_run(RunRecord(run_id="r1", workflow="wf"))
+    keys = redis_store.keys.run("r1")
+    merge = redis_store._scripts["update_context"]
+    call = {"keys": [keys.run, keys.reqs, keys.reqlog, keys.ctx], "args": ["req-1", "merge"]}
+
+    await merge(keys=call["keys"], args=[*call["args"], "a", "1"])
+    await redis_store.merge_context("r1", {"a": 2})
+    await merge(keys=call["keys"], args=[*call["args"], "a", "1"])  # the retry arrives late
+
+    run = await redis_store.get_run("r1")
+    assert run is not None
+    assert run.context == {"a": 2}
+
+
+async def test_complete_step_replayed_records_one_completion(redis_store: RedisStore) -> None:
+    await redis_store.create_run(RunRecord(run_id="r1", workflow="wf"))
+    lease = await redis_store.claim_step("r1", "s1", name="s1", owner="w")
+    with every_script_sent_twice(redis_store):
+        await redis_store.complete_step(
+            lease,
+            output="once",
+            context_patch={"n": 1},
+            event=NewEvent(kind=EventKind.STEP_COMPLETED),
+        )
+    history = await redis_store.read_history("r1")
+    assert [(e.event_id, e.kind) for e in history] == [(1, EventKind.STEP_COMPLETED)]
+    step = await redis_store.get_step("r1", "s1")
+    assert step is not None
+    assert step.status == StepStatus.COMPLETED
+
+
+async def test_remembered_request_ids_stay_bounded(redis_store: RedisStore) -> None:
+    await redis_store.create_run(RunRecord(run_id="r1", workflow="wf"))
+    for i in range(300):
+        await redis_store.merge_context("r1", {f"k{i}": i})
+    keys = redis_store.keys.run("r1")
+    assert await redis_store.client.hlen(keys.reqs) <= 128
+    assert await redis_store.client.llen(keys.reqlog) <= 128
+
+
+# -- connections and durability ----------------------------------------------------
+
+
+async def test_durability_warning_for_appendonly_no(
+    real_store: RedisStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="stepflow.store.redis"):
+        await real_store.get_run("r1")
+    assert any("appendonly=no" in r.getMessage() for r in caplog.records)
+
+
+async def test_durability_check_can_be_turned_off(
+    redis_url: str, key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = RedisStore.from_url(redis_url, prefix=key_prefix, check_durability=False)
+    with caplog.at_level(logging.WARNING, logger="stepflow.store.redis"):
+        await store.get_run("r1")
+    await store.aclose()
+    assert caplog.records == []
+
+
+async def test_durability_warnings_follow_the_server_config(
+    own_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def warnings_for(appendonly: str, policy: str) -> list[str]:
+        store = RedisStore.from_url(own_server.url)
+        await store.client.config_set("appendonly", appendonly)
+        await store.client.config_set("maxmemory-policy", policy)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="stepflow.store.redis"):
+            await store.get_run("r1")
+        await store.aclose()
+        return [r.getMessage() for r in caplog.records]
+
+    assert await warnings_for("yes", "noeviction") == []
+    [eviction] = await warnings_for("yes", "allkeys-lru")
+    assert "allkeys-lru" in eviction
+    assert len(await warnings_for("no", "volatile-lru")) == 2
+
+
+async def test_from_url_with_a_password(own_server: RedisServer) -> None:
+    admin = RedisStore.from_url(own_server.url, check_durability=False)
+    await admin.client.config_set("requirepass", "s3cret")
+    await admin.aclose()
+    authed_url = own_server.url.replace("redis://", "redis://:s3cret@")
+
+    store = RedisStore.from_url(authed_url, prefix="auth", socket_timeout=5)
+    await populate(store)
+    run = await store.get_run("r1")
+    assert run is not None
+    assert run.output == "done"
+    await store.aclose()
+
+    for url in (own_server.url.replace("redis://", "redis://:wrong@"), own_server.url):
+        refused = RedisStore.from_url(url, prefix="auth")
+        with pytest.raises(AuthenticationError):
+            await refused.get_run("r1")
+        await refused.aclose()
+
+
+async def test_decoded_responses_client_works(redis_url: str, key_prefix: str) -> None:
+    store = RedisStore.from_url(redis_url, prefix=key_prefix, decode_responses=True)
+    reference = MemoryStore()
+    for each in (store, reference):
+        await populate(each)
+    assert await observable(store) == await observable(reference)
+    assert [r.run_id for r in await store.list_runs()] == ["r1"]
+    await store.aclose()
+
+
+async def test_store_reconnects_after_a_redis_restart(own_server: RedisServer) -> None:
+    store = RedisStore.from_url(own_server.url, check_durability=False)
+    await store.create_run(RunRecord(run_id="before", workflow="wf"))
+    own_server.kill()
+    own_server.start()  # no persistence in tests: the data is gone, the connection is back
+    await store.create_run(RunRecord(run_id="after", workflow="wf"))
+    assert [r.run_id for r in await store.list_runs()] == ["after"]
+    await store.aclose()
