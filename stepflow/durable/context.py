@@ -120,9 +120,9 @@ class WorkflowContext:
                 first_attempt=await runner.attempts_of(call.step_id) + 1,
             )
         except StepFailed as failure:
-            await runner.refresh()
+            await runner.refresh()  # take in the recorded failure (rare path)
             raise StepFailedError(step_name, failure.error) from failure.cause
-        await runner.refresh()
+        runner.note_recorded(outcome.event)
         return outcome.output
 
     async def sleep(self, seconds: float) -> None:

@@ -20,12 +20,13 @@ from typing import Any
 import anyio
 
 from stepflow.errors import (
+    InvalidPayloadError,
     LeaseHeldError,
     StaleLeaseError,
     StepflowError,
     StepTimeoutError,
 )
-from stepflow.models import EventKind, Lease, NewEvent
+from stepflow.models import Event, EventKind, Lease, NewEvent, StepStatus
 from stepflow.retry import RetryPolicy
 from stepflow.store.base import WorkflowStore
 
@@ -72,12 +73,30 @@ class StepCall:
     is_async: bool
     merge_mapping: bool = True
     """Merge a returned mapping into the context bag (DAG steps do, durable steps don't)."""
+    history_tags: Mapping[str, Any] | None = None
+    """Payload of the step's history events; None means ``{"step": name}``."""
+    record_output: bool = False
+    """Put the output in the completion event too (durable replay reads it from there)."""
+
+    def completed_payload(self, output: Any, attempt: int) -> dict[str, Any]:
+        payload = {**self._tags(), "attempt": attempt}
+        if self.record_output:
+            payload["output"] = output
+        return payload
+
+    def failed_payload(self, error: dict[str, Any]) -> dict[str, Any]:
+        return {**self._tags(), "error": error}
+
+    def _tags(self) -> dict[str, Any]:
+        return dict(self.history_tags) if self.history_tags is not None else {"step": self.name}
 
 
 @dataclass(frozen=True, slots=True)
 class StepOutcome:
     output: Any
     attempt: int
+    event: Event | None = None
+    """The completion event as recorded (its timestamp is the store's clock)."""
 
 
 class _Heartbeat:
@@ -147,14 +166,12 @@ async def execute_step(
         try:
             result = await _attempt(call, attempt, heartbeat)
         except LeaseLost:
-            raise
+            if not await _lapsed_unclaimed(store, call, owner):
+                raise
+            attempt += 1  # nobody else will run it: run it again under a new lease
+            continue
         except Exception as exc:
-            error = describe_error(exc, step=call.name, attempt=attempt)
-            final = not call.policy.should_retry(exc, attempt)
-            await _record_failure(store, heartbeat.lease, error, final)
-            if final:
-                raise StepFailed(call.name, error, exc) from exc
-            await anyio.sleep(call.policy.delay(attempt))
+            await _failed_attempt(store, call, heartbeat.lease, exc, attempt)
             attempt += 1
             continue
         except BaseException:
@@ -163,19 +180,66 @@ async def execute_step(
             with anyio.CancelScope(shield=True):
                 await _release(store, heartbeat.lease, attempt)
             raise
-        patch = result if call.merge_mapping and isinstance(result, Mapping) else None
         try:
-            await store.complete_step(
-                heartbeat.lease,
-                output=result,
-                context_patch=patch,
-                event=NewEvent(
-                    kind=EventKind.STEP_COMPLETED, payload={"step": call.name, "attempt": attempt}
-                ),
-            )
+            recorded = await _commit(store, call, heartbeat.lease, result, attempt, owner, lease_ms)
+        except InvalidPayloadError as exc:
+            # Not storable (a set, NaN, too large...): the store refused it before
+            # writing anything, so the attempt failed like a step that raised.
+            await _failed_attempt(store, call, heartbeat.lease, exc, attempt)
+            attempt += 1
+            continue
+        return StepOutcome(output=result, attempt=attempt, event=recorded)
+
+
+async def _commit(
+    store: WorkflowStore,
+    call: StepCall,
+    lease: Lease,
+    result: Any,
+    attempt: int,
+    owner: str,
+    lease_ms: int,
+) -> Event | None:
+    """Record the step completed; `InvalidPayloadError` if the result is not storable."""
+    patch = result if call.merge_mapping and isinstance(result, Mapping) else None
+    event = NewEvent(kind=EventKind.STEP_COMPLETED, payload=call.completed_payload(result, attempt))
+    while True:
+        try:
+            # The step has run: record it even if a cancel arrives meanwhile, so a
+            # finished side effect is not done again (and the lease is not left held).
+            with anyio.CancelScope(shield=True):
+                return await store.complete_step(
+                    lease, output=result, context_patch=patch, event=event
+                )
         except StaleLeaseError as exc:
-            raise LeaseLost(str(exc)) from exc
-        return StepOutcome(output=result, attempt=attempt)
+            if not await _lapsed_unclaimed(store, call, owner):
+                raise LeaseLost(str(exc)) from exc
+            # Our lease ran out but nobody claimed the step: take a fresh lease and
+            # record the result we have, rather than run the step again.
+            lease = await _claim(store, call, owner, lease_ms)
+
+
+async def _lapsed_unclaimed(store: WorkflowStore, call: StepCall, owner: str) -> bool:
+    """True when our lease ran out (a stalled loop) but no other owner claimed the step.
+
+    Then nobody else will run it, so giving up would strand the run; when
+    another owner claimed it, that owner carries it on instead.
+    """
+    step = await store.get_step(call.run_id, call.step_id)
+    return step is not None and step.status == StepStatus.RUNNING and step.worker_id == owner
+
+
+async def _failed_attempt(
+    store: WorkflowStore, call: StepCall, lease: Lease, exc: Exception, attempt: int
+) -> None:
+    """Record a failed attempt; raise `StepFailed` if final, else wait out the backoff."""
+    error = describe_error(exc, step=call.name, attempt=attempt)
+    final = not call.policy.should_retry(exc, attempt)
+    with anyio.CancelScope(shield=True):  # a cancel must not leave the lease held
+        await _record_failure(store, call, lease, error, final)
+    if final:
+        raise StepFailed(call.name, error, exc) from exc
+    await anyio.sleep(call.policy.delay(attempt))
 
 
 async def _attempt(call: StepCall, attempt: int, heartbeat: _Heartbeat) -> Any:
@@ -184,7 +248,9 @@ async def _attempt(call: StepCall, attempt: int, heartbeat: _Heartbeat) -> Any:
         tg.start_soon(heartbeat.run, tg.cancel_scope)
         outcome.append(await _capture(call, attempt))
         tg.cancel_scope.cancel()
-    if heartbeat.lost:
+    # A result that arrived anyway is kept: recording it finds out whether the step
+    # was taken over meanwhile (then it is dropped) or just our lease ran out.
+    if heartbeat.lost and (not outcome or outcome[0][1] is not None):
         raise LeaseLost(f"lost the lease on step {call.name!r} of run {call.run_id!r}")
     result, error = outcome[0]
     if error is not None:
@@ -205,15 +271,11 @@ async def _capture(call: StepCall, attempt: int) -> tuple[Any, Exception | None]
 
 
 async def _record_failure(
-    store: WorkflowStore, lease: Lease, error: dict[str, Any], final: bool
+    store: WorkflowStore, call: StepCall, lease: Lease, error: dict[str, Any], final: bool
 ) -> None:
+    event = NewEvent(kind=EventKind.STEP_FAILED, payload=call.failed_payload(error))
     try:
-        await store.fail_step(
-            lease,
-            error=error,
-            final=final,
-            event=NewEvent(kind=EventKind.STEP_FAILED, payload=error) if final else None,
-        )
+        await store.fail_step(lease, error=error, final=final, event=event if final else None)
     except StaleLeaseError as exc:
         raise LeaseLost(str(exc)) from exc
 

@@ -25,6 +25,7 @@ from stepflow.engine.attempts import (
     LeaseLost,
     StepCall,
     StepFailed,
+    describe_error,
     execute_step,
 )
 from stepflow.engine.context import StepContext
@@ -56,6 +57,8 @@ class DagRunner:
         self.lease_ms = lease_ms
         self.limiter = limiter
         self.stop_reason = stop_reason
+        # Replaced, never mutated: a sync step builds its context (a copy of the
+        # bag) in its worker thread while the loop may merge another step's output.
         self.bag: dict[str, Any] = dict(record.context)
         self.outputs: dict[str, Any] = {}
         self.done: set[str] = set()
@@ -139,10 +142,19 @@ class DagRunner:
     async def _run_step(self, tg: TaskGroup, name: str) -> None:
         spec = self.flow.steps[name]
         first_attempt = self.attempts.get(name, 0) + 1
-        if spec.when is not None and not spec.when(self._context(name, first_attempt)):
-            await self._record(name, StepStatus.SKIPPED, error=None)
-            self._finished(tg, name, None)
-            return
+        if spec.when is not None:
+            try:
+                wanted = spec.when(self._context(name, first_attempt))
+            except Exception as exc:  # the step fails, not the whole runner
+                error = describe_error(exc, step=name, attempt=first_attempt, phase="when")
+                await self._record(name, StepStatus.FAILED, error=error)
+                self.failure = self.failure or StepFailed(name, error, exc)
+                tg.cancel_scope.cancel()
+                return
+            if not wanted:
+                await self._record(name, StepStatus.SKIPPED, error=None)
+                self._finished(tg, name, None)
+                return
         try:
             async with self.limiter:
                 outcome = await execute_step(
@@ -157,7 +169,7 @@ class DagRunner:
             step = await self.store.get_step(self.run_id, name)
             output = step.output if step is not None else None
             if isinstance(output, Mapping):
-                self.bag.update(output)
+                self.bag = {**self.bag, **output}
         except StepFailed as failure:
             self.failure = self.failure or failure
             tg.cancel_scope.cancel()
@@ -189,13 +201,15 @@ class DagRunner:
     def _finished(self, tg: TaskGroup, name: str, output: Any) -> None:
         self.outputs[name] = output
         if isinstance(output, Mapping):
-            self.bag.update(output)
+            self.bag = {**self.bag, **output}
         self.done.add(name)
         self._launch_ready(tg)
 
     async def _record(self, name: str, status: StepStatus, *, error: Any) -> None:
         """Write a step row that no attempt wrote: skipped, or cancelled after release."""
         current = await self.store.get_step(self.run_id, name)
+        if current is not None and current.status == StepStatus.COMPLETED:
+            return  # completed after all (e.g. cancelled while reading it): keep it
         base = current or StepState(step_id=name, name=name, execution_id=self.execution_id)
         await self.store.upsert_step(
             self.run_id, base.model_copy(update={"status": status, "error": error})

@@ -131,7 +131,7 @@ class Engine:
         """Store the run and return its id at once; it runs in the background."""
         tg = self._require_started("start")
         run_id = await self._prepare(flow, input, run_id)
-        tg.start_soon(self._drive, run_id, name=f"stepflow run {run_id}")
+        self._launch(tg, run_id, rerun_finished=False)
         return run_id
 
     async def resume(self, run_id: str) -> str:
@@ -143,9 +143,19 @@ class Engine:
         tg = self._require_started("resume")
         record = await self._existing(run_id)
         self.workflow(record.workflow)  # fail here, not in the background
-        if run_id not in self._active:
-            tg.start_soon(self._drive, run_id, True, name=f"stepflow run {run_id}")
+        self._launch(tg, run_id, rerun_finished=True)
         return run_id
+
+    def _launch(self, tg: TaskGroup, run_id: str, *, rerun_finished: bool) -> None:
+        """Drive the run in the background, at most once per engine.
+
+        The run is registered before its task first runs, so a `wait` or
+        `cancel` right after `start`/`resume` already finds it.
+        """
+        if run_id in self._active:
+            return
+        self._active[run_id] = _ActiveRun()
+        tg.start_soon(self._drive, run_id, rerun_finished, name=f"stepflow run {run_id}")
 
     def _require_started(self, what: str) -> TaskGroup:
         if self._tg is None:
@@ -202,8 +212,9 @@ class Engine:
                 )
                 runner = make_runner(self.store, self.workflow(record.workflow), record, services)
                 return await runner.execute()
-            # Cancelled by Engine.cancel: the runner recorded it before leaving.
-            return await self._existing(run_id)
+            # Cancelled by Engine.cancel: the runner recorded it before leaving,
+            # unless the cancel landed before the runner had started its steps.
+            return await self._mark_cancelled(await self._existing(run_id))
         finally:
             active.finished.set()
             self._active.pop(run_id, None)
@@ -249,9 +260,13 @@ class Engine:
             active.scope.cancel()
             await active.finished.wait()
             return await self._existing(run_id)
-        record = await self._existing(run_id)
+        return await self._mark_cancelled(await self._existing(run_id))
+
+    async def _mark_cancelled(self, record: RunRecord) -> RunRecord:
+        """Record a run that no task of this engine drives as cancelled; a finished one stays."""
         if record.status in _FINISHED:
             return record
+        run_id = record.run_id
         return await self.store.set_run_status(
             run_id,
             RunStatus.CANCELLED,

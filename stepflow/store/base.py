@@ -22,6 +22,8 @@ from stepflow.models import (
     ExecutionInfo,
     Lease,
     NewEvent,
+    PruneOptions,
+    PruneResult,
     RunRecord,
     RunStatus,
     StepState,
@@ -170,12 +172,13 @@ class WorkflowStore(Protocol):
         output: Any = None,
         context_patch: Mapping[str, Any] | None = None,
         event: NewEvent | None = None,
-    ) -> None:
+    ) -> Event | None:
         """Record the step completed, merge ``context_patch`` and append ``event``, atomically.
 
         Refused with `StaleLeaseError` (nothing changes) when the lease
         expired, was taken over or the run was deleted. ``event`` goes to the
-        history of the lease's execution.
+        history of the lease's execution; the appended event is returned
+        (durable replay takes its timestamp as the workflow's clock).
         """
 
     async def fail_step(
@@ -203,12 +206,32 @@ class WorkflowStore(Protocol):
     async def list_executions(self, run_id: str) -> list[ExecutionInfo]:
         """The run's stored executions, ascending."""
 
-    async def continue_as_new(self, run_id: str, input: Any, *, execution_id: int) -> int:
+    async def continue_as_new(
+        self,
+        run_id: str,
+        input: Any,
+        *,
+        execution_id: int,
+        prune: PruneOptions | None = None,
+    ) -> int:
         """End execution ``execution_id`` as continued-as-new and start the next one.
 
         Atomically: the old execution gets status ``continued_as_new``, its
         ``completed_at`` and a ``continued_as_new`` event; the new one starts
         ``running`` with ``input`` and a ``run_started`` event; the run points
-        at it. Returns the new execution id. `ConflictError` when
+        at it. With ``prune``, old executions are pruned (as by
+        `prune_executions`) in the same atomic step, and the new execution's
+        history starts with a ``history_pruned`` event holding the counts.
+        Returns the new execution id. `ConflictError` when
         ``execution_id`` is not the current execution.
+        """
+
+    async def prune_executions(self, run_id: str, options: PruneOptions) -> PruneResult:
+        """Delete old finished executions of the run with their histories, atomically.
+
+        Never the current execution, never a running one. ``keep_last`` keeps
+        that many newest executions, the current one included (None, 0 and 1
+        all keep only the current); ``completed_before`` limits the prune to
+        executions completed before that time. The context bag and step rows
+        are kept. ``instances_processed`` is 1 even when nothing was deleted.
         """

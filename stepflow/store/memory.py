@@ -19,6 +19,7 @@ from stepflow.errors import (
     ConflictError,
     ExecutionNotFoundError,
     LeaseHeldError,
+    RunCancelledError,
     RunNotFoundError,
     StaleLeaseError,
     StepAlreadyCompletedError,
@@ -29,6 +30,8 @@ from stepflow.models import (
     ExecutionInfo,
     Lease,
     NewEvent,
+    PruneOptions,
+    PruneResult,
     RunRecord,
     RunStatus,
     StepState,
@@ -264,6 +267,8 @@ class MemoryStore:
         validate_step_id(step_id)
         input_json = self._codec.encode(input, "step input")
         run = self._run(run_id)
+        if run.record.status == RunStatus.CANCELLED:
+            raise RunCancelledError(run_id)
         self._execution(run, execution_id)
         lease = run.leases.setdefault(step_id, _StepLease())
         previous = run.steps.get(step_id)
@@ -324,7 +329,7 @@ class MemoryStore:
         output: Any = None,
         context_patch: Mapping[str, Any] | None = None,
         event: NewEvent | None = None,
-    ) -> None:
+    ) -> Event | None:
         validate_run_id(lease.run_id)
         output_json = self._codec.encode(output, "step output")
         patch = self._codec.encode_context(context_patch or {}, "context patch")
@@ -343,8 +348,9 @@ class MemoryStore:
             }
         )
         run.context.update(patch)
-        if event is not None and event_json is not None:
-            self._append(execution, event.kind, event_json, now)
+        if event is None or event_json is None:
+            return None
+        return self._isolate_event(self._append(execution, event.kind, event_json, now))
 
     async def fail_step(
         self,
@@ -422,7 +428,14 @@ class MemoryStore:
             for x in sorted(run.executions.values(), key=lambda x: x.execution_id)
         ]
 
-    async def continue_as_new(self, run_id: str, input: Any, *, execution_id: int) -> int:
+    async def continue_as_new(
+        self,
+        run_id: str,
+        input: Any,
+        *,
+        execution_id: int,
+        prune: PruneOptions | None = None,
+    ) -> int:
         validate_run_id(run_id)
         input_json = self._codec.encode(input, "continue-as-new input")
         run = self._run(run_id)
@@ -441,6 +454,14 @@ class MemoryStore:
             execution_id=new_id, status=RunStatus.RUNNING, input=input_json, started_at=now
         )
         self._append(new, EventKind.RUN_STARTED, input_json, now)
+        if prune is not None:
+            result = self._prune(run, new_id, prune)
+            counts = {
+                "reason": "continue_as_new",
+                "executions_deleted": result.executions_deleted,
+                "events_deleted": result.events_deleted,
+            }
+            self._append(new, EventKind.HISTORY_PRUNED, _json.dumps(counts), now)
         run.record = run.record.model_copy(
             update={
                 "current_execution_id": new_id,
@@ -453,3 +474,30 @@ class MemoryStore:
             }
         )
         return new_id
+
+    async def prune_executions(self, run_id: str, options: PruneOptions) -> PruneResult:
+        run = self._run(run_id)
+        return self._prune(run, run.record.current_execution_id, options)
+
+    def _prune(self, run: _Run, current: int, options: PruneOptions) -> PruneResult:
+        """Delete what `prune_executions` selects, with the step rows of those executions."""
+        keep = max(options.keep_last or 1, 1)
+        newest_first = sorted(run.executions, reverse=True)
+        newest_first.remove(current)
+        newest_first.insert(0, current)
+        deleted = events = 0
+        for position, xid in enumerate(newest_first, start=1):
+            execution = run.executions[xid]
+            finished = execution.status not in (RunStatus.RUNNING, RunStatus.PENDING)
+            old_enough = options.completed_before is None or (
+                execution.completed_at is not None
+                and execution.completed_at < options.completed_before
+            )
+            if xid != current and position > keep and finished and old_enough:
+                events += len(execution.events)
+                deleted += 1
+                del run.executions[xid]
+                for sid in [s.step_id for s in run.steps.values() if s.execution_id == xid]:
+                    del run.steps[sid]
+                    run.leases.pop(sid, None)
+        return PruneResult(instances_processed=1, executions_deleted=deleted, events_deleted=events)

@@ -33,9 +33,12 @@ from stepflow import _json
 from stepflow.errors import ConflictError, RunNotFoundError
 from stepflow.models import (
     Event,
+    EventKind,
     ExecutionInfo,
     Lease,
     NewEvent,
+    PruneOptions,
+    PruneResult,
     RunRecord,
     RunStatus,
     StepState,
@@ -74,7 +77,7 @@ _STEP_FIELDS = (
     "execution_id",
 )
 _EXECUTION_FIELDS = ("status", "input", "output", "error", "started_at", "completed_at", "events")
-_DELETE_RETRIES = 5
+_CONFLICT_RETRIES = 5
 
 
 def _request_id() -> str:
@@ -334,7 +337,7 @@ class RedisStore:
     async def delete_run(self, run_id: str) -> bool:
         keys = self.keys.run(run_id)
         request_id = _request_id()
-        for _ in range(_DELETE_RETRIES):
+        for _ in range(_CONFLICT_RETRIES):
             execution_ids = await self._execution_ids(keys)
             try:
                 deleted = await self._call(
@@ -353,7 +356,7 @@ class RedisStore:
                     [request_id, *execution_ids],
                     run_id=run_id,
                 )
-            except ConflictError:
+            except scripts.ExecutionsChangedError:
                 continue  # an execution started in between: list them again
             await self._unindex(run_id)
             return bool(deleted)
@@ -505,12 +508,12 @@ class RedisStore:
         output: Any = None,
         context_patch: Mapping[str, Any] | None = None,
         event: NewEvent | None = None,
-    ) -> None:
+    ) -> Event | None:
         keys = self.keys.run(lease.run_id)
         output_json = self._codec.encode(output, "step output")
         patch = self._codec.encode_context(context_patch or {}, "context patch")
         kind, payload = self._event_args(event)
-        await self._call(
+        reply = await self._call(
             "complete_step",
             [
                 keys.run,
@@ -536,6 +539,9 @@ class RedisStore:
             step_id=lease.step_id,
             execution_id=lease.execution_id,
         )
+        if event is None:
+            return None
+        return _event_from_reply(reply, event.kind, payload)
 
     async def fail_step(
         self,
@@ -586,13 +592,7 @@ class RedisStore:
             run_id=run_id,
             execution_id=execution_id,
         )
-        event_id, _, timestamp = _text(reply).partition("|")
-        return Event(
-            event_id=int(event_id),
-            kind=event.kind,
-            timestamp=int(timestamp),
-            payload=_json.loads(payload),
-        )
+        return _event_from_reply(reply, event.kind, payload)
 
     async def read_history(self, run_id: str, execution_id: int | None = None) -> list[Event]:
         keys = self.keys.run(run_id)
@@ -619,27 +619,86 @@ class RedisStore:
             rows.setdefault(int(xid), {})[name] = _json.loads(value)
         return [_execution_info(xid, rows[xid]) for xid in sorted(rows)]
 
-    async def continue_as_new(self, run_id: str, input: Any, *, execution_id: int) -> int:
+    async def continue_as_new(
+        self,
+        run_id: str,
+        input: Any,
+        *,
+        execution_id: int,
+        prune: PruneOptions | None = None,
+    ) -> int:
         keys = self.keys.run(run_id)
         input_json = self._codec.encode(input, "continue-as-new input")
         new_id = execution_id + 1
-        result = await self._call(
-            "continue_as_new",
-            [
-                keys.run,
-                keys.reqs,
-                keys.reqlog,
-                keys.execs,
-                keys.events(execution_id),
-                keys.events(new_id),
-            ],
-            [_request_id(), execution_id, new_id, input_json],
-            run_id=run_id,
-        )
-        created_at = await self.client.hget(keys.run, "created_at")
-        if created_at is not None:
-            await self._index_status(run_id, RunStatus.RUNNING, int(created_at))
-        return int(result)
+        for _ in range(_CONFLICT_RETRIES):
+            history_ids = await self._execution_ids(keys) if prune is not None else []
+            try:
+                result = await self._call(
+                    "continue_as_new",
+                    [
+                        keys.run,
+                        keys.reqs,
+                        keys.reqlog,
+                        keys.execs,
+                        keys.events(execution_id),
+                        keys.events(new_id),
+                        keys.steps,
+                        keys.order,
+                        *(keys.events(x) for x in history_ids),
+                    ],
+                    [
+                        _request_id(),
+                        execution_id,
+                        new_id,
+                        input_json,
+                        "0" if prune is None else "1",
+                        *_prune_args(prune),
+                        len(history_ids),
+                        *history_ids,
+                    ],
+                    run_id=run_id,
+                )
+            except scripts.ExecutionsChangedError:
+                continue  # another execution appeared between listing and pruning
+            # The run was running and stays running: its status index is unchanged.
+            return int(result)
+        raise ConflictError(f"run {run_id!r}: executions kept changing; try again")
+
+    async def prune_executions(self, run_id: str, options: PruneOptions) -> PruneResult:
+        keys = self.keys.run(run_id)
+        for _ in range(_CONFLICT_RETRIES):
+            history_ids = await self._execution_ids(keys)
+            try:
+                deleted, events = await self._call(
+                    "prune_executions",
+                    [keys.run, keys.reqs, keys.reqlog, keys.execs, keys.steps, keys.order]
+                    + [keys.events(x) for x in history_ids],
+                    [_request_id(), *_prune_args(options), len(history_ids), *history_ids],
+                    run_id=run_id,
+                )
+            except scripts.ExecutionsChangedError:
+                continue
+            return PruneResult(
+                instances_processed=1, executions_deleted=deleted, events_deleted=events
+            )
+        raise ConflictError(f"run {run_id!r}: executions kept changing; try again")
+
+
+def _prune_args(options: PruneOptions | None) -> list[Any]:
+    if options is None:
+        return ["", ""]
+    return [
+        "" if options.keep_last is None else options.keep_last,
+        "" if options.completed_before is None else options.completed_before,
+    ]
+
+
+def _event_from_reply(reply: bytes | str, kind: EventKind, payload: bytes) -> Event:
+    """The event a script appended, from its '<id>|<timestamp>' reply."""
+    event_id, _, timestamp = _text(reply).partition("|")
+    return Event(
+        event_id=int(event_id), kind=kind, timestamp=int(timestamp), payload=_json.loads(payload)
+    )
 
 
 def _execution_info(execution_id: int, row: Mapping[str, Any]) -> ExecutionInfo:

@@ -27,6 +27,7 @@ from stepflow.errors import (
     ConflictError,
     ExecutionNotFoundError,
     LeaseHeldError,
+    RunCancelledError,
     RunNotFoundError,
     ScriptError,
     StaleLeaseError,
@@ -45,6 +46,7 @@ SCRIPT_NAMES = (
     "get_run",
     "list_executions",
     "list_steps",
+    "prune_executions",
     "read_history",
     "renew_lease",
     "set_run_status",
@@ -81,6 +83,8 @@ def raise_for_script_error(
     error: StepflowError
     if code == "SF_NOTFOUND":
         error = RunNotFoundError(run_id)
+    elif code == "SF_CANCELLED":
+        error = RunCancelledError(run_id)
     elif code == "SF_NOEXEC":
         error = ExecutionNotFoundError(run_id, execution_id)
     elif code == "SF_DONE":
@@ -90,11 +94,17 @@ def raise_for_script_error(
     elif code == "SF_HELD":
         owner, _, expires = detail.rpartition("|")
         error = LeaseHeldError(run_id, step_id, _owner(owner), int(expires))
+    elif code == "SF_CHANGED":
+        error = ExecutionsChangedError(f"run {run_id!r}: {detail}")
     elif code == "SF_CONFLICT":
         error = ConflictError(f"run {run_id!r}: {detail}")
     else:
         error = ScriptError(f"Redis script failed for run {run_id!r}: {message}")
     raise error from exc
+
+
+class ExecutionsChangedError(ConflictError):
+    """A script was given a stale list of executions; the caller lists them again and retries."""
 
 
 def _owner(raw: str) -> str:

@@ -75,3 +75,79 @@ local function sf_check_lease(run, steps, sid, token, epoch, now)
   end
   return nil
 end
+
+-- Which finished executions a prune deletes: never the current one, never
+-- one still running; keep the newest keep_last (the current counts, 0 means
+-- 1); with completed_before, only those completed earlier. ``finishing`` is
+-- an execution the caller is about to end at ``now`` (continue-as-new), so
+-- it is judged as finished. ``history`` maps execution id -> events key as
+-- given in KEYS; an execution to delete whose key was not given means the
+-- caller read a stale list: a conflict. Reads only.
+-- Returns the ids to delete, or nil and an error reply.
+local function sf_prune_select(execs, current, keep_last, completed_before, history,
+                               finishing, now)
+  local ids = {current}
+  for _, field in ipairs(redis.call('HKEYS', execs)) do
+    local xid = tonumber(string.match(field, '^(%d+)|status$'))
+    if xid and xid ~= current then ids[#ids + 1] = xid end
+  end
+  table.sort(ids, function(a, b) return a > b end)
+  local keep = math.max(keep_last, 1)
+  local doomed = {}
+  for position, xid in ipairs(ids) do
+    local x = xid .. '|'
+    local row = redis.call('HMGET', execs, x .. 'status', x .. 'completed_at')
+    if xid == finishing then row = {'"continued_as_new"', tostring(now)} end
+    local finished = row[1] ~= '"running"' and row[1] ~= '"pending"'
+    local old_enough = completed_before == nil or
+      (row[2] ~= 'null' and tonumber(row[2]) < completed_before)
+    if xid ~= current and position > keep and finished and old_enough then
+      if not history[xid] then return nil, sf_fail('CHANGED', 'executions changed') end
+      doomed[#doomed + 1] = xid
+    end
+  end
+  return doomed
+end
+
+local SF_EXEC_FIELDS = {'status', 'input', 'output', 'error', 'started_at', 'completed_at', 'events'}
+local SF_STEP_FIELDS = {'name', 'status', 'attempt', 'input', 'output', 'error', 'started_at',
+  'finished_at', 'worker_id', 'execution_id', 'epoch', 'token', 'expires'}
+
+-- Delete the selected executions, their histories and their step rows, so
+-- an eternal workflow that prunes keeps bounded storage.
+-- Returns executions and events deleted.
+local function sf_prune_apply(execs, steps, order, doomed, history)
+  if #doomed == 0 then return 0, 0 end
+  local events = 0
+  local gone = {}
+  for _, xid in ipairs(doomed) do
+    local x = xid .. '|'
+    events = events + tonumber(redis.call('HGET', execs, x .. 'events') or '0')
+    redis.call('DEL', history[xid])
+    for _, name in ipairs(SF_EXEC_FIELDS) do redis.call('HDEL', execs, x .. name) end
+    gone[tostring(xid)] = true
+  end
+  local kept = {}
+  for _, sid in ipairs(redis.call('LRANGE', order, 0, -1)) do
+    if gone[redis.call('HGET', steps, sid .. '|execution_id') or ''] then
+      for _, name in ipairs(SF_STEP_FIELDS) do redis.call('HDEL', steps, sid .. '|' .. name) end
+    else
+      kept[#kept + 1] = sid
+    end
+  end
+  redis.call('DEL', order)
+  for i = 1, #kept, 1000 do
+    redis.call('RPUSH', order, unpack(kept, i, math.min(i + 999, #kept)))
+  end
+  return #doomed, events
+end
+
+-- ARGV[first] = number n of executions listed, then n ids; their events keys
+-- are KEYS[key_first ..]. Returns the id -> key map sf_prune takes.
+local function sf_history_keys(first, key_first)
+  local history = {}
+  for i = 1, tonumber(ARGV[first]) do
+    history[tonumber(ARGV[first + i])] = KEYS[key_first + i - 1]
+  end
+  return history
+end

@@ -7,7 +7,8 @@
 -- ARGV[5] execution id  ARGV[6] output (JSON)
 -- ARGV[7] event kind ('' for none)  ARGV[8] event payload (JSON)
 -- ARGV[9..] context key/value pairs (JSON values)
--- Returns 'OK'. Errors: SF_STALE (lease expired, taken over, run deleted), SF_DONE,
+-- Returns '<event id>|<timestamp ms>' of the appended event, or 'OK' without one.
+-- Errors: SF_STALE (lease expired, taken over, run deleted), SF_DONE,
 -- SF_NOEXEC (the lease's execution is gone).
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return done end
@@ -23,7 +24,9 @@ redis.call('HSET', KEYS[4], s .. 'status', '"completed"', s .. 'output', ARGV[6]
   s .. 'error', 'null', s .. 'finished_at', now)
 redis.call('HDEL', KEYS[4], s .. 'token', s .. 'expires')
 sf_hset_from(KEYS[5], ARGV, 9)
+local result = 'OK'
 if ARGV[7] ~= '' then
-  sf_append_event(KEYS[7], KEYS[6], ARGV[5], ARGV[7], ARGV[8], now)
+  local id = sf_append_event(KEYS[7], KEYS[6], ARGV[5], ARGV[7], ARGV[8], now)
+  result = id .. '|' .. now
 end
-return sf_remember(KEYS[2], KEYS[3], ARGV[1], 'OK')
+return sf_remember(KEYS[2], KEYS[3], ARGV[1], result)

@@ -2,10 +2,16 @@
 -- End the current execution as continued-as-new and start the next one.
 -- KEYS[1] run hash  KEYS[2] reqs hash  KEYS[3] reqlog list  KEYS[4] execs hash
 -- KEYS[5] events list of the current execution  KEYS[6] events list of the next
+-- KEYS[7] steps hash  KEYS[8] order list
+-- KEYS[9..] events lists of the executions listed in ARGV (prune candidates)
 -- ARGV[1] request id  ARGV[2] current execution id  ARGV[3] next execution id
--- ARGV[4] next input (JSON)
+-- ARGV[4] next input (JSON)  ARGV[5] '1' to prune, else '0'
+-- ARGV[6] keep_last ('' = only the current)  ARGV[7] completed_before ms ('' = any)
+-- ARGV[8] n  ARGV[9 .. 8+n] execution ids
 -- A next execution left from before a create_run that moved the run back
--- is replaced, history included. Returns the next execution id.
+-- is replaced, history included. With pruning, old executions go in the
+-- same step and the next execution's history records a history_pruned
+-- event with the counts. Returns the next execution id.
 -- Errors: SF_NOTFOUND, SF_CONFLICT.
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return tonumber(done) end
@@ -17,6 +23,15 @@ if current ~= ARGV[2] then
 end
 
 local now = sf_now_ms()
+local history = sf_history_keys(8, 9)
+local doomed = {}
+if ARGV[5] == '1' then
+  local err
+  doomed, err = sf_prune_select(KEYS[4], tonumber(ARGV[3]), tonumber(ARGV[6]) or 1,
+    tonumber(ARGV[7]), history, tonumber(ARGV[2]), now)
+  if not doomed then return err end
+end
+
 local old, new = ARGV[2] .. '|', ARGV[3] .. '|'
 redis.call('HSET', KEYS[4], old .. 'status', '"continued_as_new"', old .. 'completed_at', now)
 sf_append_event(KEYS[5], KEYS[4], ARGV[2], 'continued_as_new',
@@ -26,6 +41,12 @@ redis.call('HSET', KEYS[4], new .. 'status', '"running"', new .. 'input', ARGV[4
   new .. 'output', 'null', new .. 'error', 'null', new .. 'started_at', now,
   new .. 'completed_at', 'null', new .. 'events', 0)
 sf_append_event(KEYS[6], KEYS[4], ARGV[3], 'run_started', ARGV[4], now)
+if ARGV[5] == '1' then
+  local deleted, events = sf_prune_apply(KEYS[4], KEYS[7], KEYS[8], doomed, history)
+  sf_append_event(KEYS[6], KEYS[4], ARGV[3], 'history_pruned',
+    '{"reason":"continue_as_new","executions_deleted":' .. deleted ..
+    ',"events_deleted":' .. events .. '}', now)
+end
 redis.call('HSET', KEYS[1], 'current_execution_id', ARGV[3], 'status', '"running"',
   'input', ARGV[4], 'output', 'null', 'error', 'null', 'updated_at', now,
   'completed_at', 'null')

@@ -18,11 +18,11 @@ for _, field in ipairs(fields) do
   if string.sub(field, -7) == '|status' then stored = stored + 1 end
 end
 if stored ~= #ARGV - 1 then
-  return sf_fail('CONFLICT', 'executions changed during delete')
+  return sf_fail('CHANGED', 'executions changed during delete')
 end
 for i = 2, #ARGV do
   if redis.call('HEXISTS', KEYS[3], ARGV[i] .. '|status') == 0 then
-    return sf_fail('CONFLICT', 'executions changed during delete')
+    return sf_fail('CHANGED', 'executions changed during delete')
   end
 end
 
