@@ -1,0 +1,1216 @@
+"""Engine behaviour on every store: DAG order, context, concurrency, retries, cancel, resume."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pydantic
+import pytest
+
+import stepflow
+from stepflow import (
+    ConflictError,
+    CycleError,
+    DuplicateStepError,
+    Engine,
+    EventKind,
+    InputValidationError,
+    InvalidRunIdError,
+    RetryPolicy,
+    RunNotFoundError,
+    RunStatus,
+    StepContext,
+    StepflowError,
+    StepStatus,
+    UnknownDependencyError,
+    WaitTimeoutError,
+    Workflow,
+    WorkflowStore,
+    registry,
+)
+
+# Marked here, not only by conftest's late hook: anyio then keeps the ``store`` parametrisation.
+pytestmark = pytest.mark.anyio
+
+LIMIT = 5.0
+"""Seconds any one test may take before it is failed rather than hung."""
+
+CALLS: Counter[tuple[str, str]] = Counter()
+"""(workflow, step) -> times the step function was entered; survives engines."""
+
+NewFlow = Callable[..., Workflow]
+
+
+@pytest.fixture
+def new_flow() -> Iterator[NewFlow]:
+    """Make workflows with unique names; unregister them after the test."""
+    created: list[str] = []
+
+    def make(**kwargs: Any) -> Workflow:
+        flow = Workflow(f"wf-{uuid.uuid4().hex[:12]}", **kwargs)
+        created.append(flow.name)
+        return flow
+
+    yield make
+    for name in created:
+        registry.unregister(name)
+
+
+def count(ctx: StepContext, flow: Workflow) -> int:
+    """Record one entry of the current step; returns how often it was entered so far."""
+    CALLS[flow.name, ctx.step_id] += 1
+    return CALLS[flow.name, ctx.step_id]
+
+
+async def steps_by_name(store: WorkflowStore, run_id: str) -> dict[str, stepflow.StepState]:
+    return {step.step_id: step for step in await store.list_steps(run_id)}
+
+
+async def history_kinds(store: WorkflowStore, run_id: str) -> list[EventKind]:
+    return [event.kind for event in await store.read_history(run_id)]
+
+
+async def eventually(check: Callable[[], Any], what: str) -> None:
+    """Poll ``check`` (sync or async) until it is truthy."""
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        result = check()
+        if hasattr(result, "__await__"):
+            result = await result
+        if result:
+            return
+        await anyio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# --- DAG order and the context bag --------------------------------------------------------
+
+
+async def test_diamond_merges_context_and_records_history(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    flow = new_flow()
+    seen: dict[str, dict[str, Any]] = {}
+
+    @flow.step()
+    async def root(ctx: StepContext) -> dict[str, Any]:
+        seen["root"] = dict(ctx.context)
+        return {"n": ctx.input["n"], "shared": "root"}
+
+    @flow.step(after=[root])
+    async def left(ctx: StepContext) -> dict[str, Any]:
+        seen["left"] = dict(ctx.context)
+        return {"left": ctx.context["n"] + 1}
+
+    @flow.step(after=[root])
+    def right(ctx: StepContext) -> dict[str, Any]:
+        seen["right"] = dict(ctx.context)
+        return {"right": ctx.context["n"] * 10, "shared": "right"}
+
+    @flow.step(after=[left, right])
+    async def join(ctx: StepContext) -> dict[str, Any]:
+        seen["join"] = dict(ctx.context)
+        return {"total": ctx.context["left"] + ctx.context["right"]}
+
+    @flow.step(after=[root])
+    async def note(ctx: StepContext) -> str:
+        return "not a mapping"
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow, {"n": 2})
+
+    assert record.status == RunStatus.COMPLETED
+    assert record.error is None
+    assert record.completed_at is not None
+    assert seen["root"] == {}
+    # A step sees the bag as it is when its attempt starts: its dependencies' keys at least.
+    for branch in ("left", "right"):
+        assert seen[branch].items() >= {"n": 2, "shared": "root"}.items()
+        assert branch not in seen[branch]
+    assert seen["join"] == {"n": 2, "shared": "right", "left": 3, "right": 20}
+    bag = {"n": 2, "shared": "right", "left": 3, "right": 20, "total": 23}
+    assert record.context == bag
+    # The run output is the outputs of the sink steps, by name.
+    assert record.output == {"join": {"total": 23}, "note": "not a mapping"}
+
+    stored = await store.get_run(record.run_id)
+    assert stored is not None
+    assert stored.status == RunStatus.COMPLETED
+    assert stored.context == bag
+    assert stored.output == record.output
+    assert stored.input == {"n": 2}
+
+    steps = await steps_by_name(store, record.run_id)
+    assert set(steps) == {"root", "left", "right", "join", "note"}
+    assert all(step.status == StepStatus.COMPLETED for step in steps.values())
+    assert all(step.attempt == 1 for step in steps.values())
+    assert steps["left"].output == {"left": 3}
+    assert steps["note"].output == "not a mapping"
+
+    events = await store.read_history(record.run_id)
+    assert [event.event_id for event in events] == list(range(1, len(events) + 1))
+    kinds = [event.kind for event in events]
+    assert kinds == [
+        EventKind.RUN_STARTED,
+        *[EventKind.STEP_COMPLETED] * 5,
+        EventKind.RUN_COMPLETED,
+    ]
+    order = [event.payload["step"] for event in events[1:-1]]
+    assert order[0] == "root"
+    assert order.index("join") > max(order.index("left"), order.index("right"))
+
+
+async def test_steps_see_run_input_and_identity(store: WorkflowStore, new_flow: NewFlow) -> None:
+    flow = new_flow()
+    seen: list[StepContext] = []
+
+    @flow.step()
+    async def only(ctx: StepContext) -> None:
+        seen.append(ctx)
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow, ["a", 1], run_id="my-run.1")
+
+    assert record.run_id == "my-run.1"
+    assert record.output == {"only": None}
+    (ctx,) = seen
+    assert (ctx.run_id, ctx.step_id, ctx.attempt, ctx.input) == ("my-run.1", "only", 1, ["a", 1])
+    with pytest.raises(TypeError):
+        ctx.context["x"] = 1  # type: ignore[index]
+
+
+# --- concurrency ---------------------------------------------------------------------------
+
+
+def _two_branches(flow: Workflow, spans: dict[str, tuple[float, float]]) -> None:
+    @flow.step()
+    async def root(ctx: StepContext) -> None:
+        return None
+
+    async def branch(ctx: StepContext) -> None:
+        start = time.monotonic()
+        await anyio.sleep(0.2)
+        spans[ctx.step_id] = (start, time.monotonic())
+
+    flow.step("a", after=[root])(branch)
+    flow.step("b", after=[root])(branch)
+
+
+async def test_parallel_branches_overlap(store: WorkflowStore, new_flow: NewFlow) -> None:
+    flow = new_flow()
+    spans: dict[str, tuple[float, float]] = {}
+    _two_branches(flow, spans)
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow)
+
+    assert record.status == RunStatus.COMPLETED
+    (a_start, a_end), (b_start, b_end) = spans["a"], spans["b"]
+    assert max(a_start, b_start) < min(a_end, b_end), "branches ran one after the other"
+
+
+async def test_max_concurrency_one_serialises_branches(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    flow = new_flow()
+    spans: dict[str, tuple[float, float]] = {}
+    _two_branches(flow, spans)
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store, max_concurrency=1).run(flow)
+
+    assert record.status == RunStatus.COMPLETED
+    first, second = sorted(spans.values())
+    assert first[1] <= second[0], "branches overlapped despite max_concurrency=1"
+
+
+async def test_sync_step_runs_in_a_thread_without_blocking_the_loop(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    flow = new_flow()
+    loop_thread = threading.get_ident()
+    threads: dict[str, int] = {}
+    ticks: list[float] = []
+    window: list[float] = []
+
+    @flow.step()
+    def blocking(ctx: StepContext) -> dict[str, int]:
+        threads["blocking"] = threading.get_ident()
+        window.append(time.monotonic())
+        time.sleep(0.3)
+        window.append(time.monotonic())
+        return {"slept": 1}
+
+    @flow.step()
+    async def ticker(ctx: StepContext) -> None:
+        threads["ticker"] = threading.get_ident()
+        for _ in range(10):
+            ticks.append(time.monotonic())
+            await anyio.sleep(0.02)
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow)
+
+    assert record.status == RunStatus.COMPLETED
+    assert record.context == {"slept": 1}
+    assert threads["ticker"] == loop_thread
+    assert threads["blocking"] != loop_thread
+    during = [tick for tick in ticks if window[0] < tick < window[1]]
+    assert len(during) >= 5, f"the loop was blocked: only {len(during)} ticks during the sleep"
+
+
+# --- retries ------------------------------------------------------------------------------
+
+
+async def test_retries_back_off_then_succeed(store: WorkflowStore, new_flow: NewFlow) -> None:
+    flow = new_flow()
+    attempts: list[int] = []
+    started: list[float] = []
+
+    @flow.step(retry=RetryPolicy(retries=2, initial_delay=0.05, jitter=0))
+    async def flaky(ctx: StepContext) -> dict[str, int]:
+        attempts.append(ctx.attempt)
+        started.append(time.monotonic())
+        if ctx.attempt < 3:
+            raise ConnectionError(f"try {ctx.attempt}")
+        return {"ok": ctx.attempt}
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow)
+
+    assert record.status == RunStatus.COMPLETED
+    assert record.context == {"ok": 3}
+    assert attempts == [1, 2, 3]
+    # Delays of 0.05 s then 0.05 * 2 s, without jitter.
+    assert started[1] - started[0] >= 0.05
+    assert started[2] - started[1] >= 0.1
+    assert started[2] - started[0] >= 0.15
+    step = (await steps_by_name(store, record.run_id))["flaky"]
+    assert step.status == StepStatus.COMPLETED
+    assert step.attempt == 3
+    assert step.error is None
+    assert step.output == {"ok": 3}
+    assert await history_kinds(store, record.run_id) == [
+        EventKind.RUN_STARTED,
+        EventKind.STEP_COMPLETED,
+        EventKind.RUN_COMPLETED,
+    ]
+
+
+async def test_never_retry_error_fails_at_first_attempt(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    flow = new_flow()
+    attempts: list[int] = []
+
+    @flow.step(retry=RetryPolicy(retries=5, initial_delay=0.01, never_retry=(KeyError,)))
+    async def lookup(ctx: StepContext) -> None:
+        attempts.append(ctx.attempt)
+        raise KeyError("missing")
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow)
+
+    assert attempts == [1]
+    assert record.status == RunStatus.FAILED
+    assert record.error["type"] == "KeyError"
+    step = (await steps_by_name(store, record.run_id))["lookup"]
+    assert step.status == StepStatus.FAILED
+    assert step.attempt == 1
+
+
+async def test_exhausted_retries_fail_the_run_with_the_error(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    flow = new_flow()
+    attempts: list[int] = []
+
+    @flow.step(retry=RetryPolicy(retries=1, initial_delay=0.01, jitter=0))
+    async def broken(ctx: StepContext) -> None:
+        attempts.append(ctx.attempt)
+        raise ValueError(f"boom {ctx.attempt}")
+
+    @flow.step(after=[broken])
+    async def later(ctx: StepContext) -> None:
+        raise AssertionError("must not run")
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow)
+
+    assert attempts == [1, 2]
+    assert record.status == RunStatus.FAILED
+    assert record.completed_at is not None
+    assert record.error["type"] == "ValueError"
+    assert record.error["message"] == "boom 2"
+    assert record.output is None
+    stored = await store.get_run(record.run_id)
+    assert stored is not None
+    assert stored.status == RunStatus.FAILED
+    assert stored.error["type"] == "ValueError"
+    steps = await steps_by_name(store, record.run_id)
+    assert steps["broken"].status == StepStatus.FAILED
+    assert steps["broken"].attempt == 2
+    assert steps["broken"].error["type"] == "ValueError"
+    assert steps["broken"].error["message"] == "boom 2"
+    assert steps["later"].status == StepStatus.SKIPPED
+    kinds = await history_kinds(store, record.run_id)
+    assert kinds == [EventKind.RUN_STARTED, EventKind.STEP_FAILED, EventKind.RUN_FAILED]
+
+
+# --- timeouts -----------------------------------------------------------------------------
+
+
+async def test_timeout_fails_the_step(store: WorkflowStore, new_flow: NewFlow) -> None:
+    flow = new_flow()
+
+    @flow.step(timeout=0.1)
+    async def slow(ctx: StepContext) -> None:
+        await anyio.sleep(10)
+
+    began = time.monotonic()
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow)
+
+    assert time.monotonic() - began < 2
+    assert record.status == RunStatus.FAILED
+    assert record.error["type"] == "StepTimeoutError"
+    step = (await steps_by_name(store, record.run_id))["slow"]
+    assert step.status == StepStatus.FAILED
+    assert step.error["type"] == "StepTimeoutError"
+
+
+async def test_timeout_of_a_sync_step(store: WorkflowStore, new_flow: NewFlow) -> None:
+    flow = new_flow()
+
+    @flow.step(timeout=0.1)
+    def blocking(ctx: StepContext) -> None:
+        time.sleep(0.8)
+
+    began = time.monotonic()
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow)
+
+    assert time.monotonic() - began < 0.7, "the engine waited for the thread"
+    assert record.status == RunStatus.FAILED
+    assert record.error["type"] == "StepTimeoutError"
+
+
+async def test_timeout_is_retried(store: WorkflowStore, new_flow: NewFlow) -> None:
+    flow = new_flow()
+    attempts: list[int] = []
+
+    @flow.step(timeout=0.1, retry=RetryPolicy(retries=2, initial_delay=0.01, jitter=0))
+    async def sometimes_slow(ctx: StepContext) -> dict[str, int]:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            await anyio.sleep(10)
+        return {"attempt": ctx.attempt}
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow)
+
+    assert record.status == RunStatus.COMPLETED
+    assert attempts == [1, 2]
+    assert record.context == {"attempt": 2}
+    assert (await steps_by_name(store, record.run_id))["sometimes_slow"].attempt == 2
+
+
+# --- fail-fast and conditions -------------------------------------------------------------
+
+
+async def test_fail_fast_cancels_siblings_and_skips_downstream(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    flow = new_flow()
+    slow_cancelled = anyio.Event()
+
+    @flow.step()
+    async def root(ctx: StepContext) -> dict[str, int]:
+        return {"root": 1}
+
+    @flow.step(after=[root])
+    async def quick(ctx: StepContext) -> dict[str, int]:
+        return {"quick": 2}
+
+    @flow.step(after=[root])
+    async def slow(ctx: StepContext) -> None:
+        try:
+            await anyio.sleep(10)
+        finally:
+            slow_cancelled.set()
+
+    @flow.step(after=[root])
+    async def bad(ctx: StepContext) -> None:
+        await anyio.sleep(0.1)
+        raise RuntimeError("bad step")
+
+    @flow.step(after=[slow, quick])
+    async def downstream(ctx: StepContext) -> None:
+        raise AssertionError("must not run")
+
+    @flow.step(after=[downstream])
+    async def further(ctx: StepContext) -> None:
+        raise AssertionError("must not run")
+
+    began = time.monotonic()
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow)
+
+    assert time.monotonic() - began < 2
+    assert slow_cancelled.is_set()
+    assert record.status == RunStatus.FAILED
+    assert record.error["type"] == "RuntimeError"
+    assert record.error["message"] == "bad step"
+    # Completed steps keep their output and their context.
+    assert record.context == {"root": 1, "quick": 2}
+    steps = await steps_by_name(store, record.run_id)
+    statuses = {name: step.status for name, step in steps.items()}
+    assert statuses == {
+        "root": StepStatus.COMPLETED,
+        "quick": StepStatus.COMPLETED,
+        "slow": StepStatus.CANCELLED,
+        "bad": StepStatus.FAILED,
+        "downstream": StepStatus.SKIPPED,
+        "further": StepStatus.SKIPPED,
+    }
+    assert steps["quick"].output == {"quick": 2}
+    assert steps["root"].output == {"root": 1}
+    assert (await history_kinds(store, record.run_id))[-1] == EventKind.RUN_FAILED
+
+
+async def test_when_false_skips_the_step_but_not_its_dependents(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    flow = new_flow()
+    seen: list[str] = []
+
+    @flow.step()
+    async def decide(ctx: StepContext) -> dict[str, bool]:
+        return {"enabled": False}
+
+    @flow.step(after=[decide], when=lambda ctx: ctx.context["enabled"])
+    async def optional(ctx: StepContext) -> dict[str, str]:
+        seen.append("optional")
+        return {"optional": "ran"}
+
+    @flow.step(after=[decide], when=lambda ctx: ctx.input == "go")
+    async def wanted(ctx: StepContext) -> dict[str, str]:
+        seen.append("wanted")
+        return {"wanted": "ran"}
+
+    @flow.step(after=[optional, wanted])
+    async def finish(ctx: StepContext) -> str:
+        seen.append("finish")
+        return "finished"
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow, "go")
+
+    assert record.status == RunStatus.COMPLETED
+    assert sorted(seen) == ["finish", "wanted"]
+    assert record.context == {"enabled": False, "wanted": "ran"}
+    assert record.output == {"finish": "finished"}
+    steps = await steps_by_name(store, record.run_id)
+    assert steps["optional"].status == StepStatus.SKIPPED
+    assert steps["optional"].error is None
+    assert steps["wanted"].status == StepStatus.COMPLETED
+    assert steps["finish"].status == StepStatus.COMPLETED
+
+
+# --- idempotency keys ---------------------------------------------------------------------
+
+
+async def test_idempotency_key_is_stable_across_retries_and_resume(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    flow = new_flow()
+    keys: dict[str, list[str]] = {"flaky": [], "parked": []}
+    parked = anyio.Event()
+
+    @flow.step(retry=RetryPolicy(retries=2, initial_delay=0.01, jitter=0))
+    async def flaky(ctx: StepContext) -> None:
+        keys["flaky"].append(ctx.idempotency_key)
+        if ctx.attempt < 3:
+            raise ConnectionError("again")
+
+    @flow.step(after=[flaky])
+    async def parked_step(ctx: StepContext) -> None:
+        keys["parked"].append(ctx.idempotency_key)
+        if count(ctx, flow) == 1:
+            parked.set()
+            await anyio.sleep_forever()
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as engine:
+            run_id = await engine.start(flow)
+            await parked.wait()
+        async with Engine(store) as engine:
+            await engine.resume(run_id)
+            record = await engine.wait(run_id)
+
+    assert record.status == RunStatus.COMPLETED
+    assert len(keys["flaky"]) == 3
+    assert len(set(keys["flaky"])) == 1
+    assert len(keys["parked"]) == 2
+    assert len(set(keys["parked"])) == 1
+    assert keys["flaky"][0] != keys["parked"][0]
+    assert run_id in keys["flaky"][0]
+
+
+async def test_idempotency_key_differs_between_runs(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    flow = new_flow()
+    keys: list[str] = []
+
+    @flow.step()
+    async def only(ctx: StepContext) -> None:
+        keys.append(ctx.idempotency_key)
+
+    with anyio.fail_after(LIMIT):
+        engine = Engine(store)
+        await engine.run(flow, run_id="run-one")
+        await engine.run(flow, run_id="run-two")
+
+    assert len(set(keys)) == 2
+
+
+# --- cancel -------------------------------------------------------------------------------
+
+
+async def test_cancel_a_running_run(store: WorkflowStore, new_flow: NewFlow) -> None:
+    flow = new_flow()
+    running = anyio.Event()
+    interrupted = anyio.Event()
+
+    @flow.step()
+    async def first(ctx: StepContext) -> dict[str, int]:
+        return {"first": 1}
+
+    @flow.step(after=[first])
+    async def long(ctx: StepContext) -> None:
+        running.set()
+        try:
+            await anyio.sleep(10)
+        finally:
+            interrupted.set()
+
+    @flow.step(after=[long])
+    async def never(ctx: StepContext) -> None:
+        raise AssertionError("must not run")
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as engine:
+            run_id = await engine.start(flow)
+            await running.wait()
+            cancelled = await engine.cancel(run_id)
+            assert interrupted.is_set()
+            assert cancelled.status == RunStatus.CANCELLED
+            waited = await engine.wait(run_id)
+
+    assert waited.status == RunStatus.CANCELLED
+    assert waited.completed_at is not None
+    assert waited.context == {"first": 1}
+    steps = await steps_by_name(store, run_id)
+    assert steps["first"].status == StepStatus.COMPLETED
+    assert steps["long"].status == StepStatus.CANCELLED
+    assert steps["never"].status == StepStatus.CANCELLED
+    assert (await history_kinds(store, run_id))[-1] == EventKind.RUN_CANCELLED
+    stored = await store.get_run(run_id)
+    assert stored is not None
+    assert stored.status == RunStatus.CANCELLED
+
+
+async def test_cancel_right_after_start(store: WorkflowStore, new_flow: NewFlow) -> None:
+    flow = new_flow()
+
+    @flow.step()
+    async def long(ctx: StepContext) -> None:
+        await anyio.sleep(10)
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as engine:
+            run_id = await engine.start(flow)
+            cancelled = await engine.cancel(run_id)
+            waited = await engine.wait(run_id)
+            # Give a background task a chance to (wrongly) pick the run up again.
+            await anyio.sleep(0.05)
+
+    assert cancelled.status == RunStatus.CANCELLED
+    assert waited.status == RunStatus.CANCELLED
+    stored = await store.get_run(run_id)
+    assert stored is not None
+    assert stored.status == RunStatus.CANCELLED
+
+
+async def test_cancel_while_the_run_is_being_set_up(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """Cancel lands at each point of the driver's start-up: the run ends cancelled every time."""
+    flow = new_flow()
+
+    @flow.step()
+    async def long(ctx: StepContext) -> None:
+        await anyio.sleep(10)
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as engine:
+            for delay in (0, 1, 2, 3, 4, 6, 8):
+                run_id = await engine.start(flow)
+                for _ in range(delay):
+                    await anyio.lowlevel.checkpoint()
+                await engine.cancel(run_id)
+                waited = await engine.wait(run_id)
+                assert waited.status == RunStatus.CANCELLED, f"after {delay} checkpoints"
+
+
+async def test_cancel_a_run_this_engine_does_not_drive(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    flow = new_flow()
+    parked = anyio.Event()
+
+    @flow.step()
+    async def long(ctx: StepContext) -> None:
+        parked.set()
+        await anyio.sleep_forever()
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as first:
+            run_id = await first.start(flow)
+            await parked.wait()
+        assert (await store.get_run(run_id)).status == RunStatus.RUNNING  # type: ignore[union-attr]
+
+        other = Engine(store)  # never entered: it only talks to the store
+        cancelled = await other.cancel(run_id)
+        waited = await other.wait(run_id, timeout=1)
+
+    assert cancelled.status == RunStatus.CANCELLED
+    assert waited.status == RunStatus.CANCELLED
+    stored = await store.get_run(run_id)
+    assert stored is not None
+    assert stored.status == RunStatus.CANCELLED
+    assert stored.completed_at is not None
+    assert (await history_kinds(store, run_id))[-1] == EventKind.RUN_CANCELLED
+
+
+async def test_cancel_of_a_finished_run_leaves_it_as_is(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    flow = new_flow()
+
+    @flow.step()
+    async def only(ctx: StepContext) -> int:
+        return 1
+
+    with anyio.fail_after(LIMIT):
+        engine = Engine(store)
+        record = await engine.run(flow)
+        after = await engine.cancel(record.run_id)
+
+    assert after.status == RunStatus.COMPLETED
+    assert after.output == {"only": 1}
+
+
+# --- start, wait, shutdown and resume -----------------------------------------------------
+
+
+async def test_start_returns_at_once_and_wait_returns_the_result(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    flow = new_flow()
+    gate = anyio.Event()
+
+    @flow.step()
+    async def gated(ctx: StepContext) -> dict[str, str]:
+        await gate.wait()
+        return {"done": "yes"}
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as engine:
+            run_id = await engine.start(flow, {"q": 1})
+            stored = await store.get_run(run_id)
+            assert stored is not None
+            assert stored.status in {RunStatus.PENDING, RunStatus.RUNNING}
+            assert stored.input == {"q": 1}
+            with pytest.raises(WaitTimeoutError):
+                await engine.wait(run_id, timeout=0.05)
+            gate.set()
+            record = await engine.wait(run_id, timeout=2)
+
+    assert record.status == RunStatus.COMPLETED
+    assert record.context == {"done": "yes"}
+    assert record.output == {"gated": {"done": "yes"}}
+
+
+async def test_shutdown_leaves_the_run_resumable(store: WorkflowStore, new_flow: NewFlow) -> None:
+    flow = new_flow()
+    parked = anyio.Event()
+
+    @flow.step()
+    async def first(ctx: StepContext) -> dict[str, int]:
+        count(ctx, flow)
+        return {"first": 1}
+
+    @flow.step(after=[first])
+    async def second(ctx: StepContext) -> dict[str, int]:
+        if count(ctx, flow) == 1:
+            parked.set()
+            await anyio.sleep_forever()
+        return {"second": ctx.context["first"] + 1}
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as engine:
+            run_id = await engine.start(flow)
+            await parked.wait()
+
+        stored = await store.get_run(run_id)
+        assert stored is not None
+        assert stored.status == RunStatus.RUNNING
+        steps = await steps_by_name(store, run_id)
+        assert steps["first"].status == StepStatus.COMPLETED
+        assert steps["second"].status not in {StepStatus.COMPLETED, StepStatus.FAILED}
+
+        # A fresh engine (as in a new process) that knows the workflow finishes the run.
+        async with Engine(store, workflows=[flow]) as engine:
+            assert await engine.resume(run_id) == run_id
+            record = await engine.wait(run_id, timeout=2)
+
+    assert record.status == RunStatus.COMPLETED
+    assert record.context == {"first": 1, "second": 2}
+    assert CALLS[flow.name, "first"] == 1
+    assert CALLS[flow.name, "second"] == 2
+    steps = await steps_by_name(store, run_id)
+    assert steps["second"].attempt == 2
+    kinds = await history_kinds(store, run_id)
+    assert kinds.count(EventKind.RUN_STARTED) == 1
+    assert kinds.count(EventKind.STEP_COMPLETED) == 2
+    assert kinds[-1] == EventKind.RUN_COMPLETED
+
+
+async def test_run_with_existing_id_resumes_or_returns_it(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    flow = new_flow()
+    parked = anyio.Event()
+
+    @flow.step()
+    async def first(ctx: StepContext) -> dict[str, int]:
+        count(ctx, flow)
+        return {"first": 1}
+
+    @flow.step(after=[first])
+    async def second(ctx: StepContext) -> int:
+        if count(ctx, flow) == 1:
+            parked.set()
+            await anyio.sleep_forever()
+        return 2
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as engine:
+            await engine.start(flow, "in", run_id="resume-me")
+            await parked.wait()
+
+        engine = Engine(store)
+        record = await engine.run(flow, "in", run_id="resume-me")
+        assert record.status == RunStatus.COMPLETED
+        assert record.output == {"second": 2}
+
+        again = await engine.run(flow, "in", run_id="resume-me")
+
+    assert again.status == RunStatus.COMPLETED
+    assert again.output == record.output
+    assert again.completed_at == record.completed_at
+    assert CALLS[flow.name, "first"] == 1
+    assert CALLS[flow.name, "second"] == 2
+
+
+async def test_resume_reruns_only_what_failed(store: WorkflowStore, new_flow: NewFlow) -> None:
+    flow = new_flow()
+
+    @flow.step()
+    async def first(ctx: StepContext) -> dict[str, int]:
+        count(ctx, flow)
+        return {"first": 1}
+
+    @flow.step(after=[first])
+    async def second(ctx: StepContext) -> int:
+        if count(ctx, flow) == 1:
+            raise RuntimeError("transient outage")
+        return 2
+
+    with anyio.fail_after(LIMIT):
+        failed = await Engine(store).run(flow)
+        assert failed.status == RunStatus.FAILED
+        async with Engine(store) as engine:
+            await engine.resume(failed.run_id)
+            record = await engine.wait(failed.run_id)
+
+    assert record.status == RunStatus.COMPLETED
+    assert record.error is None
+    assert record.output == {"second": 2}
+    assert CALLS[flow.name, "first"] == 1
+    assert CALLS[flow.name, "second"] == 2
+
+
+async def test_run_id_of_another_workflow_conflicts(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    one, two = new_flow(), new_flow()
+
+    @one.step()
+    async def a(ctx: StepContext) -> None:
+        return None
+
+    @two.step()
+    async def b(ctx: StepContext) -> None:
+        raise AssertionError("must not run")
+
+    with anyio.fail_after(LIMIT):
+        engine = Engine(store)
+        await engine.run(one, run_id="shared-id")
+        with pytest.raises(ConflictError, match=one.name):
+            await engine.run(two, run_id="shared-id")
+        async with engine:
+            with pytest.raises(ConflictError):
+                await engine.start(two, run_id="shared-id")
+
+    stored = await store.get_run("shared-id")
+    assert stored is not None
+    assert stored.workflow == one.name
+    assert stored.status == RunStatus.COMPLETED
+
+
+# --- input and definition errors ----------------------------------------------------------
+
+
+class Params(pydantic.BaseModel):
+    n: int
+    tags: list[str] = []
+
+
+async def test_input_model_validates_and_stores_json(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    flow = new_flow(input_model=Params)
+    seen: list[Any] = []
+
+    @flow.step()
+    async def use(ctx: StepContext) -> None:
+        seen.append(ctx.input)
+
+    with anyio.fail_after(LIMIT):
+        engine = Engine(store)
+        with pytest.raises(InputValidationError, match="n"):
+            await engine.run(flow, {"n": "not a number"})
+        with pytest.raises(InputValidationError):
+            await engine.run(flow, None)
+        async with engine:
+            with pytest.raises(InputValidationError):
+                await engine.start(flow, {"tags": "x"})
+        assert await store.list_runs() == []
+
+        record = await engine.run(flow, {"n": "3"})
+        model_record = await engine.run(flow, Params(n=4, tags=["t"]))
+
+    assert record.status == RunStatus.COMPLETED
+    assert record.input == {"n": 3, "tags": []}
+    assert model_record.input == {"n": 4, "tags": ["t"]}
+    assert seen == [{"n": 3, "tags": []}, {"n": 4, "tags": ["t"]}]
+    assert len(await store.list_runs()) == 2
+
+
+async def test_definition_errors(store: WorkflowStore, new_flow: NewFlow) -> None:
+    flow = new_flow()
+
+    @flow.step()
+    async def a(ctx: StepContext) -> None:
+        return None
+
+    with pytest.raises(DuplicateStepError):
+
+        @flow.step("a")
+        async def again(ctx: StepContext) -> None:
+            return None
+
+    cyclic = new_flow()
+
+    @cyclic.step(after=["y"])
+    async def x(ctx: StepContext) -> None:
+        return None
+
+    with pytest.raises(CycleError) as caught:
+
+        @cyclic.step(after=[x])
+        async def y(ctx: StepContext) -> None:
+            return None
+
+    assert caught.value.cycle == ["x", "y", "x"]
+
+    dangling = new_flow()
+
+    @dangling.step(after=["missing"])
+    async def orphan(ctx: StepContext) -> None:
+        raise AssertionError("must not run")
+
+    with anyio.fail_after(LIMIT):
+        engine = Engine(store)
+        with pytest.raises(UnknownDependencyError) as unknown:
+            await engine.run(dangling)
+        assert (unknown.value.step, unknown.value.dependency) == ("orphan", "missing")
+        async with engine:
+            with pytest.raises(UnknownDependencyError):
+                await engine.start(dangling)
+        assert await store.list_runs() == []
+
+
+@pytest.mark.parametrize("bad", ["", "has space", "{tag}", "x" * 201, "new\nline"])
+async def test_bad_run_ids_are_refused(store: WorkflowStore, new_flow: NewFlow, bad: str) -> None:
+    flow = new_flow()
+
+    @flow.step()
+    async def only(ctx: StepContext) -> None:
+        raise AssertionError("must not run")
+
+    with anyio.fail_after(LIMIT):
+        engine = Engine(store)
+        with pytest.raises(InvalidRunIdError):
+            await engine.run(flow, run_id=bad)
+        with pytest.raises(InvalidRunIdError):
+            await engine.wait(bad)
+        with pytest.raises(InvalidRunIdError):
+            await engine.cancel(bad)
+        async with engine:
+            with pytest.raises(InvalidRunIdError):
+                await engine.start(flow, run_id=bad)
+            with pytest.raises(InvalidRunIdError):
+                await engine.resume(bad)
+    assert await store.list_runs() == []
+
+
+async def test_wait_errors(store: WorkflowStore, new_flow: NewFlow) -> None:
+    flow = new_flow()
+
+    @flow.step()
+    async def long(ctx: StepContext) -> None:
+        await anyio.sleep(10)
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as engine:
+            with pytest.raises(RunNotFoundError):
+                await engine.wait("no-such-run", timeout=1)
+            with pytest.raises(RunNotFoundError):
+                await engine.resume("no-such-run")
+            with pytest.raises(RunNotFoundError):
+                await engine.cancel("no-such-run")
+            run_id = await engine.start(flow)
+            began = time.monotonic()
+            with pytest.raises(WaitTimeoutError) as caught:
+                await engine.wait(run_id, timeout=0.1)
+            assert time.monotonic() - began < 1
+            assert caught.value.run_id == run_id
+            assert isinstance(caught.value, TimeoutError)
+            # The run goes on after the wait gave up.
+            stored = await store.get_run(run_id)
+            assert stored is not None
+            assert stored.status == RunStatus.RUNNING
+            await engine.cancel(run_id)
+
+
+async def test_background_calls_need_the_async_with_block(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    flow = new_flow()
+
+    @flow.step()
+    async def only(ctx: StepContext) -> None:
+        raise AssertionError("must not run")
+
+    engine = Engine(store)
+    with pytest.raises(StepflowError, match="async with"):
+        await engine.start(flow)
+    with pytest.raises(StepflowError, match="async with"):
+        await engine.resume("any-run")
+    assert await store.list_runs() == []
+
+
+# --- non-JSON outputs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        pytest.param({1, 2}, id="set"),
+        pytest.param(math.nan, id="nan"),
+        pytest.param({"bad": math.inf, "good": 1}, id="mapping-with-inf"),
+        pytest.param({1: "int key"}, id="non-str-key"),
+        pytest.param(object(), id="object"),
+    ],
+)
+async def test_non_json_output_fails_the_step_cleanly(
+    store: WorkflowStore, new_flow: NewFlow, output: Any
+) -> None:
+    flow = new_flow()
+
+    @flow.step()
+    async def fine(ctx: StepContext) -> dict[str, int]:
+        return {"fine": 1}
+
+    @flow.step(after=[fine])
+    async def weird(ctx: StepContext) -> Any:
+        return output
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow)
+
+    assert record.status == RunStatus.FAILED
+    assert record.error["type"] == "InvalidPayloadError"
+    assert record.context == {"fine": 1}  # nothing of the bad output was merged
+    steps = await steps_by_name(store, record.run_id)
+    assert steps["fine"].status == StepStatus.COMPLETED
+    assert steps["weird"].status == StepStatus.FAILED
+    assert steps["weird"].output is None
+    assert steps["weird"].error["type"] == "InvalidPayloadError"
+    kinds = await history_kinds(store, record.run_id)
+    assert kinds == [
+        EventKind.RUN_STARTED,
+        EventKind.STEP_COMPLETED,
+        EventKind.STEP_FAILED,
+        EventKind.RUN_FAILED,
+    ]
+
+
+async def test_non_json_output_is_retried_like_an_error(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    flow = new_flow()
+
+    @flow.step(retry=RetryPolicy(retries=1, initial_delay=0.01, jitter=0))
+    async def shaky(ctx: StepContext) -> Any:
+        return {"value": math.nan} if ctx.attempt == 1 else {"value": 1.5}
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow)
+
+    assert record.status == RunStatus.COMPLETED
+    assert record.context == {"value": 1.5}
+    step = (await steps_by_name(store, record.run_id))["shaky"]
+    assert (step.status, step.attempt) == (StepStatus.COMPLETED, 2)
+
+
+# --- more edges ---------------------------------------------------------------------------
+
+
+async def test_a_raising_when_predicate_fails_the_run(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    flow = new_flow()
+
+    def broken_condition(ctx: StepContext) -> bool:
+        raise LookupError("no flag")
+
+    @flow.step()
+    async def first(ctx: StepContext) -> dict[str, int]:
+        return {"first": 1}
+
+    @flow.step(after=[first], when=broken_condition)
+    async def guarded(ctx: StepContext) -> None:
+        raise AssertionError("must not run")
+
+    @flow.step(after=[guarded])
+    async def after_guarded(ctx: StepContext) -> None:
+        raise AssertionError("must not run")
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow)
+
+    assert record.status == RunStatus.FAILED
+    assert record.error["type"] == "LookupError"
+    assert record.context == {"first": 1}
+    steps = await steps_by_name(store, record.run_id)
+    assert steps["guarded"].status == StepStatus.FAILED
+    assert steps["guarded"].error["type"] == "LookupError"
+    assert steps["after_guarded"].status == StepStatus.SKIPPED
+
+
+async def test_starting_a_run_twice_drives_it_once(store: WorkflowStore, new_flow: NewFlow) -> None:
+    flow = new_flow()
+    gate = anyio.Event()
+
+    @flow.step()
+    async def once(ctx: StepContext) -> int:
+        count(ctx, flow)
+        await gate.wait()
+        return 1
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as engine:
+            run_id = await engine.start(flow, run_id="twice")
+            assert await engine.start(flow, run_id="twice") == run_id
+            assert await engine.resume(run_id) == run_id
+            await eventually(lambda: CALLS[flow.name, "once"] == 1, "the step to start")
+            await anyio.sleep(0.05)
+            gate.set()
+            record = await engine.wait(run_id)
+
+    assert record.status == RunStatus.COMPLETED
+    assert CALLS[flow.name, "once"] == 1
+    assert (await steps_by_name(store, run_id))["once"].attempt == 1
+
+
+async def test_a_result_whose_lease_lapsed_is_recorded_without_a_rerun(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """The loop stalled past the lease, nobody took the step over: its result still counts."""
+    flow = new_flow()
+    attempts: list[int] = []
+
+    @flow.step()
+    async def stalls(ctx: StepContext) -> dict[str, int]:
+        attempts.append(ctx.attempt)
+        time.sleep(0.2)  # noqa: ASYNC251 - blocks the loop, so no heartbeat renews the lease
+        return {"attempt": ctx.attempt}
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store, lease_ms=60).run(flow)
+
+    assert record.status == RunStatus.COMPLETED
+    assert attempts == [1]
+    assert record.context == {"attempt": 1}
+    step = (await steps_by_name(store, record.run_id))["stalls"]
+    assert step.status == StepStatus.COMPLETED
+    assert step.output == {"attempt": 1}
+
+
+async def test_a_step_whose_lease_lapsed_mid_run_runs_again(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """The heartbeat finds the lease gone while the step still runs: it is run again."""
+    flow = new_flow()
+    attempts: list[int] = []
+
+    @flow.step()
+    async def stalls(ctx: StepContext) -> dict[str, int]:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            time.sleep(0.2)  # noqa: ASYNC251 - blocks the loop past the 60 ms lease
+            await anyio.sleep(0.5)  # the heartbeat runs now, finds the lease gone
+        return {"attempt": ctx.attempt}
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store, lease_ms=60).run(flow)
+
+    assert record.status == RunStatus.COMPLETED
+    assert attempts[:2] == [1, 2]
+    assert record.context == {"attempt": attempts[-1]}
+    step = (await steps_by_name(store, record.run_id))["stalls"]
+    assert step.status == StepStatus.COMPLETED
+    assert step.attempt == attempts[-1]
