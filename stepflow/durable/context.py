@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from stepflow.dag import is_async_callable
-from stepflow.engine.attempts import StepCall, StepFailed, execute_step
+from stepflow.engine.attempts import LeaseLost, StepCall, StepFailed, execute_step
 from stepflow.errors import (
     ChildRunFailedError,
     EventTimeoutError,
+    StepAlreadyCompletedError,
     StepFailedError,
 )
-from stepflow.models import EventKind, PruneOptions, PruneResult, RunStatus
+from stepflow.models import Event, EventKind, PruneOptions, PruneResult, RunStatus
 from stepflow.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -32,6 +34,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger("stepflow.durable")
 
 _EVENT_POLL_MAX = 1.0
+
+
+def _deadline(created: Event) -> int:
+    """When the timer ``created`` recorded fires (store-clock ms), never before its full time.
+
+    The recorded timestamp is the creation time rounded down to a whole
+    millisecond, so the deadline adds one millisecond and rounds the duration up.
+    """
+    seconds = float(created.payload["seconds"])
+    return created.timestamp + math.ceil(round(seconds * 1000, 6)) + 1
 
 
 class ContinueAsNew(BaseException):
@@ -111,19 +123,31 @@ class WorkflowContext:
             history_tags=self._replay.tags(seq, "step", step_name),
             record_output=True,
         )
-        try:
-            outcome = await execute_step(
-                runner.store,
-                call,
-                owner=runner.owner,
-                lease_ms=runner.lease_ms,
-                first_attempt=await runner.attempts_of(call.step_id) + 1,
-            )
-        except StepFailed as failure:
-            await runner.refresh()  # take in the recorded failure (rare path)
-            raise StepFailedError(step_name, failure.error) from failure.cause
-        runner.note_recorded(outcome.event)
-        return outcome.output
+        while True:
+            try:
+                outcome = await execute_step(
+                    runner.store,
+                    call,
+                    owner=runner.owner,
+                    lease_ms=runner.lease_ms,
+                    first_attempt=await runner.attempts_of(call.step_id) + 1,
+                )
+            except LeaseLost:
+                continue  # another driver took the step over: await its result or lapse
+            except StepAlreadyCompletedError:
+                # Another driver of this run (a second resume) completed it: its result counts.
+                await runner.refresh()
+                completed = self._replay.recorded(seq).get(EventKind.STEP_COMPLETED)
+                if completed is None:  # completion and its event are one atomic write
+                    raise
+                self._replay.passed(seq)
+                return completed.payload.get("output")
+            except StepFailed as failure:
+                await runner.refresh()  # take in the recorded failure (rare path)
+                self._replay.passed(seq)  # ctx.now() as a replay will see it
+                raise StepFailedError(step_name, failure.error) from failure.cause
+            runner.note_recorded(outcome.event)
+            return outcome.output
 
     async def sleep(self, seconds: float) -> None:
         """A durable timer: the wake-up time is recorded, so restarts don't reset it."""
@@ -138,8 +162,7 @@ class WorkflowContext:
                 EventKind.TIMER_CREATED,
                 {**self._replay.tags(seq, "sleep", "sleep"), "seconds": seconds},
             )
-        fire_at = created.timestamp + int(created.payload["seconds"] * 1000)
-        await self._runner.sleep_until(fire_at)
+        await self._runner.sleep_until(_deadline(created))
         await self._runner.append(EventKind.TIMER_FIRED, self._replay.tags(seq, "sleep", "sleep"))
 
     async def wait_for_event(self, name: str, timeout: float | None = None) -> Any:
@@ -162,7 +185,7 @@ class WorkflowContext:
                 created = await self._runner.append(
                     EventKind.TIMER_CREATED, {**tags, "seconds": timeout}
                 )
-            deadline = created.timestamp + int(created.payload["seconds"] * 1000)
+            deadline = _deadline(created)
         delay = 0.02
         while True:
             raised = self._replay.pending_event(name)

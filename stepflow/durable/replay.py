@@ -28,6 +28,9 @@ class Replay:
         self._consumed: set[int] = set()
         self.clock = events[0].timestamp if events else 0
         self.position = 0
+        self.diverged: NonDeterminismError | None = None
+        """The first mismatch; raised again by every later command, so code that
+        catches it cannot go on doing (or skipping) work as if nothing happened."""
         for event in events:
             self.add(event)
 
@@ -52,23 +55,59 @@ class Replay:
         moves the workflow's clock to its timestamp, so ``ctx.now()`` gives
         the same value on every replay.
         """
+        if self.diverged is not None:
+            raise self.diverged
         self.position += 1
         recorded = self._by_seq.get(self.position, [])
         if recorded:
             first = recorded[0].payload
             if first.get("command") != command or first.get("name") != name:
-                raise NonDeterminismError(
+                self.diverged = NonDeterminismError(
                     self.run_id,
                     self.position,
                     expected=f"{first.get('command')} {first.get('name')!r}",
                     actual=f"{command} {name!r}",
                 )
-            self.clock = max(self.clock, recorded[-1].timestamp)
+                raise self.diverged
+            self.passed(self.position)
         return self.position, {event.kind: event for event in recorded}
+
+    def recorded(self, seq: int) -> dict[EventKind, Event]:
+        """What command ``seq`` recorded so far, by kind."""
+        return {event.kind: event for event in self._by_seq.get(seq, [])}
+
+    def passed(self, seq: int) -> None:
+        """The workflow moved past what command ``seq`` recorded: its clock follows."""
+        recorded = self._by_seq.get(seq)
+        if recorded:
+            self.clock = max(self.clock, recorded[-1].timestamp)
+
+    def divergence(self) -> NonDeterminismError | None:
+        """Why the code did not replay its history, checked when the workflow ends.
+
+        Besides a mismatch it caught, a workflow that ends (returns, fails or
+        continues as new) before reaching commands it recorded took another path.
+        """
+        if self.diverged is not None:
+            return self.diverged
+        later = [seq for seq, events in self._by_seq.items() if seq > self.position and events]
+        if later:
+            first = self._by_seq[min(later)][0].payload
+            self.diverged = NonDeterminismError(
+                self.run_id,
+                min(later),
+                expected=f"{first.get('command')} {first.get('name')!r}",
+                actual="no further command (the workflow ended)",
+            )
+        return self.diverged
 
     def tags(self, seq: int, command: str, name: str) -> dict[str, Any]:
         """The payload fields every event of a command carries."""
         return {"seq": seq, "command": command, "name": name}
+
+    def pending_events(self) -> list[Event]:
+        """Raised events no wait has consumed yet, in the order raised."""
+        return [event for event in self._raised if event.event_id not in self._consumed]
 
     def pending_event(self, name: str) -> Event | None:
         """The oldest raised event of this name that no wait has consumed yet."""

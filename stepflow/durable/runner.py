@@ -9,6 +9,7 @@ that outcome in one store operation.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from typing import Any
@@ -68,6 +69,8 @@ class DurableRunner:
         return self.services.lease_ms
 
     async def execute(self) -> RunRecord:
+        if self.record.status == RunStatus.COMPLETED:
+            return self.record  # a resume of a finished run: replaying it changes nothing
         if self.record.status != RunStatus.RUNNING:
             self.record = await self.store.set_run_status(
                 self.run_id,
@@ -80,6 +83,8 @@ class DurableRunner:
             try:
                 output = await self.definition.fn(WorkflowContext(self), self.record.input)
             except ContinueAsNew as request:
+                if (diverged := self.replay.divergence()) is not None:
+                    return await self._finish(RunStatus.FAILED, error=describe_error(diverged))
                 await self._continue_as_new(request)
                 continue
             except anyio.get_cancelled_exc_class():
@@ -88,7 +93,10 @@ class DurableRunner:
                         await self._finish(RunStatus.CANCELLED, error=_CANCELLED)
                 raise
             except Exception as exc:
-                return await self._finish(RunStatus.FAILED, error=describe_error(exc))
+                failure = self.replay.diverged or exc  # a caught mismatch comes first
+                return await self._finish(RunStatus.FAILED, error=describe_error(failure))
+            if (diverged := self.replay.divergence()) is not None:
+                return await self._finish(RunStatus.FAILED, error=describe_error(diverged))
             return await self._finish(RunStatus.COMPLETED, output=output)
 
     async def _finish(
@@ -116,9 +124,23 @@ class DurableRunner:
 
     async def _continue_as_new(self, request: ContinueAsNew) -> None:
         prune = request.prune or self.definition.auto_prune or self.services.default_prune
-        await self.store.continue_as_new(
-            self.run_id, request.input, execution_id=self.execution_id, prune=prune
+        old_id = self.execution_id
+        await self.refresh()
+        pending = self.replay.pending_events()
+        new_id = await self.store.continue_as_new(
+            self.run_id, request.input, execution_id=old_id, prune=prune
         )
+        with contextlib.suppress(StepflowError):  # unless pruned: take in late arrivals too
+            old = await self.store.read_history(self.run_id, old_id)
+            pending = Replay(self.run_id, old).pending_events()
+        # Raised events no wait took go to the next wait for their name: the new execution's.
+        for event in pending:
+            payload = {**event.payload, "carried_from": [old_id, event.event_id]}
+            await self.store.append_event(
+                self.run_id,
+                NewEvent(kind=EventKind.EVENT_RAISED, payload=payload),
+                execution_id=new_id,
+            )
         record = await self.store.get_run(self.run_id)
         assert record is not None, "the run disappeared during continue-as-new"
         self.record = record

@@ -1,0 +1,1165 @@
+"""Durable workflows on every store: replay, timers, events, child runs, continue-as-new, pruning.
+
+A "restart" below is what a crash or a deploy does to a run: the engine that
+drives it goes away (leaving its ``async with`` block stops the run and leaves
+it ``running`` in the store) and a NEW engine resumes it by id. Every test then
+checks what a user sees: outputs, errors, recorded history and how often the
+user's functions were really called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+import stepflow
+from stepflow import (
+    ChildRunFailedError,
+    ConflictError,
+    DurableWorkflow,
+    Engine,
+    Event,
+    EventKind,
+    EventTimeoutError,
+    PruneOptions,
+    PruneResult,
+    RetryPolicy,
+    RunNotFoundError,
+    RunRecord,
+    RunStatus,
+    StepFailedError,
+    StepflowError,
+    StepStatus,
+    WorkflowContext,
+    WorkflowStore,
+    registry,
+)
+
+# Marked here, not only by the anyio_mode hook: anyio then keeps the ``store`` parametrisation.
+pytestmark = pytest.mark.anyio
+
+LIMIT = 5.0
+"""Seconds any one test may take before it is failed rather than hung (they take < 2 s)."""
+
+Define = Callable[..., Callable[[Any], DurableWorkflow]]
+HistoryCheck = Callable[[list[Event]], bool]
+
+
+@pytest.fixture
+def define() -> Iterator[Define]:
+    """``@define(**options)``: a durable workflow with a unique name, unregistered afterwards."""
+    names: list[str] = []
+
+    def make(**options: Any) -> Callable[[Any], DurableWorkflow]:
+        name = f"dwf-{uuid.uuid4().hex[:12]}"
+        names.append(name)
+        return stepflow.workflow(name, **options)
+
+    yield make
+    for name in names:
+        registry.unregister(name)
+
+
+@pytest.fixture
+def calls() -> Counter[str]:
+    """How often each user function was really entered; survives engines (restarts)."""
+    return Counter()
+
+
+CODE_VERSION = {"new": False}
+"""Module-level switch that plays "the code was changed and redeployed"."""
+
+
+@pytest.fixture
+def code_version() -> Iterator[dict[str, bool]]:
+    CODE_VERSION["new"] = False
+    yield CODE_VERSION
+    CODE_VERSION["new"] = False
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def has(kind: EventKind, count: int = 1) -> HistoryCheck:
+    return lambda events: sum(event.kind == kind for event in events) >= count
+
+
+async def history_until(store: WorkflowStore, run_id: str, check: HistoryCheck) -> list[Event]:
+    """Poll the current execution's history until ``check`` holds."""
+    while True:
+        events = await store.read_history(run_id)
+        if check(events):
+            return events
+        await anyio.sleep(0.01)
+
+
+async def start_then_stop(
+    store: WorkflowStore, flow: DurableWorkflow, input: Any = None, *, until: HistoryCheck
+) -> str:
+    """Start a run, let it get as far as ``until``, then shut its engine down (a 'crash')."""
+    async with Engine(store) as engine:
+        run_id = await engine.start(flow, input)
+        await history_until(store, run_id, until)
+    record = await store.get_run(run_id)
+    assert record is not None
+    assert record.status == RunStatus.RUNNING, "the stopped run must stay resumable"
+    return run_id
+
+
+async def resume_in_new_engine(
+    store: WorkflowStore, run_id: str, *events: tuple[str, Any], **engine_options: Any
+) -> RunRecord:
+    """A fresh engine (as in a new process) resumes the run, raises ``events``, waits."""
+    async with Engine(store, **engine_options) as engine:
+        assert await engine.resume(run_id) == run_id
+        for name, payload in events:
+            await engine.raise_event(run_id, name, payload)
+        return await engine.wait(run_id, timeout=LIMIT)
+
+
+async def kinds_of(store: WorkflowStore, run_id: str, execution_id: int | None = None) -> list[str]:
+    return [str(event.kind) for event in await store.read_history(run_id, execution_id)]
+
+
+async def execution_ids(store: WorkflowStore, run_id: str) -> list[int]:
+    return [info.execution_id for info in await store.list_executions(run_id)]
+
+
+def of_kind(events: list[Event], kind: EventKind) -> list[Event]:
+    return [event for event in events if event.kind == kind]
+
+
+# --- steps: recorded once, replayed after a restart --------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_completed_step_is_not_called_again_after_a_restart(
+    store: WorkflowStore, define: Define, calls: Counter[str], kind: str
+) -> None:
+    def double_sync(x: int) -> int:
+        calls["double"] += 1
+        return x * 2
+
+    async def double_async(x: int) -> int:
+        calls["double"] += 1
+        await anyio.lowlevel.checkpoint()
+        return x * 2
+
+    double = double_sync if kind == "sync" else double_async
+
+    def add(a: int, b: int) -> int:
+        calls["add"] += 1
+        return a + b
+
+    @define()
+    async def flow(ctx: WorkflowContext, x: int) -> list[Any]:
+        calls["workflow"] += 1
+        doubled = await ctx.step(double, x, name="double")
+        approval = await ctx.wait_for_event("approval")
+        total = await ctx.step(add, doubled, approval["extra"])
+        return [doubled, approval, total]
+
+    with anyio.fail_after(LIMIT):
+        run_id = await start_then_stop(store, flow, 21, until=has(EventKind.STEP_COMPLETED))
+        assert calls == {"workflow": 1, "double": 1}
+        record = await resume_in_new_engine(store, run_id, ("approval", {"extra": 1}))
+
+    assert record.status == RunStatus.COMPLETED, record.error
+    assert record.output == [42, {"extra": 1}, 43]
+    assert calls == {"workflow": 2, "double": 1, "add": 1}
+    completed = of_kind(await store.read_history(run_id), EventKind.STEP_COMPLETED)
+    assert [(e.payload["name"], e.payload["output"]) for e in completed] == [
+        ("double", 42),
+        ("add", 43),
+    ]
+    steps = await store.list_steps(run_id)
+    assert [(s.name, s.status, s.attempt) for s in steps] == [
+        ("double", StepStatus.COMPLETED, 1),
+        ("add", StepStatus.COMPLETED, 1),
+    ]
+
+
+async def test_an_event_raised_while_no_engine_drives_the_run_is_kept(
+    store: WorkflowStore, define: Define, calls: Counter[str]
+) -> None:
+    def fetch() -> str:
+        calls["fetch"] += 1
+        return "page"
+
+    @define()
+    async def flow(ctx: WorkflowContext, _: None) -> list[Any]:
+        page = await ctx.step(fetch)
+        return [page, await ctx.wait_for_event("go")]
+
+    with anyio.fail_after(LIMIT):
+        run_id = await start_then_stop(store, flow, until=has(EventKind.STEP_COMPLETED))
+        async with Engine(store) as engine:
+            await engine.raise_event(run_id, "go", "later")  # before anyone resumes it
+            await engine.resume(run_id)
+            record = await engine.wait(run_id, timeout=LIMIT)
+
+    assert record.status == RunStatus.COMPLETED, record.error
+    assert record.output == ["page", "later"]
+    assert calls["fetch"] == 1
+
+
+async def test_step_retries_until_it_succeeds(
+    store: WorkflowStore, define: Define, calls: Counter[str]
+) -> None:
+    def flaky(name: str) -> str:
+        calls[name] += 1
+        if calls[name] < 3:
+            raise ConnectionError(f"attempt {calls[name]} failed")
+        return f"{name} ok after {calls[name]}"
+
+    @define()
+    async def flow(ctx: WorkflowContext, _: None) -> list[str]:
+        first = await ctx.step(flaky, "a", name="a", retry=RetryPolicy(retries=2, initial_delay=0))
+        second = await ctx.step(flaky, "b", name="b", retries=2)
+        return [first, second]
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow)
+
+    assert record.status == RunStatus.COMPLETED, record.error
+    assert record.output == ["a ok after 3", "b ok after 3"]
+    steps = {step.name: step for step in await store.list_steps(record.run_id)}
+    assert steps["a"].attempt == steps["b"].attempt == 3
+    assert steps["a"].status == steps["b"].status == StepStatus.COMPLETED
+    # Failed attempts that were retried leave no history event: only the outcome.
+    assert await kinds_of(store, record.run_id) == [
+        "run_started",
+        "step_completed",
+        "step_completed",
+        "run_completed",
+    ]
+
+
+async def test_a_step_that_fails_for_good_raises_inside_the_workflow_also_on_replay(
+    store: WorkflowStore, define: Define, calls: Counter[str]
+) -> None:
+    async def charge(amount: int) -> None:
+        calls["charge"] += 1
+        raise ValueError(f"card declined for {amount}")
+
+    @define()
+    async def flow(ctx: WorkflowContext, amount: int) -> dict[str, Any]:
+        calls["workflow"] += 1
+        try:
+            await ctx.step(charge, amount, retry=RetryPolicy(retries=1, initial_delay=0))
+        except StepFailedError as exc:
+            caught = {"name": exc.name, "type": exc.error["type"], "message": exc.error["message"]}
+        await ctx.wait_for_event("go")
+        return caught
+
+    with anyio.fail_after(LIMIT):
+        run_id = await start_then_stop(store, flow, 5, until=has(EventKind.STEP_FAILED))
+        assert calls["charge"] == 2  # the first attempt and one retry
+        record = await resume_in_new_engine(store, run_id, ("go", None))
+
+    assert record.status == RunStatus.COMPLETED, record.error
+    assert record.output == {
+        "name": "charge",
+        "type": "ValueError",
+        "message": "card declined for 5",
+    }
+    assert calls == {"charge": 2, "workflow": 2}  # the replay raised it without calling charge
+    failed = of_kind(await store.read_history(run_id), EventKind.STEP_FAILED)
+    assert len(failed) == 1
+    assert failed[0].payload["error"]["message"] == "card declined for 5"
+
+
+async def test_an_uncaught_step_failure_fails_the_run_with_its_error(
+    store: WorkflowStore, define: Define, calls: Counter[str]
+) -> None:
+    def explode() -> None:
+        calls["explode"] += 1
+        raise KeyError("missing")
+
+    def never() -> None:
+        calls["never"] += 1
+
+    @define()
+    async def flow(ctx: WorkflowContext, _: None) -> None:
+        await ctx.step(explode)
+        await ctx.step(never)
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow)
+
+    assert record.status == RunStatus.FAILED
+    assert record.error["type"] == "StepFailedError"
+    assert "explode" in record.error["message"]
+    assert "KeyError" in record.error["message"]
+    assert "missing" in record.error["message"]
+    assert calls == {"explode": 1}
+    assert (await kinds_of(store, record.run_id))[-2:] == ["step_failed", "run_failed"]
+
+
+async def test_a_step_past_its_timeout_fails_with_step_timeout_error(
+    store: WorkflowStore, define: Define
+) -> None:
+    async def slow() -> str:
+        await anyio.sleep(10)
+        return "too late"
+
+    @define()
+    async def flow(ctx: WorkflowContext, _: None) -> str:
+        try:
+            return str(await ctx.step(slow, timeout=0.05))
+        except StepFailedError as exc:
+            return str(exc.error["type"])
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow)
+
+    assert record.status == RunStatus.COMPLETED, record.error
+    assert record.output == "StepTimeoutError"
+
+
+async def test_two_engines_driving_one_run_complete_it_running_each_step_once(
+    store: WorkflowStore, define: Define, calls: Counter[str]
+) -> None:
+    async def work(name: str) -> str:
+        calls[name] += 1
+        await anyio.sleep(0.05)
+        return name
+
+    @define()
+    async def flow(ctx: WorkflowContext, _: None) -> str:
+        first = await ctx.step(work, "a", name="a")
+        second = await ctx.step(work, "b", name="b")
+        return f"{first}+{second}"
+
+    run_id = f"two-{uuid.uuid4().hex[:8]}"
+    await store.create_run(RunRecord(run_id=run_id, workflow=flow.name))  # stored, not driven
+    with anyio.fail_after(LIMIT):
+        # Two processes resume it at once (an operator's retry, a paused process waking up).
+        async with Engine(store, lease_ms=300) as one, Engine(store, lease_ms=300) as two:
+            await one.resume(run_id)
+            await two.resume(run_id)
+            first = await one.wait(run_id, timeout=LIMIT)
+            second = await two.wait(run_id, timeout=LIMIT)
+
+    assert first.status == second.status == RunStatus.COMPLETED, (first.error, second.error)
+    assert first.output == second.output == "a+b"
+    assert calls == {"a": 1, "b": 1}
+    completed = of_kind(await store.read_history(run_id), EventKind.STEP_COMPLETED)
+    assert [e.payload["name"] for e in completed] == ["a", "b"]
+
+
+async def test_resuming_a_completed_run_leaves_it_as_it_is(
+    store: WorkflowStore, define: Define, calls: Counter[str]
+) -> None:
+    @define()
+    async def flow(ctx: WorkflowContext, _: None) -> dict[str, Any]:
+        calls["workflow"] += 1
+        return {"step": await ctx.step(lambda: "once", name="work"), "at": time.time()}
+
+    with anyio.fail_after(LIMIT):
+        first = await Engine(store).run(flow)
+        history = await store.read_history(first.run_id)
+        second = await resume_in_new_engine(store, first.run_id)
+
+    assert first.status == second.status == RunStatus.COMPLETED
+    assert second.output == first.output
+    assert second.completed_at == first.completed_at
+    assert await store.read_history(first.run_id) == history
+    assert calls["workflow"] == 1
+
+
+async def test_a_run_failed_by_a_workflow_bug_completes_when_resumed_with_fixed_code(
+    store: WorkflowStore, define: Define, calls: Counter[str], code_version: dict[str, bool]
+) -> None:
+    def fetch() -> str:
+        calls["fetch"] += 1
+        return "data"
+
+    @define()
+    async def flow(ctx: WorkflowContext, _: None) -> str:
+        data = await ctx.step(fetch)
+        if not CODE_VERSION["new"]:
+            raise RuntimeError("bug in the workflow code")
+        return f"processed {data}"
+
+    with anyio.fail_after(LIMIT):
+        failed = await Engine(store).run(flow)
+        assert failed.status == RunStatus.FAILED
+        assert failed.error["message"] == "bug in the workflow code"
+        code_version["new"] = True  # the fix is deployed
+        record = await resume_in_new_engine(store, failed.run_id)
+
+    assert record.status == RunStatus.COMPLETED, record.error
+    assert record.output == "processed data"
+    assert record.error is None
+    assert calls["fetch"] == 1
+
+
+# --- durable timers ----------------------------------------------------------------------------
+
+
+async def test_sleep_waits_and_records_its_timer(store: WorkflowStore, define: Define) -> None:
+    slept: list[float] = []
+
+    @define()
+    async def flow(ctx: WorkflowContext, _: None) -> str:
+        started = time.monotonic()
+        await ctx.sleep(0.2)
+        slept.append(time.monotonic() - started)
+        return "awake"
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow)
+
+    assert record.status == RunStatus.COMPLETED, record.error
+    assert record.output == "awake"
+    assert 0.2 <= slept[0] < 0.4  # never early, even by the store clock's rounding
+    history = await store.read_history(record.run_id)
+    assert [str(e.kind) for e in history] == [
+        "run_started",
+        "timer_created",
+        "timer_fired",
+        "run_completed",
+    ]
+    created, fired = history[1], history[2]
+    assert created.payload["seconds"] == 0.2
+    assert fired.timestamp - created.timestamp >= 200
+
+
+async def test_a_restart_mid_sleep_wakes_at_the_original_deadline(
+    store: WorkflowStore, define: Define, calls: Counter[str]
+) -> None:
+    def prepare() -> str:
+        calls["prepare"] += 1
+        return "ready"
+
+    @define()
+    async def flow(ctx: WorkflowContext, _: None) -> str:
+        state = await ctx.step(prepare)
+        await ctx.sleep(0.5)
+        return str(state)
+
+    with anyio.fail_after(LIMIT):
+        started = time.monotonic()
+        run_id = await start_then_stop(store, flow, until=has(EventKind.TIMER_CREATED))
+        await anyio.sleep(0.15)  # "down" for a while, mid-sleep
+        record = await resume_in_new_engine(store, run_id)
+        elapsed = time.monotonic() - started
+
+    assert record.status == RunStatus.COMPLETED, record.error
+    assert record.output == "ready"
+    assert 0.5 <= elapsed < 0.8, "the timer must not restart from the resume"
+    assert calls["prepare"] == 1
+    kinds = await kinds_of(store, run_id)
+    assert kinds.count("timer_created") == 1
+    assert kinds.count("timer_fired") == 1
+
+
+# --- events ------------------------------------------------------------------------------------
+
+
+async def test_an_event_raised_before_the_wait_is_kept_and_delivered(
+    store: WorkflowStore, define: Define
+) -> None:
+    @define()
+    async def flow(ctx: WorkflowContext, _: None) -> Any:
+        await ctx.sleep(0.1)  # the event arrives while the workflow is still asleep
+        return await ctx.wait_for_event("approval")
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as engine:
+            run_id = await engine.start(flow)
+            await engine.raise_event(run_id, "approval", {"by": "ana", "ok": True})
+            record = await engine.wait(run_id, timeout=LIMIT)
+
+    assert record.status == RunStatus.COMPLETED, record.error
+    assert record.output == {"by": "ana", "ok": True}
+    kinds = await kinds_of(store, run_id)
+    assert kinds.index("event_raised") < kinds.index("timer_fired") < kinds.index("event_received")
+
+
+async def test_an_event_raised_after_the_wait_started_is_delivered(
+    store: WorkflowStore, define: Define
+) -> None:
+    @define()
+    async def flow(ctx: WorkflowContext, _: None) -> Any:
+        await ctx.step(lambda: "before", name="before")
+        return await ctx.wait_for_event("approval")
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as engine:
+            run_id = await engine.start(flow)
+            await history_until(store, run_id, has(EventKind.STEP_COMPLETED))
+            await anyio.sleep(0.1)  # the workflow now sits in the wait
+            await engine.raise_event(run_id, "approval", [1, 2, 3])
+            record = await engine.wait(run_id, timeout=LIMIT)
+
+    assert record.status == RunStatus.COMPLETED, record.error
+    assert record.output == [1, 2, 3]
+
+
+async def test_events_of_one_name_go_to_successive_waits_in_order(
+    store: WorkflowStore, define: Define
+) -> None:
+    @define()
+    async def flow(ctx: WorkflowContext, _: None) -> list[Any]:
+        await ctx.sleep(0.1)
+        first = await ctx.wait_for_event("msg")
+        other = await ctx.wait_for_event("other")
+        second = await ctx.wait_for_event("msg")
+        return [first, other, second]
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as engine:
+            run_id = await engine.start(flow)
+            await engine.raise_event(run_id, "msg", "one")
+            await engine.raise_event(run_id, "other", "x")
+            await engine.raise_event(run_id, "msg", "two")
+            record = await engine.wait(run_id, timeout=LIMIT)
+
+    assert record.status == RunStatus.COMPLETED, record.error
+    assert record.output == ["one", "x", "two"]
+
+
+async def test_an_event_timeout_raises_inside_the_workflow_and_again_on_replay(
+    store: WorkflowStore, define: Define, calls: Counter[str]
+) -> None:
+    @define()
+    async def flow(ctx: WorkflowContext, _: None) -> list[Any]:
+        try:
+            answer = await ctx.wait_for_event("reply", timeout=0.3)
+        except EventTimeoutError as exc:
+            calls["timed out"] += 1
+            answer = f"timeout {exc.name}"
+        await ctx.step(lambda: None, name="after")
+        go = await ctx.wait_for_event("go")
+        return [answer, go]
+
+    with anyio.fail_after(LIMIT):
+        run_id = await start_then_stop(store, flow, until=has(EventKind.STEP_COMPLETED))
+        resumed = time.monotonic()
+        async with Engine(store) as engine:
+            await engine.resume(run_id)
+            # Raised now, the reply is too late: the recorded timeout stands on replay.
+            await engine.raise_event(run_id, "reply", "late")
+            await engine.raise_event(run_id, "go", "now")
+            record = await engine.wait(run_id, timeout=LIMIT)
+        replay_took = time.monotonic() - resumed
+
+    assert record.status == RunStatus.COMPLETED, record.error
+    assert record.output == ["timeout reply", "now"]
+    assert calls["timed out"] == 2  # raised in the first run and again in the replay
+    assert replay_took < 0.3, "the replay must not wait for the timeout again"
+    kinds = await kinds_of(store, run_id)
+    assert kinds.count("timer_created") == kinds.count("timer_fired") == 1
+    assert kinds.count("event_received") == 1  # only 'go'; 'reply' stays undelivered
+
+
+async def test_an_uncaught_event_timeout_fails_the_run(
+    store: WorkflowStore, define: Define
+) -> None:
+    waited: list[float] = []
+
+    @define()
+    async def flow(ctx: WorkflowContext, _: None) -> Any:
+        started = time.monotonic()
+        try:
+            return await ctx.wait_for_event("never", timeout=0.05)
+        finally:
+            waited.append(time.monotonic() - started)
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow)
+
+    assert waited[0] >= 0.05
+    assert record.status == RunStatus.FAILED
+    assert record.error["type"] == "EventTimeoutError"
+    assert "never" in record.error["message"]
+
+
+async def test_raise_event_on_an_unknown_or_finished_run_is_refused(
+    store: WorkflowStore, define: Define
+) -> None:
+    @define()
+    async def flow(ctx: WorkflowContext, _: None) -> str:
+        return "done"
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as engine:
+            with pytest.raises(RunNotFoundError):
+                await engine.raise_event("no-such-run", "go", 1)
+            run_id = await engine.start(flow)
+            record = await engine.wait(run_id, timeout=LIMIT)
+            assert record.status == RunStatus.COMPLETED
+            before = await store.read_history(run_id)
+            with pytest.raises(ConflictError):
+                await engine.raise_event(run_id, "go", 1)
+
+    assert await store.read_history(run_id) == before  # nothing was recorded
+
+
+# --- child runs --------------------------------------------------------------------------------
+
+
+async def test_a_child_run_returns_its_output_and_records_its_parent(
+    store: WorkflowStore, define: Define
+) -> None:
+    @define()
+    async def child(ctx: WorkflowContext, text: str) -> str:
+        return str(await ctx.step(str.upper, text, name="upper"))
+
+    @define()
+    async def parent(ctx: WorkflowContext, text: str) -> list[Any]:
+        await ctx.step(lambda: 1, name="first")
+        return [await ctx.child(child, text), await ctx.child(child, "b")]
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(parent, "a")
+
+    assert record.status == RunStatus.COMPLETED, record.error
+    assert record.output == ["A", "B"]
+    run_id = record.run_id
+    for seq, output in ((2, "A"), (3, "B")):
+        sub = await store.get_run(f"{run_id}.1.{seq}")
+        assert sub is not None
+        assert sub.parent_run_id == run_id
+        assert sub.workflow == child.name
+        assert sub.status == RunStatus.COMPLETED
+        assert sub.output == output
+    started = of_kind(await store.read_history(run_id), EventKind.CHILD_STARTED)
+    assert [e.payload["child_run_id"] for e in started] == [f"{run_id}.1.2", f"{run_id}.1.3"]
+    parent_record = await store.get_run(run_id)
+    assert parent_record is not None
+    assert parent_record.parent_run_id is None
+
+
+async def test_a_child_failure_raises_child_run_failed_error_in_the_parent(
+    store: WorkflowStore, define: Define
+) -> None:
+    def broken() -> None:
+        raise RuntimeError("child broke")
+
+    @define()
+    async def child(ctx: WorkflowContext, _: None) -> None:
+        await ctx.step(broken)
+
+    @define()
+    async def catching(ctx: WorkflowContext, _: None) -> dict[str, Any]:
+        try:
+            await ctx.child(child)
+        except ChildRunFailedError as exc:
+            return {"child": exc.run_id, "type": exc.error["type"]}
+        return {}
+
+    @define()
+    async def not_catching(ctx: WorkflowContext, _: None) -> None:
+        await ctx.child(child)
+
+    with anyio.fail_after(LIMIT):
+        engine = Engine(store)
+        caught = await engine.run(catching)
+        uncaught = await engine.run(not_catching)
+
+    assert caught.status == RunStatus.COMPLETED, caught.error
+    assert caught.output == {"child": f"{caught.run_id}.1.1", "type": "StepFailedError"}
+    sub = await store.get_run(f"{caught.run_id}.1.1")
+    assert sub is not None
+    assert sub.status == RunStatus.FAILED
+    assert uncaught.status == RunStatus.FAILED
+    assert uncaught.error["type"] == "ChildRunFailedError"
+    assert f"{uncaught.run_id}.1.1" in uncaught.error["message"]
+
+
+async def test_a_completed_child_is_not_run_again_when_the_parent_replays(
+    store: WorkflowStore, define: Define, calls: Counter[str]
+) -> None:
+    def work(x: int) -> int:
+        calls["child step"] += 1
+        return x + 1
+
+    @define()
+    async def child(ctx: WorkflowContext, x: int) -> int:
+        calls["child"] += 1
+        return int(await ctx.step(work, x))
+
+    @define()
+    async def parent(ctx: WorkflowContext, x: int) -> list[Any]:
+        calls["parent"] += 1
+        result = await ctx.child(child, x)
+        return [result, await ctx.wait_for_event("go")]
+
+    with anyio.fail_after(LIMIT):
+        run_id = await start_then_stop(store, parent, 1, until=has(EventKind.CHILD_COMPLETED))
+        record = await resume_in_new_engine(store, run_id, ("go", "!"))
+
+    assert record.status == RunStatus.COMPLETED, record.error
+    assert record.output == [2, "!"]
+    assert calls == {"parent": 2, "child": 1, "child step": 1}
+    kinds = await kinds_of(store, run_id)
+    assert kinds.count("child_started") == kinds.count("child_completed") == 1
+
+
+# --- continue-as-new ---------------------------------------------------------------------------
+
+
+async def test_continue_as_new_starts_executions_with_their_own_history(
+    store: WorkflowStore, define: Define, calls: Counter[str]
+) -> None:
+    def visit(n: int) -> int:
+        calls[f"visit {n}"] += 1
+        return n
+
+    @define()
+    async def flow(ctx: WorkflowContext, n: int) -> dict[str, int]:
+        await ctx.step(visit, n)
+        if n < 2:
+            ctx.continue_as_new(n + 1)
+        return {"final": n, "execution": ctx.execution_id}
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow, 0)
+
+    assert record.status == RunStatus.COMPLETED, record.error
+    assert record.output == {"final": 2, "execution": 3}
+    assert record.current_execution_id == 3
+    assert record.input == 2
+    assert calls == {"visit 0": 1, "visit 1": 1, "visit 2": 1}
+    executions = await store.list_executions(record.run_id)
+    assert [x.execution_id for x in executions] == [1, 2, 3]
+    assert [x.status for x in executions] == [
+        RunStatus.CONTINUED_AS_NEW,
+        RunStatus.CONTINUED_AS_NEW,
+        RunStatus.COMPLETED,
+    ]
+    assert [x.input for x in executions] == [0, 1, 2]
+    assert all(x.completed_at is not None for x in executions)
+    for xid in (1, 2, 3):
+        history = await store.read_history(record.run_id, xid)
+        assert history[0].kind == EventKind.RUN_STARTED
+        assert history[0].payload == xid - 1
+        assert [e.event_id for e in history] == list(range(1, len(history) + 1))
+        step = of_kind(history, EventKind.STEP_COMPLETED)
+        assert [e.payload["output"] for e in step] == [xid - 1]
+        expected_end = EventKind.CONTINUED_AS_NEW if xid < 3 else EventKind.RUN_COMPLETED
+        assert history[-1].kind == expected_end
+
+
+@pytest.mark.parametrize("prune", [None, PruneOptions(keep_last=1)], ids=["kept", "pruned"])
+async def test_events_no_wait_took_are_delivered_after_continue_as_new(
+    store: WorkflowStore, define: Define, prune: PruneOptions | None
+) -> None:
+    @define()
+    async def flow(ctx: WorkflowContext, seen: list[Any]) -> list[Any]:
+        await ctx.sleep(0.05 if not seen else 0)
+        seen = [*seen, await ctx.wait_for_event("tick")]
+        if len(seen) < 3:
+            ctx.continue_as_new(seen, prune=prune)
+        return seen
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as engine:
+            run_id = await engine.start(flow, [])
+            for payload in ("first", "second", "third"):
+                await engine.raise_event(run_id, "tick", payload)
+            record = await engine.wait(run_id, timeout=LIMIT)
+
+    assert record.status == RunStatus.COMPLETED, record.error
+    assert record.output == ["first", "second", "third"]
+    assert record.current_execution_id == 3
+
+
+# --- pruning -----------------------------------------------------------------------------------
+
+
+async def test_prune_history_records_its_counts_and_is_not_redone_on_replay(
+    store: WorkflowStore,
+    define: Define,
+    calls: Counter[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_prune = store.prune_executions
+
+    async def counting_prune(run_id: str, options: PruneOptions) -> PruneResult:
+        calls["store prune"] += 1
+        return await real_prune(run_id, options)
+
+    monkeypatch.setattr(store, "prune_executions", counting_prune)
+    seen: list[dict[str, int]] = []
+
+    @define()
+    async def flow(ctx: WorkflowContext, n: int) -> dict[str, int]:
+        if n < 3:
+            ctx.continue_as_new(n + 1)
+        result = await ctx.prune_history(PruneOptions(keep_last=2))
+        seen.append(result.model_dump())
+        await ctx.wait_for_event("go")
+        return result.model_dump()
+
+    with anyio.fail_after(LIMIT):
+        run_id = await start_then_stop(store, flow, 0, until=has(EventKind.HISTORY_PRUNED))
+        record = await resume_in_new_engine(store, run_id, ("go", None))
+
+    assert record.status == RunStatus.COMPLETED, record.error
+    # Executions 1 and 2 went, each with its run_started and continued_as_new events.
+    counts = {"instances_processed": 1, "executions_deleted": 2, "events_deleted": 4}
+    assert record.output == counts
+    assert seen == [counts, counts]  # the replay returned the recorded counts...
+    assert calls["store prune"] == 1  # ...without pruning again
+    assert await execution_ids(store, run_id) == [3, 4]
+    pruned = of_kind(await store.read_history(run_id), EventKind.HISTORY_PRUNED)
+    assert len(pruned) == 1
+    assert pruned[0].payload["result"] == counts
+
+
+async def test_continue_as_new_with_prune_keeps_only_the_newest_executions(
+    store: WorkflowStore, define: Define
+) -> None:
+    async def remember(run_id: str) -> None:
+        await store.merge_context(run_id, {"kept": True})
+
+    @define()
+    async def flow(ctx: WorkflowContext, n: int) -> int:
+        if n == 0:
+            await ctx.step(remember, ctx.run_id)
+        await ctx.step(lambda: n, name=f"visit-{n}")
+        if n < 4:
+            ctx.continue_as_new(n + 1, prune=PruneOptions(keep_last=2))
+        return n
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow, 0)
+
+    assert record.status == RunStatus.COMPLETED, record.error
+    assert record.output == 4
+    assert await execution_ids(store, record.run_id) == [4, 5]
+    history = await store.read_history(record.run_id)
+    assert [str(e.kind) for e in history[:2]] == ["run_started", "history_pruned"]
+    # Execution 3 (run_started, history_pruned, step_completed, continued_as_new) went.
+    assert history[1].payload["executions_deleted"] == 1
+    assert history[1].payload["events_deleted"] == 4
+    # The context bag stays; the step rows of the pruned executions go.
+    assert record.context == {"kept": True}
+    steps = await store.list_steps(record.run_id)
+    assert sorted(step.name for step in steps) == ["visit-3", "visit-4"]
+    assert {step.execution_id for step in steps} == {4, 5}
+
+
+async def test_auto_prune_applies_on_every_continue_as_new(
+    store: WorkflowStore, define: Define
+) -> None:
+    @define(auto_prune=PruneOptions(keep_last=2))
+    async def flow(ctx: WorkflowContext, n: int) -> int:
+        if n < 4:
+            ctx.continue_as_new(n + 1)
+        return n
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow, 0)
+
+    assert record.status == RunStatus.COMPLETED, record.error
+    assert await execution_ids(store, record.run_id) == [4, 5]
+    for xid in (4, 5):
+        history = await store.read_history(record.run_id, xid)
+        assert history[1].kind == EventKind.HISTORY_PRUNED
+        assert history[1].payload["executions_deleted"] == 1
+
+
+async def test_engine_default_prune_applies_unless_the_workflow_has_its_own(
+    store: WorkflowStore, define: Define
+) -> None:
+    async def body(ctx: WorkflowContext, n: int) -> int:
+        if n < 4:
+            ctx.continue_as_new(n + 1)
+        return n
+
+    async def explicit_body(ctx: WorkflowContext, n: int) -> int:
+        if n < 4:
+            ctx.continue_as_new(n + 1, prune=PruneOptions(keep_last=4))
+        return n
+
+    plain = define()(body)
+    own = define(auto_prune=PruneOptions(keep_last=3))(body)
+    explicit = define(auto_prune=PruneOptions(keep_last=3))(explicit_body)
+
+    with anyio.fail_after(LIMIT):
+        engine = Engine(store, default_prune=PruneOptions(keep_last=2))
+        by_default = await engine.run(plain, 0)
+        by_workflow = await engine.run(own, 0)
+        by_call = await engine.run(explicit, 0)
+        unpruned = await Engine(store).run(plain, 0)
+
+    for record in (by_default, by_workflow, by_call, unpruned):
+        assert record.status == RunStatus.COMPLETED, record.error
+        assert record.output == 4
+    assert await execution_ids(store, by_default.run_id) == [4, 5]
+    assert await execution_ids(store, by_workflow.run_id) == [3, 4, 5]
+    assert await execution_ids(store, by_call.run_id) == [2, 3, 4, 5]
+    assert await execution_ids(store, unpruned.run_id) == [1, 2, 3, 4, 5]
+    assert EventKind.HISTORY_PRUNED not in await kinds_of(store, unpruned.run_id)
+
+
+@pytest.mark.parametrize("keep_last", [None, 0, 1])
+async def test_keep_last_none_zero_and_one_keep_only_the_current_execution(
+    store: WorkflowStore, define: Define, keep_last: int | None
+) -> None:
+    options = PruneOptions(keep_last=keep_last)
+
+    @define()
+    async def by_call(ctx: WorkflowContext, n: int) -> dict[str, Any]:
+        if n < 3:
+            ctx.continue_as_new(n + 1)
+        result = await ctx.prune_history(options)
+        return {"n": n, "deleted": result.executions_deleted}
+
+    @define()
+    async def on_continue(ctx: WorkflowContext, n: int) -> int:
+        if n < 3:
+            ctx.continue_as_new(n + 1, prune=options)
+        return n
+
+    with anyio.fail_after(LIMIT):
+        engine = Engine(store)
+        pruned_now = await engine.run(by_call, 0)
+        pruned_on_continue = await engine.run(on_continue, 0)
+
+    assert pruned_now.status == RunStatus.COMPLETED, pruned_now.error
+    assert pruned_now.output == {"n": 3, "deleted": 3}
+    assert pruned_on_continue.status == RunStatus.COMPLETED, pruned_on_continue.error
+    assert pruned_on_continue.output == 3
+    for record in (pruned_now, pruned_on_continue):
+        # The current execution is never pruned: it is there, whole, and it finished.
+        assert await execution_ids(store, record.run_id) == [4]
+        kinds = await kinds_of(store, record.run_id)
+        assert kinds[0] == "run_started"
+        assert kinds[-1] == "run_completed"
+        assert "history_pruned" in kinds
+
+
+async def test_completed_before_prunes_only_executions_finished_before_it(
+    store: WorkflowStore, define: Define
+) -> None:
+    @define()
+    async def flow(ctx: WorkflowContext, state: dict[str, Any]) -> dict[str, int]:
+        if state["n"] == 1:
+            # ctx.now() here is when execution 1 ended; execution 2 ends 50 ms later.
+            cutoff = ctx.now() + 1
+            await ctx.sleep(0.05)
+            ctx.continue_as_new({"n": 2, "cutoff": cutoff})
+        if state["n"] == 0:
+            ctx.continue_as_new({"n": 1})
+        result = await ctx.prune_history(PruneOptions(completed_before=state["cutoff"]))
+        return result.model_dump()
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow, {"n": 0})
+
+    assert record.status == RunStatus.COMPLETED, record.error
+    assert record.output["executions_deleted"] == 1
+    assert await execution_ids(store, record.run_id) == [2, 3]
+
+
+async def test_a_failed_prune_is_recorded_and_logged_but_the_run_completes(
+    store: WorkflowStore,
+    define: Define,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def broken_prune(run_id: str, options: PruneOptions) -> PruneResult:
+        raise StepflowError("prune backend unavailable")
+
+    monkeypatch.setattr(store, "prune_executions", broken_prune)
+
+    @define()
+    async def flow(ctx: WorkflowContext, n: int) -> dict[str, int]:
+        if n < 1:
+            ctx.continue_as_new(n + 1)
+        result = await ctx.prune_history(PruneOptions(keep_last=1))
+        return result.model_dump()
+
+    with anyio.fail_after(LIMIT), caplog.at_level(logging.WARNING, logger="stepflow.durable"):
+        record = await Engine(store).run(flow, 0)
+
+    assert record.status == RunStatus.COMPLETED, record.error
+    assert record.output["executions_deleted"] == 0
+    assert await execution_ids(store, record.run_id) == [1, 2]  # nothing was deleted
+    pruned = of_kind(await store.read_history(record.run_id), EventKind.HISTORY_PRUNED)
+    assert len(pruned) == 1
+    assert pruned[0].payload["error"]["type"] == "StepflowError"
+    assert pruned[0].payload["error"]["message"] == "prune backend unavailable"
+    assert "result" not in pruned[0].payload
+    assert any(
+        "prune backend unavailable" in r.getMessage() and record.run_id in r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING
+    )
+
+
+# --- determinism -------------------------------------------------------------------------------
+
+
+async def test_now_uuid_and_random_are_the_same_on_replay(
+    store: WorkflowStore, define: Define
+) -> None:
+    seen: list[dict[str, Any]] = []
+
+    @define()
+    async def flow(ctx: WorkflowContext, _: None) -> dict[str, Any]:
+        values: dict[str, Any] = {"start": ctx.now(), "uuid": ctx.uuid()}
+        await ctx.step(lambda: None, name="work")
+        values["after step"] = ctx.now()
+        values["random"] = ctx.random().random()
+        values["uuid2"] = ctx.uuid()
+        seen.append(dict(values))
+        await ctx.wait_for_event("go")
+        values["after event"] = ctx.now()
+        return values
+
+    with anyio.fail_after(LIMIT):
+        run_id = await start_then_stop(store, flow, until=lambda _: len(seen) == 1)
+        await anyio.sleep(0.05)  # the wall clock moves on meanwhile
+        record = await resume_in_new_engine(store, run_id, ("go", None))
+
+    assert record.status == RunStatus.COMPLETED, record.error
+    assert len(seen) == 2
+    assert seen[0] == seen[1]
+    output = record.output
+    assert {key: output[key] for key in seen[0]} == seen[0]
+    assert output["start"] <= output["after step"] <= output["after event"]
+    assert output["uuid"] != output["uuid2"]
+    assert len(output["uuid"]) == 32
+    history = await store.read_history(run_id)
+    assert output["start"] == history[0].timestamp  # the clock comes from the history
+
+    # Another run gets other values.
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as engine:
+            other = await engine.start(flow)
+            await engine.raise_event(other, "go", None)
+            other_record = await engine.wait(other, timeout=LIMIT)
+    assert other_record.output["uuid"] != output["uuid"]
+    assert other_record.output["random"] != output["random"]
+
+
+async def test_now_after_a_caught_step_failure_is_the_same_on_replay(
+    store: WorkflowStore, define: Define
+) -> None:
+    seen: list[int] = []
+
+    def fail() -> None:
+        raise RuntimeError("no")
+
+    @define()
+    async def flow(ctx: WorkflowContext, _: None) -> int:
+        with contextlib.suppress(StepFailedError):
+            await ctx.step(fail)
+        seen.append(ctx.now())
+        await ctx.wait_for_event("go")
+        return ctx.now()
+
+    with anyio.fail_after(LIMIT):
+        run_id = await start_then_stop(store, flow, until=lambda _: len(seen) == 1)
+        record = await resume_in_new_engine(store, run_id, ("go", None))
+
+    assert record.status == RunStatus.COMPLETED, record.error
+    assert len(seen) == 2
+    assert seen[0] == seen[1]
+    failed = of_kind(await store.read_history(run_id), EventKind.STEP_FAILED)
+    assert seen[0] == failed[0].timestamp
+
+
+# --- nondeterminism ----------------------------------------------------------------------------
+
+
+async def test_a_changed_code_path_fails_the_run_with_non_determinism_error(
+    store: WorkflowStore, define: Define, calls: Counter[str], code_version: dict[str, bool]
+) -> None:
+    def reserve_seat() -> str:
+        calls["reserve_seat"] += 1
+        return "seat"
+
+    def charge_card() -> str:
+        calls["charge_card"] += 1
+        return "charged"
+
+    @define()
+    async def flow(ctx: WorkflowContext, _: None) -> Any:
+        if CODE_VERSION["new"]:
+            await ctx.step(charge_card)
+        else:
+            await ctx.step(reserve_seat)
+        return await ctx.wait_for_event("go")
+
+    with anyio.fail_after(LIMIT):
+        run_id = await start_then_stop(store, flow, until=has(EventKind.STEP_COMPLETED))
+        code_version["new"] = True
+        record = await resume_in_new_engine(store, run_id, ("go", None))
+
+    assert record.status == RunStatus.FAILED
+    assert record.error["type"] == "NonDeterminismError"
+    assert "reserve_seat" in record.error["message"]
+    assert "charge_card" in record.error["message"]
+    assert calls == {"reserve_seat": 1}  # the new code's step never ran
+
+
+async def test_non_determinism_caught_by_the_workflow_still_fails_the_run(
+    store: WorkflowStore, define: Define, calls: Counter[str], code_version: dict[str, bool]
+) -> None:
+    def step_a() -> str:
+        return "a"
+
+    def step_b() -> str:
+        calls["step_b"] += 1
+        return "b"
+
+    def side_effect() -> None:
+        calls["side_effect"] += 1
+
+    @define()
+    async def flow(ctx: WorkflowContext, _: None) -> str:
+        with contextlib.suppress(Exception):  # too broad, as real code often is
+            await ctx.step(step_b if CODE_VERSION["new"] else step_a)
+        with contextlib.suppress(Exception):
+            await ctx.step(side_effect)
+        return str(await ctx.wait_for_event("go"))
+
+    with anyio.fail_after(LIMIT):
+        run_id = await start_then_stop(store, flow, until=has(EventKind.STEP_COMPLETED, 2))
+        assert calls == {"side_effect": 1}
+        code_version["new"] = True
+        record = await resume_in_new_engine(store, run_id, ("go", None))
+
+    assert record.status == RunStatus.FAILED
+    assert record.error["type"] == "NonDeterminismError"
+    assert "step_a" in record.error["message"]
+    assert "step_b" in record.error["message"]
+    assert calls == {"side_effect": 1}
+
+
+async def test_a_workflow_that_ends_before_its_recorded_commands_fails(
+    store: WorkflowStore, define: Define, code_version: dict[str, bool]
+) -> None:
+    @define()
+    async def flow(ctx: WorkflowContext, _: None) -> str:
+        if CODE_VERSION["new"]:
+            return "skipped the work"
+        await ctx.step(lambda: 1, name="work")
+        return str(await ctx.wait_for_event("go"))
+
+    with anyio.fail_after(LIMIT):
+        run_id = await start_then_stop(store, flow, until=has(EventKind.STEP_COMPLETED))
+        code_version["new"] = True
+        record = await resume_in_new_engine(store, run_id, ("go", None))
+
+    assert record.status == RunStatus.FAILED
+    assert record.output is None
+    assert record.error["type"] == "NonDeterminismError"
+    assert "'work'" in record.error["message"]
