@@ -708,6 +708,30 @@ async def test_a_completed_child_is_not_run_again_when_the_parent_replays(
     assert kinds.count("child_started") == kinds.count("child_completed") == 1
 
 
+async def test_cancelling_a_parent_cancels_the_child_it_awaits(
+    store: WorkflowStore, define: Define
+) -> None:
+    @define()
+    async def child(ctx: WorkflowContext, _: None) -> Any:
+        return await ctx.wait_for_event("never")
+
+    @define()
+    async def parent(ctx: WorkflowContext, _: None) -> Any:
+        return await ctx.child(child)
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as engine:
+            run_id = await engine.start(parent, None)
+            await history_until(store, run_id, has(EventKind.CHILD_STARTED))
+            await engine.cancel(run_id)
+            child_record = await engine.wait(f"{run_id}.1.1", timeout=LIMIT)
+
+    assert child_record.status == RunStatus.CANCELLED
+    parent_record = await store.get_run(run_id)
+    assert parent_record is not None
+    assert parent_record.status == RunStatus.CANCELLED
+
+
 # --- continue-as-new ---------------------------------------------------------------------------
 
 

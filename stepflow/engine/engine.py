@@ -137,8 +137,11 @@ class Engine:
     async def resume(self, run_id: str) -> str:
         """Continue a stored run in the background from its last completed step.
 
-        A failed or cancelled run runs again: completed steps keep their
-        results, the steps that failed or never ran are attempted anew.
+        A failed or cancelled DAG run runs again: completed steps keep their
+        results, the steps that failed or never ran are attempted anew. A
+        durable run replays its history, so a step failure it recorded is
+        raised again at the same point (fix the workflow to handle it, and
+        the resumed run takes the new path). A completed run is left as is.
         """
         tg = self._require_started("resume")
         record = await self._existing(run_id)
@@ -193,8 +196,14 @@ class Engine:
         await self.store.create_run(record)
         return run_id
 
-    async def _drive(self, run_id: str, rerun_finished: bool = False) -> RunRecord:
-        """Execute a stored run in this task, tracked so `wait` and `cancel` can find it."""
+    async def _drive(
+        self, run_id: str, rerun_finished: bool = False, parent: _ActiveRun | None = None
+    ) -> RunRecord:
+        """Execute a stored run in this task, tracked so `wait` and `cancel` can find it.
+
+        A child run driven inside its parent's task stops for the parent's
+        reason too: cancelling the parent cancels the child it is awaiting.
+        """
         active = self._active.setdefault(run_id, _ActiveRun())
         try:
             with active.scope:
@@ -206,9 +215,9 @@ class Engine:
                     lease_ms=self.lease_ms,
                     limiter=self._limiter,
                     default_prune=self.default_prune,
-                    drive=self._drive,
+                    drive=lambda child_id: self._drive(child_id, parent=active),
                     wait_for_news=self._wait_for_news,
-                    stop_reason=lambda: active.stop,
+                    stop_reason=lambda: active.stop or (parent.stop if parent else None),
                 )
                 runner = make_runner(self.store, self.workflow(record.workflow), record, services)
                 return await runner.execute()
