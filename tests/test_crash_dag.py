@@ -23,6 +23,8 @@ never taken over, so its lease is long.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import signal
 import subprocess
@@ -110,7 +112,10 @@ async def _start_and_kill(
                         await anyio.sleep(0.002)
                     await anyio.sleep(outcome.kill_delay)
             finally:
-                process.kill()  # SIGKILL on POSIX
+                # os.kill, not process.kill(): the latter may reap a child that just
+                # exited on its own and then report 255 instead of its real status.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGKILL)
                 await process.wait()
     # Exiting 0 first is possible (the run finished just before the kill); anything
     # else is the child failing on its own.
