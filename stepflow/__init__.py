@@ -6,6 +6,7 @@ completed step. State lives in a `WorkflowStore`: `MemoryStore` for tests
 and the quick start, `RedisStore` for production.
 """
 
+from stepflow.admin import Admin
 from stepflow.dag import StepSpec, Workflow
 from stepflow.durable import DurableWorkflow, WorkflowContext, workflow
 from stepflow.engine import Engine, StepContext
@@ -14,20 +15,25 @@ from stepflow.errors import (
     ConflictError,
     CycleError,
     DefinitionError,
+    DeleteRefusedError,
     DuplicateStepError,
     EventTimeoutError,
     ExecutionNotFoundError,
     InputValidationError,
     InvalidPayloadError,
     InvalidRunIdError,
+    InvalidStatusError,
     LeaseError,
     LeaseHeldError,
     NonDeterminismError,
     NotFoundError,
+    OrphanRunError,
     PayloadTooLargeError,
     RunCancelledError,
+    RunDeletingError,
     RunFailedError,
     RunNotFoundError,
+    RunStillRunningError,
     ScriptError,
     StaleLeaseError,
     StepAlreadyCompletedError,
@@ -36,6 +42,7 @@ from stepflow.errors import (
     StepNotFoundError,
     StepTimeoutError,
     StoreError,
+    SubRunDeleteError,
     UnknownDependencyError,
     WaitTimeoutError,
     WorkflowNotFoundError,
@@ -60,15 +67,18 @@ from stepflow.models import (
     SystemMetrics,
 )
 from stepflow.retry import RetryPolicy
-from stepflow.store import MemoryStore, RedisStore, WorkflowStore
+from stepflow.store import AdminStore, MemoryStore, RedisStore, WorkflowStore
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Admin",
+    "AdminStore",
     "ChildRunFailedError",
     "ConflictError",
     "CycleError",
     "DefinitionError",
+    "DeleteRefusedError",
     "DeleteResult",
     "DuplicateStepError",
     "DurableWorkflow",
@@ -84,6 +94,7 @@ __all__ = [
     "InstanceTree",
     "InvalidPayloadError",
     "InvalidRunIdError",
+    "InvalidStatusError",
     "Lease",
     "LeaseError",
     "LeaseHeldError",
@@ -91,6 +102,7 @@ __all__ = [
     "NewEvent",
     "NonDeterminismError",
     "NotFoundError",
+    "OrphanRunError",
     "PayloadTooLargeError",
     "PruneOptions",
     "PruneResult",
@@ -98,10 +110,12 @@ __all__ = [
     "RedisStore",
     "RetryPolicy",
     "RunCancelledError",
+    "RunDeletingError",
     "RunFailedError",
     "RunNotFoundError",
     "RunRecord",
     "RunStatus",
+    "RunStillRunningError",
     "ScriptError",
     "StaleLeaseError",
     "StepAlreadyCompletedError",
@@ -114,6 +128,7 @@ __all__ = [
     "StepTimeoutError",
     "StepflowError",
     "StoreError",
+    "SubRunDeleteError",
     "SystemMetrics",
     "UnknownDependencyError",
     "WaitTimeoutError",

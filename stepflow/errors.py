@@ -10,6 +10,7 @@ missing run keeps working::
     ├── InvalidPayloadError(ValueError)        a value that is not JSON
     │   └── PayloadTooLargeError               over the store's size limit
     ├── InputValidationError(ValueError)       run input rejected by input_model
+    ├── InvalidStatusError(ValueError)         a status name that does not exist
     ├── NotFoundError(LookupError)
     │   ├── RunNotFoundError                   .run_id
     │   ├── StepNotFoundError                  .run_id, .step_id
@@ -20,6 +21,11 @@ missing run keeps working::
     │   ├── StaleLeaseError                    a write carried an old lease
     │   └── StepAlreadyCompletedError          the step finished already
     ├── ConflictError                          state changed under the caller
+    │   └── RunDeletingError                   a delete holds the run: .run_id
+    ├── DeleteRefusedError                     a delete that would break a rule
+    │   ├── RunStillRunningError               unfinished, no force: .run_id, .status
+    │   ├── SubRunDeleteError                  a child run alone: .run_id, .root_id
+    │   └── OrphanRunError                     a child left behind: .parent_id, .child_id
     ├── DefinitionError(ValueError)            a workflow definition is invalid
     │   ├── DuplicateStepError                 .name
     │   ├── UnknownDependencyError             .step, .dependency
@@ -87,6 +93,15 @@ class InputValidationError(StepflowError, ValueError):
         self.workflow = workflow
         self.detail = detail
         super().__init__(f"input for workflow {workflow!r} is invalid: {detail}")
+
+
+class InvalidStatusError(StepflowError, ValueError):
+    """A status given as text is not one of the known statuses."""
+
+    def __init__(self, status: object, allowed: list[str]) -> None:
+        self.status = status
+        self.allowed = allowed
+        super().__init__(f"unknown status {status!r}: use one of {', '.join(allowed)} (any case)")
 
 
 class NotFoundError(StepflowError, LookupError):
@@ -171,6 +186,64 @@ class StepAlreadyCompletedError(LeaseError):
 
 class ConflictError(StepflowError):
     """The stored state changed under the caller (e.g. an execution moved on)."""
+
+
+class RunDeletingError(ConflictError):
+    """A delete holds the run (between its check and its removal); the write was refused.
+
+    A delete of several runs (a tree, a bulk delete) first fences every run
+    it will remove, so nothing of them changes while it decides. The fence
+    goes when the delete finishes or rolls back; when a deleting process died,
+    the next delete touching the run finishes or rolls back its work.
+    """
+
+    def __init__(self, run_id: str, detail: str = "") -> None:
+        self.run_id = run_id
+        super().__init__(
+            f"run {run_id!r} is being deleted{f' ({detail})' if detail else ''}; "
+            "it takes no more writes. If no delete is running any more, delete it again "
+            "to finish or roll back the interrupted one"
+        )
+
+
+class DeleteRefusedError(StepflowError):
+    """A delete was refused before anything was removed (nothing changed)."""
+
+
+class RunStillRunningError(DeleteRefusedError):
+    """The run has not finished (pending or running); pass ``force=True`` to delete it anyway."""
+
+    def __init__(self, run_id: str, status: str) -> None:
+        self.run_id = run_id
+        self.status = status
+        super().__init__(
+            f"run {run_id!r} is still running (status {status}): cancel it and wait, "
+            "or delete with force=True"
+        )
+
+
+class SubRunDeleteError(DeleteRefusedError):
+    """The run is a child (sub-run) of another run; delete its root, which takes the whole tree."""
+
+    def __init__(self, run_id: str, root_id: str) -> None:
+        self.run_id = run_id
+        self.root_id = root_id
+        super().__init__(
+            f"run {run_id!r} is a sub-run of {root_id!r}: a sub-run cannot be deleted "
+            f"alone; delete its root {root_id!r} (with all its descendants) instead"
+        )
+
+
+class OrphanRunError(DeleteRefusedError):
+    """Deleting the listed runs would leave a child run without its parent."""
+
+    def __init__(self, parent_id: str, child_id: str) -> None:
+        self.parent_id = parent_id
+        self.child_id = child_id
+        super().__init__(
+            f"run {parent_id!r} has the child run {child_id!r}, which is not in the "
+            "delete: it would be orphaned. List the whole tree (Admin.get_instance_tree)"
+        )
 
 
 class DefinitionError(StepflowError, ValueError):

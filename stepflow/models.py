@@ -15,6 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from stepflow.errors import InvalidStatusError
+
 
 def now_ms() -> int:
     """Wall-clock milliseconds since the epoch (records' time unit)."""
@@ -48,6 +50,14 @@ class RunStatus(_CaseInsensitiveEnum):
     def is_terminal(self) -> bool:
         """True once the run will not change by itself any more."""
         return self in _TERMINAL_RUN
+
+
+def parse_run_status(value: RunStatus | str) -> RunStatus:
+    """``value`` as a `RunStatus` (any case), else `InvalidStatusError`."""
+    try:
+        return RunStatus(value)
+    except ValueError:
+        raise InvalidStatusError(value, [status.value for status in RunStatus]) from None
 
 
 _TERMINAL_RUN = frozenset(
@@ -214,16 +224,26 @@ class InstanceInfo(BaseModel):
 
 
 class SystemMetrics(BaseModel):
-    """Counters kept up to date with every transition (never computed by a scan)."""
+    """Counters kept up to date with every transition (never computed by a scan).
+
+    On `MemoryStore` they are exact. On `RedisStore` each counter is updated
+    right after the run's own change, idempotently, so it is exact unless a
+    process dies between the two writes (see the README's "Admin" section).
+    """
 
     model_config = _FROZEN
 
     total_instances: int = 0
+    """Runs stored, child runs included."""
     total_executions: int = 0
+    """Executions stored, over all runs (pruned ones no longer count)."""
     running_instances: int = 0
+    """Runs not finished yet: status ``pending`` or ``running``."""
     completed_instances: int = 0
     failed_instances: int = 0
+    cancelled_instances: int = 0
     total_events: int = 0
+    """History events stored, over all executions of all runs."""
 
 
 class QueueDepths(BaseModel):
@@ -232,8 +252,11 @@ class QueueDepths(BaseModel):
     model_config = _FROZEN
 
     orchestrator: int = 0
+    """Runs waiting for a process to drive them."""
     worker: int = 0
+    """Steps waiting for a worker."""
     timer: int = 0
+    """Timers that are due."""
 
 
 class PruneOptions(BaseModel):
@@ -259,13 +282,23 @@ class PruneOptions(BaseModel):
 
 
 class InstanceFilter(BaseModel):
-    """Selects runs for bulk deletes and prunes."""
+    """Selects runs for bulk deletes and prunes; the criteria given are ANDed."""
 
     model_config = _FROZEN
 
     instance_ids: list[str] | None = None
+    """Only these runs (ids that do not exist are skipped); None = every run."""
     completed_before: int | None = None
+    """Only runs that finished before this time (ms); an unfinished run never matches."""
     limit: int | None = None
+    """At most this many runs, applied after the other criteria; None = no limit."""
+
+    @field_validator("limit")
+    @classmethod
+    def _limit_non_negative(cls, value: int | None) -> int | None:
+        if value is not None and value < 0:
+            raise ValueError("limit must be >= 0")
+        return value
 
 
 class PruneResult(BaseModel):
@@ -277,6 +310,13 @@ class PruneResult(BaseModel):
     executions_deleted: int = 0
     events_deleted: int = 0
 
+    def __add__(self, other: PruneResult) -> PruneResult:
+        return PruneResult(
+            instances_processed=self.instances_processed + other.instances_processed,
+            executions_deleted=self.executions_deleted + other.executions_deleted,
+            events_deleted=self.events_deleted + other.events_deleted,
+        )
+
 
 class DeleteResult(BaseModel):
     """What a delete removed."""
@@ -287,6 +327,15 @@ class DeleteResult(BaseModel):
     executions_deleted: int = 0
     events_deleted: int = 0
     queue_messages_deleted: int = 0
+    """Entries removed from the work queues (0 while runs are not queued in the store)."""
+
+    def __add__(self, other: DeleteResult) -> DeleteResult:
+        return DeleteResult(
+            instances_deleted=self.instances_deleted + other.instances_deleted,
+            executions_deleted=self.executions_deleted + other.executions_deleted,
+            events_deleted=self.events_deleted + other.events_deleted,
+            queue_messages_deleted=self.queue_messages_deleted + other.queue_messages_deleted,
+        )
 
 
 class InstanceTree(BaseModel):
@@ -296,6 +345,12 @@ class InstanceTree(BaseModel):
 
     instance_id: str
     children: list[InstanceTree] = Field(default_factory=list)
+    """Direct children, oldest first, each with its own subtree."""
+
+    @property
+    def root_id(self) -> str:
+        """The id this tree was read from (its root)."""
+        return self.instance_id
 
     def all_ids(self) -> list[str]:
         """The root first, then every descendant depth-first."""
@@ -303,3 +358,11 @@ class InstanceTree(BaseModel):
         for child in self.children:
             ids.extend(child.all_ids())
         return ids
+
+    def size(self) -> int:
+        """Number of runs in the tree, the root included."""
+        return 1 + sum(child.size() for child in self.children)
+
+    def is_root_only(self) -> bool:
+        """True when the run has no children."""
+        return not self.children

@@ -140,9 +140,12 @@ async def test_every_key_of_a_run_shares_one_cluster_slot(redis_store: RedisStor
     assert stored <= named
     assert len({key_slot(key.encode()) for key in stored | named}) == 1
 
-    indexes = {redis_store.keys.runs_by_time} | {
-        redis_store.keys.runs_by_status(status) for status in RunStatus
-    }
+    indexes = {
+        redis_store.keys.runs_by_time,
+        redis_store.keys.metrics,
+        redis_store.keys.metrics_reqs,
+        redis_store.keys.metrics_reqlog,
+    } | {redis_store.keys.runs_by_status(status) for status in RunStatus}
     stored_indexes = await keys_matching(redis_store, f"{redis_store.keys.prefix}:{{#idx}}:*")
     assert redis_store.keys.runs_by_time in stored_indexes
     assert stored_indexes <= indexes

@@ -13,20 +13,23 @@ protocol, `AdminStore`, on the same classes, so the hot path stays small.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from stepflow.errors import InvalidRunIdError
 from stepflow.models import (
+    DeleteResult,
     Event,
     ExecutionInfo,
     Lease,
     NewEvent,
     PruneOptions,
     PruneResult,
+    QueueDepths,
     RunRecord,
     RunStatus,
     StepState,
+    SystemMetrics,
 )
 
 MAX_RUN_ID_LENGTH = 200
@@ -121,15 +124,26 @@ class WorkflowStore(Protocol):
         """Set each key of ``patch`` in the bag, leaving other keys as they are."""
 
     async def delete_run(self, run_id: str) -> bool:
-        """Remove the run and everything of it; False when it did not exist."""
+        """Remove the run and everything of it; False when it did not exist.
 
-    async def list_runs(self, *, limit: int = 100, offset: int = 0) -> list[RunRecord]:
-        """Runs newest first (by ``created_at``)."""
+        This removes one run as it is, children or not; `AdminStore.delete_runs`
+        is the checked, all-or-nothing delete of a tree or a batch.
+        """
+
+    async def list_runs(
+        self, *, limit: int = 100, offset: int = 0, oldest_first: bool = False
+    ) -> list[RunRecord]:
+        """Runs newest first (by ``created_at``, then id), or oldest first."""
 
     async def list_runs_by_status(
-        self, status: RunStatus | str, *, limit: int = 100, offset: int = 0
+        self,
+        status: RunStatus | str,
+        *,
+        limit: int = 100,
+        offset: int = 0,
+        oldest_first: bool = False,
     ) -> list[RunRecord]:
-        """Runs in ``status`` (any case), newest first."""
+        """Runs in ``status`` (any case), newest first, or oldest first."""
 
     # -- steps ----------------------------------------------------------------
 
@@ -235,3 +249,44 @@ class WorkflowStore(Protocol):
         executions completed before that time. The context bag and step rows
         are kept. ``instances_processed`` is 1 even when nothing was deleted.
         """
+
+
+@runtime_checkable
+class AdminStore(WorkflowStore, Protocol):
+    """Management operations, on the same classes as `WorkflowStore` (see `stepflow.Admin`).
+
+    Runs form trees: a run created with ``parent_run_id`` is recorded as a
+    child of that run (in an index the store keeps with each create). A run
+    whose parent does not exist counts as a root.
+    """
+
+    async def list_run_ids(
+        self,
+        *,
+        status: RunStatus | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        oldest_first: bool = False,
+    ) -> list[str]:
+        """The ids `list_runs` (or `list_runs_by_status`) would return, read more cheaply."""
+
+    async def list_children(self, run_id: str) -> list[str]:
+        """Ids of the run's direct children, oldest first; [] for none or an unknown run."""
+
+    async def delete_runs(self, run_ids: Sequence[str], *, force: bool = False) -> DeleteResult:
+        """Delete the listed runs with all their data, all or nothing.
+
+        Refused with nothing changed, checked in this order: an unknown id
+        (`RunNotFoundError`), a listed run whose parent exists and is not
+        listed (`SubRunDeleteError`), a child of a listed run that is not
+        listed (`OrphanRunError`), a run not finished (pending or running)
+        without ``force`` (`RunStillRunningError`). Afterwards a late write
+        to any of them (a worker that still held a lease) is refused and
+        recreates nothing.
+        """
+
+    async def get_metrics(self) -> SystemMetrics:
+        """Counters kept with every transition; never computed by a scan."""
+
+    async def get_queue_depths(self) -> QueueDepths:
+        """Ready entries per work queue; 0 where a queue does not exist."""

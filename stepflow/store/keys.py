@@ -17,7 +17,21 @@ Layout of one run (``P`` is the prefix)::
     P:{R}:x:<N>:events  list   history of execution N, JSON events
     P:{R}:reqs          hash   request id -> result of recently applied scripts
     P:{R}:reqlog        list   those request ids, oldest first (bounds ``reqs``)
-    P:{R}:tomb          string request id of the delete that removed the run (60 s)
+    P:{R}:tomb          string request id and counts of the delete that removed the run (60 s)
+    P:{R}:children      set    ids of the run's child runs (written before each child)
+
+While a multi-run delete holds a run, its ``run`` hash also carries fence
+fields whose names start with ``~`` (see ``lua/delete_prepare.lua``); they
+are not part of the record.
+
+Global keys::
+
+    P:{#idx}:runs           zset   run id -> created_at (every run)
+    P:{#idx}:status:<S>     zset   run id -> created_at (runs in status S)
+    P:{#idx}:metrics        hash   counters: executions, events
+    P:{#idx}:reqs / reqlog  hash / list   request ids the counters have applied
+    P:{#q:<kind>}:ready     zset   message id -> ms when ready (one queue per kind:
+                                   orchestrator, worker, timer; written by the worker layer)
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ from stepflow.models import RunStatus
 from stepflow.store.base import validate_run_id
 
 INDEX_TAG = "{#idx}"
+QUEUE_KINDS = ("orchestrator", "worker", "timer")
 
 
 class RunKeys(NamedTuple):
@@ -41,6 +56,7 @@ class RunKeys(NamedTuple):
     reqs: str
     reqlog: str
     tomb: str
+    children: str
     base: str
 
     def events(self, execution_id: int) -> str:
@@ -55,6 +71,9 @@ class Keys:
             raise ValueError(f"invalid key prefix {prefix!r}: non-empty, no braces or spaces")
         self.prefix = prefix
         self.runs_by_time = f"{prefix}:{INDEX_TAG}:runs"
+        self.metrics = f"{prefix}:{INDEX_TAG}:metrics"
+        self.metrics_reqs = f"{prefix}:{INDEX_TAG}:reqs"
+        self.metrics_reqlog = f"{prefix}:{INDEX_TAG}:reqlog"
 
     def run(self, run_id: str) -> RunKeys:
         base = f"{self.prefix}:{{{validate_run_id(run_id)}}}"
@@ -67,11 +86,18 @@ class Keys:
             reqs=f"{base}:reqs",
             reqlog=f"{base}:reqlog",
             tomb=f"{base}:tomb",
+            children=f"{base}:children",
             base=base,
         )
 
     def runs_by_status(self, status: RunStatus) -> str:
         return f"{self.prefix}:{INDEX_TAG}:status:{status.value}"
+
+    def queue(self, kind: str) -> str:
+        """The ready queue of one kind (``orchestrator``, ``worker``, ``timer``), own slot each."""
+        if kind not in QUEUE_KINDS:
+            raise ValueError(f"unknown queue {kind!r}; one of {', '.join(QUEUE_KINDS)}")
+        return f"{self.prefix}:{{#q:{kind}}}:ready"
 
     def run_pattern(self, run_id: str) -> str:
         """A SCAN pattern matching every key of the run (for tests and repair tools)."""

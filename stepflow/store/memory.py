@@ -5,11 +5,15 @@ loop each is atomic with respect to every other task, just as a Lua script
 is on Redis. Payloads are encoded to JSON on the way in and decoded on the
 way out: the same values are refused as on Redis, and a caller mutating a
 dict after handing it over changes nothing stored.
+
+The counters behind `get_metrics` are updated with every change, so they
+are exact. The admin operations are in `stepflow.store.memory_admin`.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,9 +41,11 @@ from stepflow.models import (
     StepState,
     StepStatus,
     now_ms,
+    parse_run_status,
 )
 from stepflow.store.base import DEFAULT_LEASE_MS, validate_run_id, validate_step_id
 from stepflow.store.codec import Codec
+from stepflow.store.memory_admin import MemoryAdmin
 
 
 @dataclass
@@ -71,13 +77,18 @@ class _Run:
     executions: dict[int, _Execution] = field(default_factory=dict)
 
 
-class MemoryStore:
+class MemoryStore(MemoryAdmin):
     """In-process store: the quick start, the tests, and the definition of correct."""
 
     def __init__(self, *, max_payload_bytes: int = _json.DEFAULT_MAX_PAYLOAD_BYTES) -> None:
         self.max_payload_bytes = max_payload_bytes
         self._codec = Codec(max_payload_bytes)
         self._runs: dict[str, _Run] = {}
+        self._children: dict[str, set[str]] = {}
+        """Parent id -> ids of runs created with it as parent (stale ids are filtered on read)."""
+        self._status_counts: Counter[RunStatus] = Counter()
+        self._executions_total = 0
+        self._events_total = 0
 
     async def __aenter__(self) -> MemoryStore:
         return self
@@ -101,10 +112,18 @@ class MemoryStore:
     def _copy(self, data: bytes) -> Any:
         return _json.loads(data)
 
+    def _set_record(self, run: _Run, record: RunRecord) -> None:
+        """Replace the run's record, keeping the status counts in step."""
+        self._status_counts[run.record.status] -= 1
+        self._status_counts[record.status] += 1
+        run.record = record
+
     # -- runs -----------------------------------------------------------------
 
     async def create_run(self, record: RunRecord) -> None:
         validate_run_id(record.run_id)
+        if record.parent_run_id is not None:
+            validate_run_id(record.parent_run_id)
         encoded = self._codec.encode_run(record)
         context = self._codec.encode_context(record.context, "context")
         stored = record.model_copy(
@@ -115,10 +134,13 @@ class MemoryStore:
                 "context": {},
             }
         )
+        if record.parent_run_id is not None:
+            self._children.setdefault(record.parent_run_id, set()).add(record.run_id)
         run = self._runs.get(record.run_id)
         if run is None:
             run = self._runs[record.run_id] = _Run(record=stored)
-        run.record = stored
+            self._status_counts[stored.status] += 1
+        self._set_record(run, stored)
         run.context = context
         xid = record.current_execution_id
         execution = run.executions.get(xid)
@@ -129,6 +151,7 @@ class MemoryStore:
                 input=encoded.input,
                 started_at=record.created_at,
             )
+            self._executions_total += 1
         else:
             execution.status = record.status
 
@@ -172,14 +195,17 @@ class MemoryStore:
             )
         now = now_ms()
         completed_at = now if status.is_terminal else None
-        run.record = run.record.model_copy(
-            update={
-                "status": status,
-                "output": self._copy(output_json),
-                "error": self._copy(error_json),
-                "updated_at": now,
-                "completed_at": completed_at,
-            }
+        self._set_record(
+            run,
+            run.record.model_copy(
+                update={
+                    "status": status,
+                    "output": self._copy(output_json),
+                    "error": self._copy(error_json),
+                    "updated_at": now,
+                    "completed_at": completed_at,
+                }
+            ),
         )
         execution = run.executions[execution_id]
         execution.status = status
@@ -207,22 +233,29 @@ class MemoryStore:
 
     async def delete_run(self, run_id: str) -> bool:
         validate_run_id(run_id)
-        return self._runs.pop(run_id, None) is not None
+        return self._remove(run_id) is not None
 
-    async def list_runs(self, *, limit: int = 100, offset: int = 0) -> list[RunRecord]:
-        return self._page(self._runs.values(), limit, offset)
+    async def list_runs(
+        self, *, limit: int = 100, offset: int = 0, oldest_first: bool = False
+    ) -> list[RunRecord]:
+        return self._page(self._runs.values(), limit, offset, oldest_first)
 
     async def list_runs_by_status(
-        self, status: RunStatus | str, *, limit: int = 100, offset: int = 0
+        self,
+        status: RunStatus | str,
+        *,
+        limit: int = 100,
+        offset: int = 0,
+        oldest_first: bool = False,
     ) -> list[RunRecord]:
-        wanted = RunStatus(status)
-        return self._page(
-            (run for run in self._runs.values() if run.record.status == wanted), limit, offset
-        )
+        wanted = parse_run_status(status)
+        runs = (run for run in self._runs.values() if run.record.status == wanted)
+        return self._page(runs, limit, offset, oldest_first)
 
-    def _page(self, runs: Any, limit: int, offset: int) -> list[RunRecord]:
+    def _page(self, runs: Any, limit: int, offset: int, oldest_first: bool) -> list[RunRecord]:
         ordered = sorted(runs, key=lambda run: (run.record.created_at, run.record.run_id))
-        ordered.reverse()
+        if not oldest_first:
+            ordered.reverse()
         page = ordered[offset : offset + limit] if limit > 0 else []
         return [
             self._snapshot(run.record).model_copy(
@@ -395,6 +428,7 @@ class MemoryStore:
             payload=self._copy(payload),
         )
         execution.events.append(event)
+        self._events_total += 1
         return event
 
     async def append_event(self, run_id: str, event: NewEvent, *, execution_id: int) -> Event:
@@ -450,6 +484,11 @@ class MemoryStore:
         old.completed_at = now
         new_id = execution_id + 1
         self._append(old, EventKind.CONTINUED_AS_NEW, _json.dumps({"next": new_id}), now)
+        replaced = run.executions.get(new_id)
+        if replaced is None:
+            self._executions_total += 1
+        else:  # left from before a create_run moved the run back: replaced, history included
+            self._events_total -= len(replaced.events)
         new = run.executions[new_id] = _Execution(
             execution_id=new_id, status=RunStatus.RUNNING, input=input_json, started_at=now
         )
@@ -462,16 +501,19 @@ class MemoryStore:
                 "events_deleted": result.events_deleted,
             }
             self._append(new, EventKind.HISTORY_PRUNED, _json.dumps(counts), now)
-        run.record = run.record.model_copy(
-            update={
-                "current_execution_id": new_id,
-                "status": RunStatus.RUNNING,
-                "input": self._copy(input_json),
-                "output": None,
-                "error": None,
-                "updated_at": now,
-                "completed_at": None,
-            }
+        self._set_record(
+            run,
+            run.record.model_copy(
+                update={
+                    "current_execution_id": new_id,
+                    "status": RunStatus.RUNNING,
+                    "input": self._copy(input_json),
+                    "output": None,
+                    "error": None,
+                    "updated_at": now,
+                    "completed_at": None,
+                }
+            ),
         )
         return new_id
 
@@ -500,4 +542,6 @@ class MemoryStore:
                 for sid in [s.step_id for s in run.steps.values() if s.execution_id == xid]:
                     del run.steps[sid]
                     run.leases.pop(sid, None)
+        self._executions_total -= deleted
+        self._events_total -= events
         return PruneResult(instances_processed=1, executions_deleted=deleted, events_deleted=events)

@@ -9,28 +9,30 @@ the run itself, dropping or fixing stale ones. A crash between the two
 writes therefore leaves at worst an entry that the next reader repairs,
 never a run that a listing cannot find.
 
+The global counters behind `get_metrics` (executions and events stored)
+are a hash under the index tag, changed by ``bump_metrics.lua`` with the
+request id of the per-run script whose change it counts, so a re-sent
+request never counts twice. On the hot path the counter update travels in
+the same pipeline as the per-run script (no extra round trip) and is taken
+back if the script refused; elsewhere it follows the script. A process that
+dies between the two leaves a counter off by that one change.
+
 Round trips on the hot path: claiming a step is one script, completing it
-(output, context patch and history event together) is another.
+(output, context patch and history event together, plus its count) is one
+pipeline.
+
+The admin operations (`AdminStore`: trees, multi-run deletes, metrics) are
+in `stepflow.store.redis_admin`.
 """
 
 from __future__ import annotations
 
-import logging
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, cast
 
-import anyio
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from stepflow import _json
-from stepflow.errors import ConflictError, RunNotFoundError
+from stepflow.errors import ConflictError, RunNotFoundError, StepflowError
 from stepflow.models import (
     Event,
     EventKind,
@@ -42,13 +44,17 @@ from stepflow.models import (
     RunRecord,
     RunStatus,
     StepState,
+    parse_run_status,
 )
 from stepflow.store import scripts
-from stepflow.store.base import DEFAULT_LEASE_MS, validate_step_id
-from stepflow.store.codec import Codec
-from stepflow.store.keys import Keys, RunKeys
-
-logger = logging.getLogger("stepflow.store.redis")
+from stepflow.store.base import DEFAULT_LEASE_MS, validate_run_id, validate_step_id
+from stepflow.store.redis_admin import RedisAdmin
+from stepflow.store.redis_core import (
+    CONFLICT_RETRIES,
+    new_request_id,
+    pairs,
+    text,
+)
 
 _RUN_FIELDS = (
     "run_id",
@@ -76,148 +82,33 @@ _STEP_FIELDS = (
     "worker_id",
     "execution_id",
 )
-_EXECUTION_FIELDS = ("status", "input", "output", "error", "started_at", "completed_at", "events")
-_CONFLICT_RETRIES = 5
 
 
-def _request_id() -> str:
-    return secrets.token_hex(8)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _pairs(flat: Sequence[bytes | str]) -> dict[str, bytes | str]:
-    return {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
-
-
-class RedisStore:
+class RedisStore(RedisAdmin):
     """Durable store on one Redis server (or cluster); many processes may share it."""
-
-    def __init__(
-        self,
-        client: Redis,
-        *,
-        prefix: str = "stepflow",
-        max_payload_bytes: int = _json.DEFAULT_MAX_PAYLOAD_BYTES,
-        check_durability: bool = True,
-    ) -> None:
-        self.client = client
-        self.keys = Keys(prefix)
-        self.max_payload_bytes = max_payload_bytes
-        self._codec = Codec(max_payload_bytes)
-        self._check_durability = check_durability
-        self._scripts: dict[str, AsyncScript] = {}
-        self._ready_lock = anyio.Lock()
-
-    @classmethod
-    def from_url(
-        cls,
-        url: str,
-        *,
-        prefix: str = "stepflow",
-        max_payload_bytes: int = _json.DEFAULT_MAX_PAYLOAD_BYTES,
-        check_durability: bool = True,
-        **client_options: Any,
-    ) -> RedisStore:
-        """Connect by URL: ``redis://[:password@]host:port/db`` or ``rediss://`` for TLS.
-
-        ``client_options`` go to ``redis.asyncio.Redis.from_url`` (``socket_timeout``,
-        ``ssl_ca_certs``, ``retry``...). Unless given, commands are retried three
-        times with jittered backoff after a connection error; every script is
-        safe to run twice for one call, so a retry never applies a change twice.
-        """
-        client_options.setdefault("retry", Retry(ExponentialWithJitterBackoff(), 3))
-        client_options.setdefault("retry_on_error", [RedisConnectionError, RedisTimeoutError])
-        client = Redis.from_url(url, **client_options)
-        return cls(
-            client,
-            prefix=prefix,
-            max_payload_bytes=max_payload_bytes,
-            check_durability=check_durability,
-        )
-
-    async def __aenter__(self) -> RedisStore:
-        await self._ready()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
-
-    # -- set-up -----------------------------------------------------------------
-
-    async def _ready(self) -> dict[str, AsyncScript]:
-        if self._scripts:
-            return self._scripts
-        async with self._ready_lock:
-            if not self._scripts:
-                shebang = await self._accepts_shebang()
-                if self._check_durability:
-                    await self._warn_if_not_durable()
-                self._scripts = {
-                    name: self.client.register_script(scripts.script_source(name, shebang=shebang))
-                    for name in scripts.SCRIPT_NAMES
-                }
-        return self._scripts
-
-    async def _accepts_shebang(self) -> bool:
-        try:
-            await self.client.eval("#!lua flags=no-writes\nreturn 1", 0)
-        except ResponseError:
-            return False
-        return True
-
-    async def _warn_if_not_durable(self) -> None:
-        """Warn when Redis could lose acknowledged completions (no AOF, evicting keys)."""
-        try:
-            config = await self.client.config_get("appendonly")
-            config.update(await self.client.config_get("maxmemory-policy"))
-        except ResponseError:
-            return  # CONFIG is disabled on many managed services
-        settings = {_text(k): _text(v) for k, v in config.items() if k and v}
-        if settings.get("appendonly", "yes") != "yes":
-            logger.warning(
-                "Redis has appendonly=no: a Redis crash can lose completed steps; "
-                "enable AOF (appendonly yes, appendfsync everysec or always)"
-            )
-        policy = settings.get("maxmemory-policy", "noeviction")
-        if policy != "noeviction":
-            logger.warning(
-                "Redis maxmemory-policy is %s: under memory pressure Redis may evict "
-                "workflow state; use noeviction",
-                policy,
-            )
-
-    async def _call(
-        self,
-        name: str,
-        keys: Sequence[str],
-        args: Sequence[Any],
-        *,
-        run_id: str,
-        step_id: str = "",
-        execution_id: int = 0,
-    ) -> Any:
-        script = (await self._ready())[name]
-        try:
-            return await script(keys=list(keys), args=list(args))
-        except ResponseError as exc:
-            scripts.raise_for_script_error(
-                exc, run_id=run_id, step_id=step_id, execution_id=execution_id
-            )
-
-    async def time_ms(self) -> int:
-        seconds, micros = await self.client.time()
-        return int(seconds) * 1000 + int(micros) // 1000
 
     # -- runs -----------------------------------------------------------------
 
     async def create_run(self, record: RunRecord) -> None:
+        keys, args = self._create_run_call(record)
+        await self._index_new(record)
+        created = await self._call("create_run", keys, args, run_id=record.run_id)
+        await self._index_status(
+            record.run_id,
+            record.status,
+            record.created_at,
+            count=(args[0], {"executions": int(created)}),
+        )
+
+    def _create_run_call(self, record: RunRecord) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of ``create_run.lua`` for ``record`` (validated and encoded).
+
+        For bulk loaders that pipeline many creates (``benchmarks/bench_admin.py``);
+        ``ARGV[1]`` is a fresh request id.
+        """
         keys = self.keys.run(record.run_id)
+        if record.parent_run_id is not None:
+            validate_run_id(record.parent_run_id)
         encoded = self._codec.encode_run(record)
         context = self._codec.encode_context(record.context, "context")
         fields = record.model_dump(mode="json", include=set(_RUN_FIELDS))
@@ -227,49 +118,47 @@ class RedisStore:
             value = fields[name]
             run_pairs += [name, value if isinstance(value, bytes) else _json.dumps(value)]
         context_pairs = [item for pair in context.items() for item in pair]
-        # Index first: an entry without a run is dropped by readers, a run
-        # without an entry could never be listed.
-        await self.client.zadd(self.keys.runs_by_time, {record.run_id: record.created_at})
-        await self._call(
-            "create_run",
-            [keys.run, keys.reqs, keys.reqlog, keys.ctx, keys.execs],
-            [
-                _request_id(),
-                record.current_execution_id,
-                _json.dumps(record.status.value),
-                encoded.input,
-                record.created_at,
-                len(_RUN_FIELDS),
-                *run_pairs,
-                *context_pairs,
-            ],
-            run_id=record.run_id,
-        )
-        await self._index_status(record.run_id, record.status, record.created_at)
+        args = [
+            new_request_id(),
+            record.current_execution_id,
+            _json.dumps(record.status.value),
+            encoded.input,
+            record.created_at,
+            len(_RUN_FIELDS),
+            *run_pairs,
+            *context_pairs,
+        ]
+        return [keys.run, keys.reqs, keys.reqlog, keys.ctx, keys.execs], args
 
-    async def _index_status(self, run_id: str, status: RunStatus, created_at: int) -> None:
-        """Put the run in its status set and in no other (idempotent, one round trip)."""
+    async def _index_new(self, record: RunRecord) -> None:
+        """Index a run before writing it, in one round trip.
+
+        Index first: an entry without a run is dropped by readers, a run
+        without an entry could never be listed. A child is added to its
+        parent's children set, unless a delete holds the parent.
+        """
+        parent = record.parent_run_id
+        if parent is None:
+            await self.client.zadd(self.keys.runs_by_time, {record.run_id: record.created_at})
+            return
+        parent_keys = self.keys.run(parent)
+        add_child = [[parent_keys.run, parent_keys.children], [record.run_id]]
+        await self._ready()
         async with self.client.pipeline(transaction=False) as pipe:
-            for candidate in RunStatus:
-                key = self.keys.runs_by_status(candidate)
-                if candidate == status:
-                    pipe.zadd(key, {run_id: created_at})
-                else:
-                    pipe.zrem(key, run_id)
-            await pipe.execute()
+            pipe.zadd(self.keys.runs_by_time, {record.run_id: record.created_at})
+            self._queue(pipe, "add_child", *add_child)
+            replies = await pipe.execute(raise_on_error=False)
+        try:
+            await self._settle(replies[1], "add_child", *add_child, run_id=parent)
+        except StepflowError:
+            if replies[0] == 1:  # the entry is ours alone: take it back
+                await self.client.zrem(self.keys.runs_by_time, record.run_id)
+            raise
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         keys = self.keys.run(run_id)
         raw = await self._call("get_run", [keys.run, keys.ctx], [], run_id=run_id)
         return self._decode_run(raw)
-
-    def _decode_run(self, raw: Sequence[Any]) -> RunRecord | None:
-        run_flat, ctx_flat = raw
-        if not run_flat:
-            return None
-        fields = {name: _json.loads(value) for name, value in _pairs(run_flat).items()}
-        fields["context"] = {key: _json.loads(value) for key, value in _pairs(ctx_flat).items()}
-        return RunRecord.model_validate(fields)
 
     async def _get_existing(self, run_id: str) -> RunRecord:
         record = await self.get_run(run_id)
@@ -292,11 +181,12 @@ class RedisStore:
         output_json = self._codec.encode(output, "run output")
         error_json = self._codec.encode(error, "run error")
         kind, payload = self._event_args(event)
+        request_id = new_request_id()
         await self._call(
             "set_run_status",
             [keys.run, keys.reqs, keys.reqlog, keys.execs, keys.events(execution_id)],
             [
-                _request_id(),
+                request_id,
                 execution_id,
                 _json.dumps(status.value),
                 "1" if status.is_terminal else "0",
@@ -308,7 +198,8 @@ class RedisStore:
             run_id=run_id,
         )
         record = await self._get_existing(run_id)
-        await self._index_status(run_id, record.status, record.created_at)
+        count = (request_id, {"events": 0 if event is None else 1})
+        await self._index_status(run_id, record.status, record.created_at, count=count)
         return record
 
     def _event_args(self, event: NewEvent | None) -> tuple[str, bytes]:
@@ -330,77 +221,59 @@ class RedisStore:
         await self._call(
             "update_context",
             [keys.run, keys.reqs, keys.reqlog, keys.ctx],
-            [_request_id(), mode, *(item for pair in encoded.items() for item in pair)],
+            [new_request_id(), mode, *(item for pair in encoded.items() for item in pair)],
             run_id=run_id,
         )
 
     async def delete_run(self, run_id: str) -> bool:
-        keys = self.keys.run(run_id)
-        request_id = _request_id()
-        for _ in range(_CONFLICT_RETRIES):
-            execution_ids = await self._execution_ids(keys)
-            try:
-                deleted = await self._call(
-                    "delete_run",
-                    [
-                        keys.run,
-                        keys.tomb,
-                        keys.execs,
-                        keys.ctx,
-                        keys.steps,
-                        keys.order,
-                        keys.reqs,
-                        keys.reqlog,
-                        *(keys.events(x) for x in execution_ids),
-                    ],
-                    [request_id, *execution_ids],
-                    run_id=run_id,
-                )
-            except scripts.ExecutionsChangedError:
-                continue  # an execution started in between: list them again
-            await self._unindex(run_id)
-            return bool(deleted)
-        raise ConflictError(f"run {run_id!r} kept changing; delete it again")
+        """Remove the run; `RunDeletingError` while a multi-run delete holds it."""
+        request_id = new_request_id()
+        deleted, executions, events = await self._delete_one(run_id, request_id, "plain")
+        await self._unindex([run_id], request_id, {run_id: (executions, events)})
+        return bool(deleted)
 
-    async def _execution_ids(self, keys: RunKeys) -> list[int]:
-        fields = await self.client.hkeys(keys.execs)
-        ids = {_text(f).partition("|")[0] for f in fields if _text(f).endswith("|status")}
-        return sorted(int(x) for x in ids)
-
-    async def _unindex(self, run_id: str) -> None:
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.zrem(self.keys.runs_by_time, run_id)
-            for status in RunStatus:
-                pipe.zrem(self.keys.runs_by_status(status), run_id)
-            await pipe.execute()
-
-    async def list_runs(self, *, limit: int = 100, offset: int = 0) -> list[RunRecord]:
-        return await self._list_index(self.keys.runs_by_time, None, limit, offset)
+    async def list_runs(
+        self, *, limit: int = 100, offset: int = 0, oldest_first: bool = False
+    ) -> list[RunRecord]:
+        return await self._list_index(self.keys.runs_by_time, None, limit, offset, oldest_first)
 
     async def list_runs_by_status(
-        self, status: RunStatus | str, *, limit: int = 100, offset: int = 0
+        self,
+        status: RunStatus | str,
+        *,
+        limit: int = 100,
+        offset: int = 0,
+        oldest_first: bool = False,
     ) -> list[RunRecord]:
-        wanted = RunStatus(status)
-        return await self._list_index(self.keys.runs_by_status(wanted), wanted, limit, offset)
+        wanted = parse_run_status(status)
+        index = self.keys.runs_by_status(wanted)
+        return await self._list_index(index, wanted, limit, offset, oldest_first)
 
     async def _list_index(
-        self, index: str, status: RunStatus | None, limit: int, offset: int
+        self,
+        index: str,
+        status: RunStatus | None,
+        limit: int,
+        offset: int,
+        oldest_first: bool = False,
     ) -> list[RunRecord]:
         """One page of an index, newest first, with stale entries repaired on the way."""
         if limit <= 0:
             return []
-        members = await self.client.zrevrange(index, offset, offset + limit - 1)
-        ids = [_text(member) for member in cast("list[bytes | str]", members)]
+        page = self.client.zrange if oldest_first else self.client.zrevrange
+        members = await page(index, offset, offset + limit - 1)
+        ids = [text(member) for member in cast("list[bytes | str]", members)]
         if not ids:
             return []
-        get_run = (await self._ready())["get_run"]
+        await self._ready()
+        calls = [[self.keys.run(run_id).run, self.keys.run(run_id).ctx] for run_id in ids]
         async with self.client.pipeline(transaction=False) as pipe:
-            for run_id in ids:
-                keys = self.keys.run(run_id)
-                await get_run(keys=[keys.run, keys.ctx], args=[], client=pipe)
-            raw_runs = await pipe.execute()
+            for keys in calls:
+                self._queue(pipe, "get_run", keys, [])
+            raw_runs = await pipe.execute(raise_on_error=False)
         records: list[RunRecord] = []
-        for run_id, raw in zip(ids, raw_runs, strict=True):
+        for run_id, keys, raw in zip(ids, calls, raw_runs, strict=True):
+            raw = await self._settle(raw, "get_run", keys, [], run_id=run_id)
             record = self._decode_run(raw)
             if record is None:
                 await self.client.zrem(index, run_id)
@@ -416,13 +289,13 @@ class RedisStore:
         keys = self.keys.run(run_id)
         sid = validate_step_id(step.step_id)
         row = _json.loads(self._codec.encode_step(step))
-        pairs = [
+        fields_flat = [
             item for name in _STEP_FIELDS for item in (f"{sid}|{name}", _json.dumps(row[name]))
         ]
         await self._call(
             "upsert_step",
             [keys.run, keys.reqs, keys.reqlog, keys.steps, keys.order],
-            [_request_id(), sid, *pairs],
+            [new_request_id(), sid, *fields_flat],
             run_id=run_id,
             step_id=sid,
         )
@@ -442,10 +315,10 @@ class RedisStore:
         keys = self.keys.run(run_id)
         order, flat = await self._call("list_steps", [keys.order, keys.steps], [], run_id=run_id)
         rows: dict[str, dict[str, Any]] = {}
-        for field, value in _pairs(flat).items():
+        for field, value in pairs(flat).items():
             sid, _, name = field.rpartition("|")
             rows.setdefault(sid, {})[name] = value
-        return [self._decode_step(_text(sid), rows[_text(sid)]) for sid in order]
+        return [self._decode_step(text(sid), rows[text(sid)]) for sid in order]
 
     async def claim_step(
         self,
@@ -466,7 +339,7 @@ class RedisStore:
             "claim_step",
             [keys.run, keys.reqs, keys.reqlog, keys.steps, keys.order, keys.execs],
             [
-                _request_id(),
+                new_request_id(),
                 step_id,
                 _json.dumps(name),
                 _json.dumps(owner),
@@ -479,7 +352,7 @@ class RedisStore:
             step_id=step_id,
             execution_id=execution_id,
         )
-        epoch, _, expires = _text(reply).partition("|")
+        epoch, _, expires = text(reply).partition("|")
         return Lease(
             run_id=run_id,
             step_id=step_id,
@@ -495,7 +368,7 @@ class RedisStore:
         expires = await self._call(
             "renew_lease",
             [keys.run, keys.reqs, keys.reqlog, keys.steps],
-            [_request_id(), lease.step_id, lease.token, lease.epoch, int(lease_ms)],
+            [new_request_id(), lease.step_id, lease.token, lease.epoch, int(lease_ms)],
             run_id=lease.run_id,
             step_id=lease.step_id,
         )
@@ -513,7 +386,7 @@ class RedisStore:
         output_json = self._codec.encode(output, "step output")
         patch = self._codec.encode_context(context_patch or {}, "context patch")
         kind, payload = self._event_args(event)
-        reply = await self._call(
+        reply = await self._call_counted(
             "complete_step",
             [
                 keys.run,
@@ -525,7 +398,7 @@ class RedisStore:
                 keys.events(lease.execution_id),
             ],
             [
-                _request_id(),
+                new_request_id(),
                 lease.step_id,
                 lease.token,
                 lease.epoch,
@@ -535,6 +408,7 @@ class RedisStore:
                 payload,
                 *(item for pair in patch.items() for item in pair),
             ],
+            {"events": 0 if event is None else 1},
             run_id=lease.run_id,
             step_id=lease.step_id,
             execution_id=lease.execution_id,
@@ -554,7 +428,7 @@ class RedisStore:
         keys = self.keys.run(lease.run_id)
         error_json = self._codec.encode(error, "step error")
         kind, payload = self._event_args(event)
-        await self._call(
+        await self._call_counted(
             "fail_step",
             [
                 keys.run,
@@ -565,7 +439,7 @@ class RedisStore:
                 keys.events(lease.execution_id),
             ],
             [
-                _request_id(),
+                new_request_id(),
                 lease.step_id,
                 lease.token,
                 lease.epoch,
@@ -575,6 +449,7 @@ class RedisStore:
                 kind,
                 payload,
             ],
+            {"events": 0 if event is None else 1},
             run_id=lease.run_id,
             step_id=lease.step_id,
             execution_id=lease.execution_id,
@@ -585,10 +460,11 @@ class RedisStore:
     async def append_event(self, run_id: str, event: NewEvent, *, execution_id: int) -> Event:
         keys = self.keys.run(run_id)
         payload = self._codec.encode_event(event)
-        reply = await self._call(
+        reply = await self._call_counted(
             "append_event",
             [keys.run, keys.reqs, keys.reqlog, keys.execs, keys.events(execution_id)],
-            [_request_id(), execution_id, event.kind.value, payload],
+            [new_request_id(), execution_id, event.kind.value, payload],
+            {"events": 1},
             run_id=run_id,
             execution_id=execution_id,
         )
@@ -614,7 +490,7 @@ class RedisStore:
         keys = self.keys.run(run_id)
         flat = await self._call("list_executions", [keys.run, keys.execs], [], run_id=run_id)
         rows: dict[int, dict[str, Any]] = {}
-        for field, value in _pairs(flat).items():
+        for field, value in pairs(flat).items():
             xid, _, name = field.partition("|")
             rows.setdefault(int(xid), {})[name] = _json.loads(value)
         return [_execution_info(xid, rows[xid]) for xid in sorted(rows)]
@@ -630,10 +506,11 @@ class RedisStore:
         keys = self.keys.run(run_id)
         input_json = self._codec.encode(input, "continue-as-new input")
         new_id = execution_id + 1
-        for _ in range(_CONFLICT_RETRIES):
+        request_id = new_request_id()
+        for _ in range(CONFLICT_RETRIES):
             history_ids = await self._execution_ids(keys) if prune is not None else []
             try:
-                result = await self._call(
+                next_id, executions, events, created_at = await self._call(
                     "continue_as_new",
                     [
                         keys.run,
@@ -647,9 +524,9 @@ class RedisStore:
                         *(keys.events(x) for x in history_ids),
                     ],
                     [
-                        _request_id(),
+                        request_id,
                         execution_id,
-                        new_id,
+                        execution_id + 1,
                         input_json,
                         "0" if prune is None else "1",
                         *_prune_args(prune),
@@ -660,24 +537,28 @@ class RedisStore:
                 )
             except scripts.ExecutionsChangedError:
                 continue  # another execution appeared between listing and pruning
-            # The run was running and stays running: its status index is unchanged.
-            return int(result)
+            # The run is running now, whatever it was (failed runs can continue too).
+            count = (request_id, {"executions": executions, "events": events})
+            await self._index_status(run_id, RunStatus.RUNNING, int(created_at), count=count)
+            return int(next_id)
         raise ConflictError(f"run {run_id!r}: executions kept changing; try again")
 
     async def prune_executions(self, run_id: str, options: PruneOptions) -> PruneResult:
         keys = self.keys.run(run_id)
-        for _ in range(_CONFLICT_RETRIES):
+        request_id = new_request_id()
+        for _ in range(CONFLICT_RETRIES):
             history_ids = await self._execution_ids(keys)
             try:
                 deleted, events = await self._call(
                     "prune_executions",
                     [keys.run, keys.reqs, keys.reqlog, keys.execs, keys.steps, keys.order]
                     + [keys.events(x) for x in history_ids],
-                    [_request_id(), *_prune_args(options), len(history_ids), *history_ids],
+                    [request_id, *_prune_args(options), len(history_ids), *history_ids],
                     run_id=run_id,
                 )
             except scripts.ExecutionsChangedError:
                 continue
+            await self._bump(request_id, {"executions": -deleted, "events": -events})
             return PruneResult(
                 instances_processed=1, executions_deleted=deleted, events_deleted=events
             )
@@ -695,7 +576,7 @@ def _prune_args(options: PruneOptions | None) -> list[Any]:
 
 def _event_from_reply(reply: bytes | str, kind: EventKind, payload: bytes) -> Event:
     """The event a script appended, from its '<id>|<timestamp>' reply."""
-    event_id, _, timestamp = _text(reply).partition("|")
+    event_id, _, timestamp = text(reply).partition("|")
     return Event(
         event_id=int(event_id), kind=kind, timestamp=int(timestamp), payload=_json.loads(payload)
     )

@@ -28,7 +28,9 @@ from stepflow.errors import (
     ExecutionNotFoundError,
     LeaseHeldError,
     RunCancelledError,
+    RunDeletingError,
     RunNotFoundError,
+    RunStillRunningError,
     ScriptError,
     StaleLeaseError,
     StepAlreadyCompletedError,
@@ -36,11 +38,16 @@ from stepflow.errors import (
 )
 
 SCRIPT_NAMES = (
+    "add_child",
     "append_event",
+    "bump_metrics",
     "claim_step",
     "complete_step",
     "continue_as_new",
     "create_run",
+    "delete_decide",
+    "delete_prepare",
+    "delete_release",
     "delete_run",
     "fail_step",
     "get_run",
@@ -93,11 +100,15 @@ def raise_for_script_error(
         error = StaleLeaseError(run_id, step_id, detail)
     elif code == "SF_HELD":
         owner, _, expires = detail.rpartition("|")
-        error = LeaseHeldError(run_id, step_id, _owner(owner), int(expires))
+        error = LeaseHeldError(run_id, step_id, _json_text(owner), int(expires))
     elif code == "SF_CHANGED":
         error = ExecutionsChangedError(f"run {run_id!r}: {detail}")
     elif code == "SF_CONFLICT":
         error = ConflictError(f"run {run_id!r}: {detail}")
+    elif code == "SF_DELETING":
+        error = RunDeletingError(run_id)
+    elif code == "SF_RUNNING":
+        error = RunStillRunningError(run_id, _json_text(detail))
     else:
         error = ScriptError(f"Redis script failed for run {run_id!r}: {message}")
     raise error from exc
@@ -107,7 +118,7 @@ class ExecutionsChangedError(ConflictError):
     """A script was given a stale list of executions; the caller lists them again and retries."""
 
 
-def _owner(raw: str) -> str:
+def _json_text(raw: str) -> str:
     try:
         value: Any = _json.loads(raw)
     except ValueError:

@@ -26,14 +26,30 @@ end
 
 local SF_REMEMBERED = 128
 
-local function sf_remember(reqs, reqlog, req_id, result)
+-- Remember the result of request req_id; the oldest beyond ``limit``
+-- (default SF_REMEMBERED) are forgotten.
+local function sf_remember(reqs, reqlog, req_id, result, limit)
   if req_id ~= '' then
     redis.call('HSET', reqs, req_id, result)
-    if redis.call('RPUSH', reqlog, req_id) > SF_REMEMBERED then
+    if redis.call('RPUSH', reqlog, req_id) > (limit or SF_REMEMBERED) then
       redis.call('HDEL', reqs, redis.call('LPOP', reqlog))
     end
   end
   return result
+end
+
+-- A multi-run delete fences each run it will remove with fields in the run
+-- hash: '~del' (its request id), '~del_coord' (the run holding its
+-- decision), '~del_at' (ms), and on that run '~del_state' and '~del_ids'.
+-- Every script that writes to a run refuses while '~del' is set.
+local SF_FENCE_FIELDS = {'~del', '~del_coord', '~del_at', '~del_state', '~del_ids'}
+
+-- Nil when the run exists and no delete holds it, else the error reply.
+local function sf_writable(run)
+  local row = redis.call('HMGET', run, 'status', '~del')
+  if not row[1] then return sf_fail('NOTFOUND', 'run') end
+  if row[2] then return sf_fail('DELETING', row[2]) end
+  return nil
 end
 
 -- HSET field/value pairs args[first..] in batches (unpack has a stack limit).
@@ -61,8 +77,12 @@ end
 -- Nil when the lease (token, epoch) is the step's current live lease,
 -- otherwise the error code and detail to refuse the write with.
 local function sf_check_lease(run, steps, sid, token, epoch, now)
-  if redis.call('EXISTS', run) == 0 then
+  local state = redis.call('HMGET', run, 'status', '~del')
+  if not state[1] then
     return 'STALE', 'the run no longer exists'
+  end
+  if state[2] then
+    return 'STALE', 'the run is being deleted'
   end
   local s = sid .. '|'
   local held = redis.call('HMGET', steps, s .. 'token', s .. 'epoch', s .. 'expires', s .. 'status')

@@ -3,10 +3,11 @@
 -- KEYS[1] run hash  KEYS[2] reqs hash  KEYS[3] reqlog list
 -- KEYS[4] execs hash  KEYS[5] events list of the execution
 -- ARGV[1] request id  ARGV[2] execution id  ARGV[3] kind  ARGV[4] payload (JSON)
--- Returns '<event_id>|<timestamp ms>'. Errors: SF_NOTFOUND, SF_NOEXEC.
+-- Returns '<event_id>|<timestamp ms>'. Errors: SF_NOTFOUND, SF_DELETING, SF_NOEXEC.
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return done end
-if redis.call('EXISTS', KEYS[1]) == 0 then return sf_fail('NOTFOUND', 'run') end
+local refused = sf_writable(KEYS[1])
+if refused then return refused end
 if redis.call('HEXISTS', KEYS[4], ARGV[2] .. '|status') == 0 then
   return sf_fail('NOEXEC', ARGV[2])
 end

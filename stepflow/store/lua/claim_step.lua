@@ -5,14 +5,15 @@
 -- ARGV[1] request id  ARGV[2] step id  ARGV[3] name (JSON)  ARGV[4] owner (JSON)
 -- ARGV[5] lease token  ARGV[6] lease duration (ms)  ARGV[7] execution id
 -- ARGV[8] step input (JSON)
--- Returns '<epoch>|<expires_at ms>'. Errors: SF_NOTFOUND, SF_CANCELLED (the
--- run was cancelled: no new work starts), SF_NOEXEC (no such execution),
+-- Returns '<epoch>|<expires_at ms>'. Errors: SF_NOTFOUND, SF_DELETING, SF_CANCELLED
+-- (the run was cancelled: no new work starts), SF_NOEXEC (no such execution),
 -- SF_DONE (step completed), SF_HELD '<owner JSON>|<expires_at>' (a live lease).
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return done end
-local run_status = redis.call('HGET', KEYS[1], 'status')
-if not run_status then return sf_fail('NOTFOUND', 'run') end
-if run_status == '"cancelled"' then return sf_fail('CANCELLED', 'run') end
+local run = redis.call('HMGET', KEYS[1], 'status', '~del')
+if not run[1] then return sf_fail('NOTFOUND', 'run') end
+if run[2] then return sf_fail('DELETING', run[2]) end
+if run[1] == '"cancelled"' then return sf_fail('CANCELLED', 'run') end
 if redis.call('HEXISTS', KEYS[6], ARGV[7] .. '|status') == 0 then
   return sf_fail('NOEXEC', ARGV[7])
 end

@@ -8,7 +8,7 @@
 -- ARGV[7] event kind ('' for none)  ARGV[8] event payload (JSON)
 -- ARGV[9..] context key/value pairs (JSON values)
 -- Returns '<event id>|<timestamp ms>' of the appended event, or 'OK' without one.
--- Errors: SF_STALE (lease expired, taken over, run deleted), SF_DONE,
+-- Errors: SF_STALE (lease expired, taken over, run deleted or being deleted), SF_DONE,
 -- SF_NOEXEC (the lease's execution is gone).
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return done end

@@ -11,12 +11,19 @@
 -- A next execution left from before a create_run that moved the run back
 -- is replaced, history included. With pruning, old executions go in the
 -- same step and the next execution's history records a history_pruned
--- event with the counts. Returns the next execution id.
--- Errors: SF_NOTFOUND, SF_CONFLICT.
+-- event with the counts. Returns {next execution id, change in the number
+-- of stored executions, change in the number of stored events (both for the
+-- global counters), the run's created_at (for its status index)}.
+-- Errors: SF_NOTFOUND, SF_DELETING, SF_CONFLICT.
 local done = sf_replayed(KEYS[2], ARGV[1])
-if done then return tonumber(done) end
-if redis.call('EXISTS', KEYS[1]) == 0 then return sf_fail('NOTFOUND', 'run') end
-local current = redis.call('HGET', KEYS[1], 'current_execution_id')
+if done then
+  local id, dx, de, created = string.match(done, '^(%d+)|(-?%d+)|(-?%d+)|(%d+)$')
+  return {tonumber(id), tonumber(dx), tonumber(de), tonumber(created)}
+end
+local refused = sf_writable(KEYS[1])
+if refused then return refused end
+local row = redis.call('HMGET', KEYS[1], 'current_execution_id', 'created_at')
+local current, created = row[1], row[2]
 if current ~= ARGV[2] then
   return sf_fail('CONFLICT', 'the run is at execution ' .. tostring(current) ..
     ', not ' .. ARGV[2])
@@ -33,6 +40,10 @@ if ARGV[5] == '1' then
 end
 
 local old, new = ARGV[2] .. '|', ARGV[3] .. '|'
+-- A next execution left from before is replaced: its events stop counting.
+local replaced = redis.call('HMGET', KEYS[4], new .. 'status', new .. 'events')
+local d_execs, d_events = 1, 2
+if replaced[1] then d_execs, d_events = 0, 2 - tonumber(replaced[2] or '0') end
 redis.call('HSET', KEYS[4], old .. 'status', '"continued_as_new"', old .. 'completed_at', now)
 sf_append_event(KEYS[5], KEYS[4], ARGV[2], 'continued_as_new',
   '{"next":' .. ARGV[3] .. '}', now)
@@ -46,9 +57,11 @@ if ARGV[5] == '1' then
   sf_append_event(KEYS[6], KEYS[4], ARGV[3], 'history_pruned',
     '{"reason":"continue_as_new","executions_deleted":' .. deleted ..
     ',"events_deleted":' .. events .. '}', now)
+  d_execs, d_events = d_execs - deleted, d_events + 1 - events
 end
 redis.call('HSET', KEYS[1], 'current_execution_id', ARGV[3], 'status', '"running"',
   'input', ARGV[4], 'output', 'null', 'error', 'null', 'updated_at', now,
   'completed_at', 'null')
-sf_remember(KEYS[2], KEYS[3], ARGV[1], ARGV[3])
-return tonumber(ARGV[3])
+sf_remember(KEYS[2], KEYS[3], ARGV[1],
+  ARGV[3] .. '|' .. d_execs .. '|' .. d_events .. '|' .. created)
+return {tonumber(ARGV[3]), d_execs, d_events, tonumber(created)}

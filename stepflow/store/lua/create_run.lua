@@ -7,9 +7,12 @@
 -- ARGV[1] request id   ARGV[2] execution id   ARGV[3] status (JSON)
 -- ARGV[4] input (JSON) ARGV[5] created_at (ms) ARGV[6] n = number of run fields
 -- ARGV[7 .. 6+2n] run field/value pairs, then context key/value pairs
--- Returns 'OK'.
+-- Returns the number of executions created (0 or 1, for the global counters).
+-- Errors: SF_DELETING (a delete holds the run: it cannot be overwritten now).
 local done = sf_replayed(KEYS[2], ARGV[1])
-if done then return done end
+if done then return tonumber(done) end
+local fence = redis.call('HGET', KEYS[1], '~del')
+if fence then return sf_fail('DELETING', fence) end
 
 local n = tonumber(ARGV[6])
 local run_fields = {}
@@ -21,11 +24,14 @@ redis.call('DEL', KEYS[4])
 sf_hset_from(KEYS[4], ARGV, 7 + 2 * n)
 
 local x = ARGV[2] .. '|'
+local created = 0
 if redis.call('HEXISTS', KEYS[5], x .. 'status') == 0 then
   redis.call('HSET', KEYS[5], x .. 'status', ARGV[3], x .. 'input', ARGV[4],
     x .. 'output', 'null', x .. 'error', 'null', x .. 'started_at', ARGV[5],
     x .. 'completed_at', 'null', x .. 'events', 0)
+  created = 1
 else
   redis.call('HSET', KEYS[5], x .. 'status', ARGV[3])
 end
-return sf_remember(KEYS[2], KEYS[3], ARGV[1], 'OK')
+sf_remember(KEYS[2], KEYS[3], ARGV[1], tostring(created))
+return created

@@ -7,13 +7,14 @@
 -- ARGV[3] completed_before ms ('' = any)  ARGV[4] n  ARGV[5 .. 4+n] execution ids
 -- Never the current execution, never a running one. Step rows of deleted
 -- executions go too; the context bag stays. Returns {executions deleted, events deleted}.
--- Errors: SF_NOTFOUND, SF_CHANGED (the caller's list of executions is stale).
+-- Errors: SF_NOTFOUND, SF_DELETING, SF_CHANGED (the caller's list of executions is stale).
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then
   local deleted, events = string.match(done, '^(%d+)|(%d+)$')
   return {tonumber(deleted), tonumber(events)}
 end
-if redis.call('EXISTS', KEYS[1]) == 0 then return sf_fail('NOTFOUND', 'run') end
+local refused = sf_writable(KEYS[1])
+if refused then return refused end
 local current = tonumber(redis.call('HGET', KEYS[1], 'current_execution_id'))
 local history = sf_history_keys(4, 7)
 local doomed, err = sf_prune_select(KEYS[4], current, tonumber(ARGV[2]) or 1,

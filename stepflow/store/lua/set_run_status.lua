@@ -7,10 +7,11 @@
 -- ARGV[3] status (JSON)  ARGV[4] '1' if terminal (sets completed_at)
 -- ARGV[5] output (JSON)  ARGV[6] error (JSON)
 -- ARGV[7] event kind ('' for none)  ARGV[8] event payload (JSON)
--- Returns 'OK'. Errors: SF_NOTFOUND, SF_CONFLICT (not the current execution).
+-- Returns 'OK'. Errors: SF_NOTFOUND, SF_DELETING, SF_CONFLICT (not the current execution).
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return done end
-if redis.call('EXISTS', KEYS[1]) == 0 then return sf_fail('NOTFOUND', 'run') end
+local refused = sf_writable(KEYS[1])
+if refused then return refused end
 local current = redis.call('HGET', KEYS[1], 'current_execution_id')
 if current ~= ARGV[2] then
   return sf_fail('CONFLICT', 'the run is at execution ' .. tostring(current) ..

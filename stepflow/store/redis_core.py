@@ -1,0 +1,377 @@
+"""The machinery under `RedisStore`: connection, scripts, counters, indexes.
+
+`RedisCore` loads the Lua scripts, runs them (alone or in pipelines, with
+NOSCRIPT handled), keeps the global counters and the global indexes. The
+store's operations are in `stepflow.store.redis` (the hot path) and
+`stepflow.store.redis_admin` (management); both build on this class.
+
+Global counters (executions and events stored) are a hash under the index
+tag, changed by ``bump_metrics.lua`` under the request id of the per-run
+script whose change they count, so a re-sent request never counts twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Mapping, Sequence
+from typing import Any, Self
+
+import anyio
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from stepflow import _json
+from stepflow.errors import ConflictError, StepflowError
+from stepflow.models import RunRecord, RunStatus
+from stepflow.store import scripts
+from stepflow.store.codec import Codec
+from stepflow.store.keys import Keys, RunKeys
+
+logger = logging.getLogger("stepflow.store.redis")
+
+CONFLICT_RETRIES = 5
+
+
+def new_request_id() -> str:
+    """A fresh id for one call of a script (replays of that call carry the same id)."""
+    return secrets.token_hex(8)
+
+
+def text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def pairs(flat: Sequence[bytes | str]) -> dict[str, bytes | str]:
+    return {text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+def delta_pairs(deltas: Mapping[str, int]) -> list[Any]:
+    """Counter name / delta pairs for ``bump_metrics.lua``, zeros left out."""
+    return [item for name, delta in deltas.items() if delta for item in (name, int(delta))]
+
+
+def delete_keys(keys: RunKeys, execution_ids: Sequence[int]) -> list[str]:
+    """Every key ``delete_run.lua`` removes, in its KEYS order."""
+    return [
+        keys.run,
+        keys.tomb,
+        keys.execs,
+        keys.ctx,
+        keys.steps,
+        keys.order,
+        keys.reqs,
+        keys.reqlog,
+        keys.children,
+        *(keys.events(x) for x in execution_ids),
+    ]
+
+
+class RedisCore:
+    """Connection, scripts, counters and indexes shared by the store's operations."""
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        prefix: str = "stepflow",
+        max_payload_bytes: int = _json.DEFAULT_MAX_PAYLOAD_BYTES,
+        check_durability: bool = True,
+    ) -> None:
+        self.client = client
+        self.keys = Keys(prefix)
+        self.max_payload_bytes = max_payload_bytes
+        self._codec = Codec(max_payload_bytes)
+        self._check_durability = check_durability
+        self._scripts: dict[str, AsyncScript] = {}
+        self._ready_lock = anyio.Lock()
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = "stepflow",
+        max_payload_bytes: int = _json.DEFAULT_MAX_PAYLOAD_BYTES,
+        check_durability: bool = True,
+        **client_options: Any,
+    ) -> Self:
+        """Connect by URL: ``redis://[:password@]host:port/db`` or ``rediss://`` for TLS.
+
+        ``client_options`` go to ``redis.asyncio.Redis.from_url`` (``socket_timeout``,
+        ``ssl_ca_certs``, ``retry``...). Unless given, commands are retried three
+        times with jittered backoff after a connection error; every script is
+        safe to run twice for one call, so a retry never applies a change twice.
+        """
+        client_options.setdefault("retry", Retry(ExponentialWithJitterBackoff(), 3))
+        client_options.setdefault("retry_on_error", [RedisConnectionError, RedisTimeoutError])
+        client = Redis.from_url(url, **client_options)
+        return cls(
+            client,
+            prefix=prefix,
+            max_payload_bytes=max_payload_bytes,
+            check_durability=check_durability,
+        )
+
+    async def __aenter__(self) -> Self:
+        await self._ready()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def _ready(self) -> dict[str, AsyncScript]:
+        if self._scripts:
+            return self._scripts
+        async with self._ready_lock:
+            if not self._scripts:
+                shebang = await self._accepts_shebang()
+                if self._check_durability:
+                    await self._warn_if_not_durable()
+                registered = {
+                    name: self.client.register_script(scripts.script_source(name, shebang=shebang))
+                    for name in scripts.SCRIPT_NAMES
+                }
+                # Load them all now (one round trip), so a script first sent in a
+                # pipeline finds itself; NOSCRIPT then only follows a flush or failover.
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for script in registered.values():
+                        pipe.script_load(script.script)
+                    await pipe.execute()
+                self._scripts = registered
+        return self._scripts
+
+    async def _accepts_shebang(self) -> bool:
+        try:
+            await self.client.eval("#!lua flags=no-writes\nreturn 1", 0)
+        except ResponseError:
+            return False
+        return True
+
+    async def _warn_if_not_durable(self) -> None:
+        """Warn when Redis could lose acknowledged completions (no AOF, evicting keys)."""
+        try:
+            config = await self.client.config_get("appendonly")
+            config.update(await self.client.config_get("maxmemory-policy"))
+        except ResponseError:
+            return  # CONFIG is disabled on many managed services
+        settings = {text(k): text(v) for k, v in config.items() if k and v}
+        if settings.get("appendonly", "yes") != "yes":
+            logger.warning(
+                "Redis has appendonly=no: a Redis crash can lose completed steps; "
+                "enable AOF (appendonly yes, appendfsync everysec or always)"
+            )
+        policy = settings.get("maxmemory-policy", "noeviction")
+        if policy != "noeviction":
+            logger.warning(
+                "Redis maxmemory-policy is %s: under memory pressure Redis may evict "
+                "workflow state; use noeviction",
+                policy,
+            )
+
+    async def _call(
+        self,
+        name: str,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        *,
+        run_id: str,
+        step_id: str = "",
+        execution_id: int = 0,
+    ) -> Any:
+        script = (await self._ready())[name]
+        try:
+            return await script(keys=list(keys), args=list(args))
+        except ResponseError as exc:
+            scripts.raise_for_script_error(
+                exc, run_id=run_id, step_id=step_id, execution_id=execution_id
+            )
+
+    def _queue(self, pipe: Pipeline, name: str, keys: Sequence[str], args: Sequence[Any]) -> None:
+        """Queue script ``name`` on ``pipe`` (scripts must be loaded: `_ready` first)."""
+        pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+
+    async def _settle(
+        self,
+        reply: Any,
+        name: str,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        *,
+        run_id: str,
+        step_id: str = "",
+        execution_id: int = 0,
+    ) -> Any:
+        """The result of a script sent in a pipeline.
+
+        A script refused as NOSCRIPT (after ``SCRIPT FLUSH`` or a failover) did
+        nothing; it is run again on its own, which loads it. Refusals raise.
+        """
+        if isinstance(reply, NoScriptError):
+            return await self._call(
+                name, keys, args, run_id=run_id, step_id=step_id, execution_id=execution_id
+            )
+        if isinstance(reply, ResponseError):
+            scripts.raise_for_script_error(
+                reply, run_id=run_id, step_id=step_id, execution_id=execution_id
+            )
+        return reply
+
+    @property
+    def _metric_keys(self) -> list[str]:
+        return [self.keys.metrics, self.keys.metrics_reqs, self.keys.metrics_reqlog]
+
+    async def _bump(self, request_id: str, deltas: Mapping[str, int]) -> None:
+        """Add ``deltas`` to the global counters, once for ``request_id``."""
+        flat = delta_pairs(deltas)
+        if flat:
+            await self._call("bump_metrics", self._metric_keys, [request_id, *flat], run_id="")
+
+    async def _call_counted(
+        self,
+        name: str,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        deltas: Mapping[str, int],
+        *,
+        run_id: str,
+        step_id: str = "",
+        execution_id: int = 0,
+    ) -> Any:
+        """Run a per-run script and count its change, in one round trip.
+
+        The counter update is pipelined after the script under the script's
+        request id (``args[0]``); when the script refused, the count is taken
+        back under a request id of its own.
+        """
+        flat = delta_pairs(deltas)
+        if not flat:
+            return await self._call(
+                name, keys, args, run_id=run_id, step_id=step_id, execution_id=execution_id
+            )
+        await self._ready()
+        bump_args = [args[0], *flat]
+        async with self.client.pipeline(transaction=False) as pipe:
+            self._queue(pipe, name, keys, args)
+            self._queue(pipe, "bump_metrics", self._metric_keys, bump_args)
+            reply, bumped = await pipe.execute(raise_on_error=False)
+        counted = not isinstance(bumped, ResponseError)
+        try:
+            reply = await self._settle(
+                reply, name, keys, args, run_id=run_id, step_id=step_id, execution_id=execution_id
+            )
+        except StepflowError:
+            if counted:
+                await self._bump(f"{args[0]}:undo", {k: -v for k, v in deltas.items()})
+            raise
+        if not counted:
+            await self._settle(bumped, "bump_metrics", self._metric_keys, bump_args, run_id="")
+        return reply
+
+    async def time_ms(self) -> int:
+        seconds, micros = await self.client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    async def _index_status(
+        self,
+        run_id: str,
+        status: RunStatus,
+        created_at: int,
+        *,
+        count: tuple[str, Mapping[str, int]] | None = None,
+    ) -> None:
+        """Put the run in its status set and in no other (idempotent, one round trip).
+
+        ``count`` (request id, deltas) adds the change the run's script made
+        to the global counters in the same round trip.
+        """
+        flat = delta_pairs(count[1]) if count is not None else []
+        if flat:
+            await self._ready()
+        async with self.client.pipeline(transaction=False) as pipe:
+            for candidate in RunStatus:
+                key = self.keys.runs_by_status(candidate)
+                if candidate == status:
+                    pipe.zadd(key, {run_id: created_at})
+                else:
+                    pipe.zrem(key, run_id)
+            if count is not None and flat:
+                self._queue(pipe, "bump_metrics", self._metric_keys, [count[0], *flat])
+            replies = await pipe.execute(raise_on_error=False)
+        for reply in replies[: len(RunStatus)]:
+            if isinstance(reply, Exception):
+                raise reply
+        if count is not None and flat:
+            bump_args = [count[0], *flat]
+            await self._settle(replies[-1], "bump_metrics", self._metric_keys, bump_args, run_id="")
+
+    def _decode_run(self, raw: Sequence[Any]) -> RunRecord | None:
+        run_flat, ctx_flat = raw
+        if not run_flat:
+            return None
+        fields = {
+            name: _json.loads(value)
+            for name, value in pairs(run_flat).items()
+            if not name.startswith("~")  # a delete's fence, not part of the record
+        }
+        fields["context"] = {key: _json.loads(value) for key, value in pairs(ctx_flat).items()}
+        return RunRecord.model_validate(fields)
+
+    async def _delete_one(self, run_id: str, request_id: str, mode: str) -> tuple[int, int, int]:
+        """Run ``delete_run.lua`` for one run: (deleted 0/1, executions, events)."""
+        keys = self.keys.run(run_id)
+        for _ in range(CONFLICT_RETRIES):
+            execution_ids = await self._execution_ids(keys)
+            try:
+                deleted, executions, events = await self._call(
+                    "delete_run",
+                    delete_keys(keys, execution_ids),
+                    [request_id, mode, *execution_ids],
+                    run_id=run_id,
+                )
+            except scripts.ExecutionsChangedError:
+                continue  # an execution started in between: list them again
+            return int(deleted), int(executions), int(events)
+        raise ConflictError(f"run {run_id!r} kept changing; delete it again")
+
+    async def _execution_ids(self, keys: RunKeys) -> list[int]:
+        fields = await self.client.hkeys(keys.execs)
+        ids = {text(f).partition("|")[0] for f in fields if text(f).endswith("|status")}
+        return sorted(int(x) for x in ids)
+
+    async def _unindex(
+        self,
+        run_ids: Sequence[str],
+        request_id: str,
+        counts: Mapping[str, tuple[int, int]],
+    ) -> None:
+        """Drop deleted runs from the indexes and their counts from the counters.
+
+        ``counts`` maps a deleted run to its (executions, events); each run's
+        counts go under ``<request id>:<run id>``, so two processes finishing
+        the same delete count each run once. One round trip (pipelined).
+        """
+        await self._ready()
+        bumps: list[list[Any]] = []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for run_id in run_ids:
+                pipe.zrem(self.keys.runs_by_time, run_id)
+                for status in RunStatus:
+                    pipe.zrem(self.keys.runs_by_status(status), run_id)
+            for run_id, (executions, events) in counts.items():
+                flat = delta_pairs({"executions": -executions, "events": -events})
+                if flat:
+                    bumps.append([f"{request_id}:{run_id}", *flat])
+                    self._queue(pipe, "bump_metrics", self._metric_keys, bumps[-1])
+            replies = await pipe.execute(raise_on_error=False)
+        for reply, bump_args in zip(replies[len(replies) - len(bumps) :], bumps, strict=True):
+            await self._settle(reply, "bump_metrics", self._metric_keys, bump_args, run_id="")
