@@ -18,9 +18,9 @@ Two tests, each with child programs under ``tests/crash_programs/``:
 At the end, in-process regression tests for bugs found along the way: a
 resume of a completed run must not run it again, a second driver of one
 durable run must not fail it, events pending at continue-as-new reach the
-next execution's wait. Two still open, as strict xfails: an event raised
-while the run continues as new is appended to the ended execution and lost,
-and a crash right after a continue-as-new loses the events it was to carry.
+next execution's wait, an event raised while the run continues as new is not
+appended to the ended execution. One still open, as a strict xfail: a crash
+right after a continue-as-new loses the events it was to carry.
 
 Every step body first appends ``"<step> <pid>"`` to a journal file and
 fsyncs it, so the journal says which process ran which step how often.
@@ -587,11 +587,6 @@ class _SlowAppend:
         return await self._store.append_event(*args, **kwargs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="raise_event appends to the execution it read; a continue-as-new in between loses it",
-)
 async def test_event_raised_while_the_run_continues_as_new_is_not_lost(
     redis_server: RedisServer, key_prefix: str
 ) -> None:

@@ -40,6 +40,7 @@ from stepflow.store.base import DEFAULT_LEASE_MS, WorkflowStore, validate_run_id
 
 _POLL_START = 0.02
 _POLL_MAX = 0.5
+_RAISE_ATTEMPTS = 10
 _FINISHED = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
 
 
@@ -295,14 +296,23 @@ class Engine:
         """
         if not isinstance(name, str) or not name:
             raise ValueError("event name must be a non-empty str")
-        record = await self._existing(run_id)
-        if record.status in _FINISHED:
-            raise ConflictError(f"run {run_id!r} is {record.status}; it takes no more events")
-        await self.store.append_event(
-            run_id,
-            NewEvent(kind=EventKind.EVENT_RAISED, payload={"name": name, "payload": payload}),
-            execution_id=record.current_execution_id,
-        )
+        event = NewEvent(kind=EventKind.EVENT_RAISED, payload={"name": name, "payload": payload})
+        for _ in range(_RAISE_ATTEMPTS):
+            record = await self._existing(run_id)
+            if record.status in _FINISHED:
+                raise ConflictError(f"run {run_id!r} is {record.status}; it takes no more events")
+            try:
+                await self.store.append_event(
+                    run_id,
+                    event,
+                    execution_id=record.current_execution_id,
+                    only_if_current=True,
+                )
+                break
+            except ConflictError:
+                continue  # the run continued as new meanwhile: raise it in the new execution
+        else:
+            raise ConflictError(f"run {run_id!r} kept moving to new executions; raise again")
         news = self._news.pop(run_id, None)
         if news is not None:
             news.set()

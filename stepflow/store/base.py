@@ -177,7 +177,11 @@ class WorkflowStore(Protocol):
         """
 
     async def renew_lease(self, lease: Lease, *, lease_ms: int = DEFAULT_LEASE_MS) -> Lease:
-        """Extend a live lease (heartbeat); `StaleLeaseError` if it is no longer current."""
+        """Extend the lease (heartbeat); `StaleLeaseError` once another owner claimed the step.
+
+        An expired lease is renewed too while nobody claimed the step since, so
+        an owner whose event loop stalled keeps its step rather than run it twice.
+        """
 
     async def complete_step(
         self,
@@ -211,8 +215,15 @@ class WorkflowStore(Protocol):
 
     # -- history and executions -----------------------------------------------
 
-    async def append_event(self, run_id: str, event: NewEvent, *, execution_id: int) -> Event:
-        """Append to the execution's history; the store assigns id and timestamp."""
+    async def append_event(
+        self, run_id: str, event: NewEvent, *, execution_id: int, only_if_current: bool = False
+    ) -> Event:
+        """Append to the execution's history; the store assigns id and timestamp.
+
+        With ``only_if_current``, `ConflictError` when the run moved on to
+        another execution (an event raised during continue-as-new is then sent
+        again to the new execution instead of landing in the finished one).
+        """
 
     async def read_history(self, run_id: str, execution_id: int | None = None) -> list[Event]:
         """Events of one execution (default: the current one), oldest first."""

@@ -334,7 +334,9 @@ class MemoryStore(MemoryAdmin):
             execution_id=execution_id,
         )
 
-    def _current_lease(self, lease: Lease) -> tuple[_Run, _StepLease]:
+    def _current_lease(
+        self, lease: Lease, *, allow_expired: bool = False
+    ) -> tuple[_Run, _StepLease]:
         """The run and the live lease ``lease`` stands for, else the refusal to raise."""
         run = self._runs.get(lease.run_id)
         if run is None:
@@ -345,13 +347,13 @@ class MemoryStore(MemoryAdmin):
             if step is not None and step.status == StepStatus.COMPLETED:
                 raise StepAlreadyCompletedError(lease.run_id, lease.step_id)
             raise StaleLeaseError(lease.run_id, lease.step_id, "the lease was taken over")
-        if held.expires_at <= now_ms():
+        if not allow_expired and held.expires_at <= now_ms():
             raise StaleLeaseError(lease.run_id, lease.step_id, "the lease expired")
         return run, held
 
     async def renew_lease(self, lease: Lease, *, lease_ms: int = DEFAULT_LEASE_MS) -> Lease:
         validate_run_id(lease.run_id)
-        _, held = self._current_lease(lease)
+        _, held = self._current_lease(lease, allow_expired=True)  # unclaimed since: still ours
         held.expires_at = now_ms() + lease_ms
         return lease.model_copy(update={"expires_at": held.expires_at})
 
@@ -431,11 +433,15 @@ class MemoryStore(MemoryAdmin):
         self._events_total += 1
         return event
 
-    async def append_event(self, run_id: str, event: NewEvent, *, execution_id: int) -> Event:
+    async def append_event(
+        self, run_id: str, event: NewEvent, *, execution_id: int, only_if_current: bool = False
+    ) -> Event:
         validate_run_id(run_id)
         payload = self._codec.encode_event(event)
         run = self._run(run_id)
         execution = self._execution(run, execution_id)
+        if only_if_current and run.record.current_execution_id != execution_id:
+            raise ConflictError(f"run {run_id!r}: execution {execution_id} is no longer current")
         return self._isolate_event(self._append(execution, event.kind, payload, now_ms()))
 
     def _isolate_event(self, event: Event) -> Event:

@@ -457,13 +457,15 @@ class RedisStore(RedisAdmin):
 
     # -- history and executions -----------------------------------------------
 
-    async def append_event(self, run_id: str, event: NewEvent, *, execution_id: int) -> Event:
+    async def append_event(
+        self, run_id: str, event: NewEvent, *, execution_id: int, only_if_current: bool = False
+    ) -> Event:
         keys = self.keys.run(run_id)
         payload = self._codec.encode_event(event)
         reply = await self._call_counted(
             "append_event",
             [keys.run, keys.reqs, keys.reqlog, keys.execs, keys.events(execution_id)],
-            [new_request_id(), execution_id, event.kind.value, payload],
+            [new_request_id(), execution_id, event.kind.value, payload, int(only_if_current)],
             {"events": 1},
             run_id=run_id,
             execution_id=execution_id,

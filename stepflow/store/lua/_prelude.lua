@@ -74,9 +74,10 @@ local function sf_append_event(events, execs, xid, kind, payload, now)
   return id
 end
 
--- Nil when the lease (token, epoch) is the step's current live lease,
--- otherwise the error code and detail to refuse the write with.
-local function sf_check_lease(run, steps, sid, token, epoch, now)
+-- Nil when the lease (token, epoch) is the step's current live lease (or,
+-- with allow_expired, its current lease even past expiry: nobody claimed the
+-- step since), otherwise the error code and detail to refuse the write with.
+local function sf_check_lease(run, steps, sid, token, epoch, now, allow_expired)
   local state = redis.call('HMGET', run, 'status', '~del')
   if not state[1] then
     return 'STALE', 'the run no longer exists'
@@ -90,7 +91,7 @@ local function sf_check_lease(run, steps, sid, token, epoch, now)
     if held[4] == '"completed"' then return 'DONE', sid end
     return 'STALE', 'the lease was taken over'
   end
-  if tonumber(held[3]) <= now then
+  if not allow_expired and tonumber(held[3]) <= now then
     return 'STALE', 'the lease expired'
   end
   return nil

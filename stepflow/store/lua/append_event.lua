@@ -3,13 +3,18 @@
 -- KEYS[1] run hash  KEYS[2] reqs hash  KEYS[3] reqlog list
 -- KEYS[4] execs hash  KEYS[5] events list of the execution
 -- ARGV[1] request id  ARGV[2] execution id  ARGV[3] kind  ARGV[4] payload (JSON)
--- Returns '<event_id>|<timestamp ms>'. Errors: SF_NOTFOUND, SF_DELETING, SF_NOEXEC.
+-- ARGV[5] '1' to append only if that execution is the run's current one
+-- Returns '<event_id>|<timestamp ms>'. Errors: SF_NOTFOUND, SF_DELETING, SF_NOEXEC,
+-- SF_CONFLICT (not the current execution, with ARGV[5] = '1').
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return done end
 local refused = sf_writable(KEYS[1])
 if refused then return refused end
 if redis.call('HEXISTS', KEYS[4], ARGV[2] .. '|status') == 0 then
   return sf_fail('NOEXEC', ARGV[2])
+end
+if ARGV[5] == '1' and redis.call('HGET', KEYS[1], 'current_execution_id') ~= ARGV[2] then
+  return sf_fail('CONFLICT', 'execution ' .. ARGV[2] .. ' is no longer current')
 end
 local now = sf_now_ms()
 local id = sf_append_event(KEYS[5], KEYS[4], ARGV[2], ARGV[3], ARGV[4], now)

@@ -1,5 +1,8 @@
 #!lua
--- Extend a live lease (a heartbeat from the owner of a long step).
+-- Extend a lease (a heartbeat from the owner of a long step). A lease that
+-- expired is renewed too while nobody claimed the step since (token and epoch
+-- unchanged): a stalled owner keeps its step instead of running it twice.
+-- Writes (complete, fail) still refuse an expired lease.
 -- KEYS[1] run hash  KEYS[2] reqs hash  KEYS[3] reqlog list  KEYS[4] steps hash
 -- ARGV[1] request id  ARGV[2] step id  ARGV[3] token  ARGV[4] epoch
 -- ARGV[5] lease duration (ms)
@@ -7,7 +10,7 @@
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return tonumber(done) end
 local now = sf_now_ms()
-local code, detail = sf_check_lease(KEYS[1], KEYS[4], ARGV[2], ARGV[3], ARGV[4], now)
+local code, detail = sf_check_lease(KEYS[1], KEYS[4], ARGV[2], ARGV[3], ARGV[4], now, true)
 if code then return sf_fail(code, detail) end
 local expires = now + tonumber(ARGV[5])
 redis.call('HSET', KEYS[4], ARGV[2] .. '|expires', expires)

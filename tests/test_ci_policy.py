@@ -1,0 +1,39 @@
+"""Without a redis-server, real-Redis tests skip locally and fail under CI=true."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL_REDIS_TEST = "tests/test_store_redis.py::test_delete_leaves_only_a_short_lived_tomb"
+
+
+def _pytest_without_redis_server(ci: str) -> subprocess.CompletedProcess[str]:
+    python_dir = str(Path(sys.executable).parent)  # no redis-server here
+    env = {**os.environ, "PATH": python_dir, "CI": ci}
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", REAL_REDIS_TEST],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.skipif(
+    (Path(sys.executable).parent / "redis-server").exists(), reason="redis-server beside python"
+)
+def test_missing_redis_fails_under_ci_and_skips_locally() -> None:
+    under_ci = _pytest_without_redis_server("true")
+    assert under_ci.returncode != 0
+    assert "real Redis required under CI" in under_ci.stdout
+    locally = _pytest_without_redis_server("")
+    assert locally.returncode == 0, locally.stdout
+    assert "skipped" in locally.stdout
