@@ -67,6 +67,13 @@ def test_research_agent_example_runs_offline() -> None:
     assert "answer:" in result.stdout
 
 
+def test_durable_agent_example_runs_its_two_tasks() -> None:
+    result = _run("examples/durable_agent.py")
+    assert result.returncode == 0, result.stderr
+    assert "completed, execution 2" in result.stdout
+    assert "execution 1: continued_as_new" in result.stdout
+
+
 def test_research_agent_example_runs_on_redis(redis_url: str) -> None:
     result = _run("examples/research_agent_redis.py", redis_url, PYTHONPATH="examples")
     assert result.returncode == 0, result.stderr
