@@ -19,8 +19,8 @@ At the end, in-process regression tests for bugs found along the way: a
 resume of a completed run must not run it again, a second driver of one
 durable run must not fail it, events pending at continue-as-new reach the
 next execution's wait, an event raised while the run continues as new is not
-appended to the ended execution. One still open, as a strict xfail: a crash
-right after a continue-as-new loses the events it was to carry.
+appended to the ended execution, and a crash right after a continue-as-new
+does not lose the events it carries (they move inside the same store call).
 
 Every step body first appends ``"<step> <pid>"`` to a journal file and
 fsyncs it, so the journal says which process ran which step how often.
@@ -628,12 +628,6 @@ class _DiesAfterContinue:
         raise _Died("the process died right after continue_as_new")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="pending events are carried to the next execution after continue_as_new, "
-    "in separate writes: a crash in between loses them",
-)
 async def test_events_pending_at_continue_as_new_survive_a_crash_right_after_it(
     redis_server: RedisServer, key_prefix: str
 ) -> None:

@@ -718,6 +718,41 @@ async def test_read_history_defaults_to_the_current_execution(store: WorkflowSto
     ]
 
 
+async def test_continue_as_new_carries_events_in_the_same_step(store: WorkflowStore) -> None:
+    await new_run(store)
+    raised = NewEvent(kind=EventKind.EVENT_RAISED, payload={"name": "go", "payload": 1})
+    await store.append_event("r1", raised, execution_id=1)
+    await store.continue_as_new("r1", "next", execution_id=1, carry=[raised, raised], seen_events=1)
+    kinds = [(e.kind, e.payload) for e in await store.read_history("r1", 2)]
+    assert kinds == [
+        (EventKind.RUN_STARTED, "next"),
+        (EventKind.EVENT_RAISED, {"name": "go", "payload": 1}),
+        (EventKind.EVENT_RAISED, {"name": "go", "payload": 1}),
+    ]
+
+
+async def test_continue_as_new_refuses_when_events_arrived_unseen(store: WorkflowStore) -> None:
+    await new_run(store)
+    await store.append_event("r1", event(), execution_id=1)
+    with pytest.raises(ConflictError):
+        await store.continue_as_new("r1", "next", execution_id=1, seen_events=0)
+    run = await store.get_run("r1")
+    assert run is not None
+    assert run.current_execution_id == 1
+    assert [x.execution_id for x in await store.list_executions("r1")] == [1]
+    assert len(await store.read_history("r1", 1)) == 1
+
+
+async def test_append_only_to_the_current_execution(store: WorkflowStore) -> None:
+    await new_run(store)
+    await store.continue_as_new("r1", None, execution_id=1)
+    with pytest.raises(ConflictError):
+        await store.append_event("r1", event(), execution_id=1, only_if_current=True)
+    assert len(await store.read_history("r1", 1)) == 1  # only continued_as_new
+    appended = await store.append_event("r1", event(), execution_id=2, only_if_current=True)
+    assert appended.event_id == 2
+
+
 async def test_unknown_execution_raises_execution_not_found(store: WorkflowStore) -> None:
     await new_run(store)
     with pytest.raises(ExecutionNotFoundError) as caught:

@@ -131,6 +131,7 @@ class WorkflowContext:
                     owner=runner.owner,
                     lease_ms=runner.lease_ms,
                     first_attempt=await runner.attempts_of(call.step_id) + 1,
+                    keeper=runner.keeper,
                 )
             except LeaseLost:
                 continue  # another driver took the step over: await its result or lapse

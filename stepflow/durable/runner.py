@@ -9,7 +9,6 @@ that outcome in one store operation.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 from typing import Any
@@ -19,9 +18,9 @@ import anyio
 from stepflow.durable.context import ContinueAsNew, WorkflowContext
 from stepflow.durable.definition import DurableWorkflow
 from stepflow.durable.replay import Replay
-from stepflow.engine.attempts import describe_error
+from stepflow.engine.attempts import LeaseKeeper, describe_error, with_lease_keeper
 from stepflow.engine.runners import RunnerServices
-from stepflow.errors import StepflowError
+from stepflow.errors import ConflictError, StepflowError
 from stepflow.models import (
     Event,
     EventKind,
@@ -34,6 +33,9 @@ from stepflow.models import (
 from stepflow.store.base import MAX_RUN_ID_LENGTH, WorkflowStore
 
 logger = logging.getLogger("stepflow.durable")
+
+
+_CONTINUE_ATTEMPTS = 10
 
 
 class DurableRunner:
@@ -51,6 +53,7 @@ class DurableRunner:
         self.record = record
         self.services = services
         self.replay = Replay(record.run_id, [])
+        self.keeper: LeaseKeeper | None = None
 
     @property
     def run_id(self) -> str:
@@ -69,6 +72,10 @@ class DurableRunner:
         return self.services.lease_ms
 
     async def execute(self) -> RunRecord:
+        return await with_lease_keeper(self.store, self.lease_ms, self._execute)
+
+    async def _execute(self, keeper: LeaseKeeper) -> RunRecord:
+        self.keeper = keeper  # renews the lease of each ctx.step while it runs
         if self.record.status == RunStatus.COMPLETED:
             return self.record  # a resume of a finished run: replaying it changes nothing
         if self.record.status != RunStatus.RUNNING:
@@ -123,24 +130,41 @@ class DurableRunner:
             return await self._finish(RunStatus.FAILED, error=describe_error(exc))
 
     async def _continue_as_new(self, request: ContinueAsNew) -> None:
+        """End this execution and start the next, carrying unconsumed raised events.
+
+        Raised events no wait took go to the next wait for their name, so they
+        move into the new execution inside the same atomic store call. The
+        call names how many events the old execution held when it was read;
+        an event raised in between makes the store refuse, and the history is
+        read again.
+        """
         prune = request.prune or self.definition.auto_prune or self.services.default_prune
         old_id = self.execution_id
-        await self.refresh()
-        pending = self.replay.pending_events()
-        new_id = await self.store.continue_as_new(
-            self.run_id, request.input, execution_id=old_id, prune=prune
-        )
-        with contextlib.suppress(StepflowError):  # unless pruned: take in late arrivals too
-            old = await self.store.read_history(self.run_id, old_id)
-            pending = Replay(self.run_id, old).pending_events()
-        # Raised events no wait took go to the next wait for their name: the new execution's.
-        for event in pending:
-            payload = {**event.payload, "carried_from": [old_id, event.event_id]}
-            await self.store.append_event(
-                self.run_id,
-                NewEvent(kind=EventKind.EVENT_RAISED, payload=payload),
-                execution_id=new_id,
-            )
+        for _ in range(_CONTINUE_ATTEMPTS):
+            history = await self.store.read_history(self.run_id, old_id)
+            carry = [
+                NewEvent(
+                    kind=EventKind.EVENT_RAISED,
+                    payload={**event.payload, "carried_from": [old_id, event.event_id]},
+                )
+                for event in Replay(self.run_id, history).pending_events()
+            ]
+            try:
+                await self.store.continue_as_new(
+                    self.run_id,
+                    request.input,
+                    execution_id=old_id,
+                    prune=prune,
+                    carry=carry,
+                    seen_events=len(history),
+                )
+                break
+            except ConflictError:
+                record = await self.store.get_run(self.run_id)
+                if record is not None and record.current_execution_id != old_id:
+                    raise  # another driver moved the run on: not ours to continue
+        else:
+            raise ConflictError(f"run {self.run_id!r}: events kept arriving; continue again")
         record = await self.store.get_run(self.run_id)
         assert record is not None, "the run disappeared during continue-as-new"
         self.record = record

@@ -2,10 +2,10 @@
 
 Both the DAG runner and durable workflows' ``ctx.step`` go through
 `execute_step`, so a step behaves the same wherever it is written: it is
-claimed under a lease before it runs, the lease is renewed while it runs,
-and its result is recorded with one atomic store call that the store
-refuses if the lease was lost meanwhile. A refused completion means another
-owner took the step over; this process then drops its result.
+claimed under a lease before it runs, the lease is renewed while it runs
+(by a `LeaseKeeper`), and its result is recorded with one atomic store call
+that the store refuses if the lease was lost meanwhile. A refused completion
+means another owner took the step over; this process then drops its result.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import traceback
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import anyio
 
@@ -31,6 +31,8 @@ from stepflow.retry import RetryPolicy
 from stepflow.store.base import WorkflowStore
 
 _TRACEBACK_LIMIT = 4000
+
+T = TypeVar("T")
 
 
 def describe_error(exc: BaseException, **extra: Any) -> dict[str, Any]:
@@ -99,24 +101,131 @@ class StepOutcome:
     """The completion event as recorded (its timestamp is the store's clock)."""
 
 
-class _Heartbeat:
-    """Renews a lease while a step runs; cancels the step if the lease is lost."""
+@dataclass(eq=False, slots=True)
+class _Hold:
+    """One attempt's lease while it runs, as the `LeaseKeeper` keeps it."""
 
-    def __init__(self, store: WorkflowStore, lease: Lease, lease_ms: int) -> None:
+    lease: Lease
+    renew_at: float = 0.0
+    """`anyio.current_time` at which the keeper renews the lease next."""
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    """Wraps the user call only: the keeper cancels it when the lease is lost."""
+    lost: bool = False
+    failure: Exception | None = None
+    """What the store raised when a renewal failed for another reason than the lease."""
+    outcome: tuple[Any, Exception | None] | None = None
+    """(result, error) of the user call; None when the keeper cancelled it."""
+
+
+class LeaseKeeper:
+    """Renews the lease of every attempt in flight, from one task.
+
+    One task per runner rather than one heartbeat task (and task group) per
+    attempt: most steps finish well within a third of their lease, so per
+    attempt the keeper costs a set insertion instead of a task spawn and
+    cancellation. Start `run` in a task group before holding leases and
+    `stop` it when the runner is done.
+
+    A lease is renewed a third of ``lease_ms`` after it was taken or last
+    renewed, so it has two thirds of its time left when renewed, as with a
+    heartbeat per attempt. When the store refuses a renewal (the lease
+    lapsed or another owner claimed the step), the attempt's own scope is
+    cancelled and `execute_step` sorts out whether to give the step up.
+    """
+
+    def __init__(self, store: WorkflowStore, lease_ms: int) -> None:
         self.store = store
-        self.lease = lease
         self.lease_ms = lease_ms
-        self.lost = False
+        self._period = lease_ms / 3000
+        self._holds: set[_Hold] = set()
+        self._scope = anyio.CancelScope()
 
-    async def run(self, scope: anyio.CancelScope) -> None:
-        while True:
-            await anyio.sleep(self.lease_ms / 3000)
-            try:
-                self.lease = await self.store.renew_lease(self.lease, lease_ms=self.lease_ms)
-            except StepflowError:
-                self.lost = True
-                scope.cancel()
-                return
+    def stop(self) -> None:
+        """End `run` (also when it has not started yet)."""
+        self._scope.cancel()
+
+    async def run(self) -> None:
+        """Renew every lease when it is due, until `stop`.
+
+        Sleeping until the earliest due renewal never misses a lease held
+        meanwhile: a new lease is due a whole period after it is held,
+        later than any wake-up already planned.
+        """
+        with self._scope:
+            while True:
+                now = anyio.current_time()
+                for hold in [hold for hold in self._holds if hold.renew_at <= now]:
+                    if hold in self._holds:  # its attempt may have ended during a renewal
+                        await self._renew(hold)
+                wake = min((hold.renew_at for hold in self._holds), default=now + self._period)
+                await anyio.sleep(max(wake - anyio.current_time(), 0))
+
+    async def _renew(self, hold: _Hold) -> None:
+        try:
+            lease = await self.store.renew_lease(hold.lease, lease_ms=self.lease_ms)
+        except StepflowError:
+            self._give_up(hold, lost=True)
+        except Exception as exc:  # the store failed (connection...): the attempt fails
+            hold.failure = exc
+            self._give_up(hold, lost=False)
+        else:
+            hold.lease = lease
+            hold.renew_at = anyio.current_time() + self._period
+
+    def _give_up(self, hold: _Hold, *, lost: bool) -> None:
+        if hold in self._holds:  # else the attempt ended meanwhile: nothing to stop
+            self._holds.discard(hold)
+            hold.lost = lost
+            hold.scope.cancel()
+
+    async def attempt(self, call: StepCall, attempt: int, hold: _Hold) -> None:
+        """Run one attempt of ``call`` while its lease is renewed; see ``hold.outcome``."""
+        hold.renew_at = anyio.current_time() + self._period
+        self._holds.add(hold)
+        try:
+            with hold.scope:
+                hold.outcome = await _capture(call, attempt)
+        finally:
+            self._holds.discard(hold)
+
+
+async def with_lease_keeper(
+    store: WorkflowStore, lease_ms: int, body: Callable[[LeaseKeeper], Awaitable[T]]
+) -> T:
+    """Await ``body(keeper)`` with a `LeaseKeeper` running beside it for its whole time.
+
+    For a runner that drives its steps from one task (durable workflows). An
+    exception of ``body`` is raised as is, not wrapped in an exception group
+    by the keeper's task group; cancellation passes through it unwrapped anyway.
+    """
+    keeper = LeaseKeeper(store, lease_ms)
+    failure: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(keeper.run, name="stepflow lease keeper")
+        try:
+            result = await body(keeper)
+        except Exception as exc:
+            failure = exc
+        finally:
+            keeper.stop()
+    if failure is not None:
+        raise failure
+    return result
+
+
+async def _attempt_alone(
+    store: WorkflowStore, lease_ms: int, call: StepCall, attempt: int, hold: _Hold
+) -> None:
+    """`LeaseKeeper.attempt` with a keeper of its own, for callers that run none.
+
+    The task group never wraps an error: the attempt captures the user's
+    exceptions and the keeper raises none.
+    """
+    keeper = LeaseKeeper(store, lease_ms)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(keeper.run)
+        await keeper.attempt(call, attempt, hold)
+        keeper.stop()
 
 
 async def _call_user(call: StepCall, attempt: int) -> Any:
@@ -152,43 +261,64 @@ async def execute_step(
     owner: str,
     lease_ms: int,
     first_attempt: int,
+    keeper: LeaseKeeper | None = None,
 ) -> StepOutcome:
     """Run ``call`` until it succeeds or fails for good; record every attempt.
 
     Raises `StepFailed` when it fails for good, `LeaseLost` when another
     owner took it over, and `StepAlreadyCompletedError` when it had already
-    completed (the caller then reads the recorded output).
+    completed (the caller then reads the recorded output). ``keeper`` (with
+    this ``lease_ms``) renews the leases; without one, each attempt runs a
+    keeper of its own.
     """
     attempt = first_attempt
     while True:
-        lease = await _claim(store, call, owner, lease_ms)
-        heartbeat = _Heartbeat(store, lease, lease_ms)
+        hold = _Hold(await _claim(store, call, owner, lease_ms))
         try:
-            result = await _attempt(call, attempt, heartbeat)
+            if keeper is not None:
+                await keeper.attempt(call, attempt, hold)
+            else:
+                await _attempt_alone(store, lease_ms, call, attempt, hold)
+            result = _result(call, hold)
         except LeaseLost:
             if not await _lapsed_unclaimed(store, call, owner):
                 raise
             attempt += 1  # nobody else will run it: run it again under a new lease
             continue
         except Exception as exc:
-            await _failed_attempt(store, call, heartbeat.lease, exc, attempt)
+            await _failed_attempt(store, call, hold.lease, exc, attempt)
             attempt += 1
             continue
         except BaseException:
             # Cancelled (fail-fast, Engine.cancel, engine shutdown): hand the
             # step back at once, so a resume need not wait for the lease.
             with anyio.CancelScope(shield=True):
-                await _release(store, heartbeat.lease, attempt)
+                await _release(store, hold.lease, attempt)
             raise
         try:
-            recorded = await _commit(store, call, heartbeat.lease, result, attempt, owner, lease_ms)
+            recorded = await _commit(store, call, hold.lease, result, attempt, owner, lease_ms)
         except InvalidPayloadError as exc:
             # Not storable (a set, NaN, too large...): the store refused it before
             # writing anything, so the attempt failed like a step that raised.
-            await _failed_attempt(store, call, heartbeat.lease, exc, attempt)
+            await _failed_attempt(store, call, hold.lease, exc, attempt)
             attempt += 1
             continue
         return StepOutcome(output=result, attempt=attempt, event=recorded)
+
+
+def _result(call: StepCall, hold: _Hold) -> Any:
+    """The attempt's result, or raise what ended it."""
+    if hold.failure is not None:  # the store failed renewing the lease
+        raise hold.failure
+    # A result that arrived anyway is kept: recording it finds out whether the step
+    # was taken over meanwhile (then it is dropped) or just our lease ran out.
+    if hold.lost and (hold.outcome is None or hold.outcome[1] is not None):
+        raise LeaseLost(f"lost the lease on step {call.name!r} of run {call.run_id!r}")
+    assert hold.outcome is not None, "an attempt cancelled by its keeper is lost or failed"
+    result, error = hold.outcome
+    if error is not None:
+        raise error
+    return result
 
 
 async def _commit(
@@ -242,24 +372,8 @@ async def _failed_attempt(
     await anyio.sleep(call.policy.delay(attempt))
 
 
-async def _attempt(call: StepCall, attempt: int, heartbeat: _Heartbeat) -> Any:
-    outcome: list[Any] = []
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(heartbeat.run, tg.cancel_scope)
-        outcome.append(await _capture(call, attempt))
-        tg.cancel_scope.cancel()
-    # A result that arrived anyway is kept: recording it finds out whether the step
-    # was taken over meanwhile (then it is dropped) or just our lease ran out.
-    if heartbeat.lost and (not outcome or outcome[0][1] is not None):
-        raise LeaseLost(f"lost the lease on step {call.name!r} of run {call.run_id!r}")
-    result, error = outcome[0]
-    if error is not None:
-        raise error
-    return result
-
-
 async def _capture(call: StepCall, attempt: int) -> tuple[Any, Exception | None]:
-    """The attempt's result or exception, so the heartbeat's task group never wraps it."""
+    """The attempt's result or exception: a lost lease decides which of them counts."""
     try:
         if call.timeout is None:
             return await _call_user(call, attempt), None

@@ -18,10 +18,12 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from stepflow.dag import StepSpec, Workflow
 from stepflow.engine.attempts import (
+    LeaseKeeper,
     LeaseLost,
     StepCall,
     StepFailed,
@@ -57,8 +59,8 @@ class DagRunner:
         self.lease_ms = lease_ms
         self.limiter = limiter
         self.stop_reason = stop_reason
-        # Replaced, never mutated: a sync step builds its context (a copy of the
-        # bag) in its worker thread while the loop may merge another step's output.
+        # Replaced, never mutated: a step's context is a read-only view of the bag
+        # as it was, while the loop may merge another step's output meanwhile.
         self.bag: dict[str, Any] = dict(record.context)
         self.outputs: dict[str, Any] = {}
         self.done: set[str] = set()
@@ -67,6 +69,16 @@ class DagRunner:
         self.attempts: dict[str, int] = {}
         self.failure: StepFailed | None = None
         self.lost_lease = False
+        self.keeper = LeaseKeeper(store, lease_ms)
+        self._dependents: dict[str, list[str]] = {name: [] for name in flow.steps}
+        for spec in flow.steps.values():
+            for dep in spec.after:
+                if dep in self._dependents:  # an undefined one never completes anyway
+                    self._dependents[dep].append(spec.name)
+        self._waiting: dict[str, int] = {}
+        """Per step not done when the run started: how many of its dependencies are not done."""
+        self._in_flight = 0
+        """Step tasks running; the keeper stops when none is left."""
 
     @property
     def run_id(self) -> str:
@@ -87,7 +99,10 @@ class DagRunner:
             )
         try:
             async with anyio.create_task_group() as tg:
-                self._launch_ready(tg)
+                tg.start_soon(self.keeper.run, name=f"stepflow lease keeper {self.run_id}")
+                self._launch(tg, self._initially_ready())
+                if not self._in_flight:
+                    self.keeper.stop()
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 if self.stop_reason() == "cancel":
@@ -98,7 +113,7 @@ class DagRunner:
         if self.lost_lease:
             # Another owner runs this run now; report what the store says.
             return await self._reload()
-        sinks = [name for name in self.flow.step_names if not self.flow.dependents(name)]
+        sinks = [name for name, dependents in self._dependents.items() if not dependents]
         return await self.store.set_run_status(
             self.run_id,
             RunStatus.COMPLETED,
@@ -121,13 +136,22 @@ class DagRunner:
         record = await self.store.get_run(self.run_id)
         return record if record is not None else self.record
 
-    def _launch_ready(self, tg: TaskGroup) -> None:
-        for name in self.flow.step_names:
-            if name in self.started or name in self.done:
+    def _initially_ready(self) -> list[str]:
+        """Count each step's unfinished dependencies; return the steps free to start."""
+        ready = []
+        for name, spec in self.flow.steps.items():
+            if name in self.done:
                 continue
-            if all(dep in self.done for dep in self.flow.dependencies(name)):
-                self.started.add(name)
-                tg.start_soon(self._run_step, tg, name, name=f"stepflow step {name}")
+            self._waiting[name] = sum(dep not in self.done for dep in spec.after)
+            if not self._waiting[name]:
+                ready.append(name)
+        return ready
+
+    def _launch(self, tg: TaskGroup, names: list[str]) -> None:
+        for name in names:
+            self.started.add(name)
+            self._in_flight += 1
+            tg.start_soon(self._run_step, tg, name, name=f"stepflow step {name}")
 
     def _context(self, name: str, attempt: int) -> StepContext:
         return StepContext.for_attempt(
@@ -135,11 +159,44 @@ class DagRunner:
             step_id=name,
             attempt=attempt,
             input=self.record.input,
-            context=MappingProxyType(dict(self.bag)),
+            context=MappingProxyType(self.bag),
             execution_id=self.execution_id,
         )
 
     async def _run_step(self, tg: TaskGroup, name: str) -> None:
+        """Run ``name``, then in this same task the first of the steps it unblocked, and so on.
+
+        A chain of steps so costs one task, not one per step; the other
+        unblocked steps get tasks of their own.
+        """
+        try:
+            ready = await self._step(tg, name)
+            while ready:
+                await self._yield_before(ready)
+                self._launch(tg, ready[1:])
+                self.started.add(ready[0])
+                ready = await self._step(tg, ready[0])
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:  # nothing can start any more: no lease to keep
+                self.keeper.stop()
+
+    async def _yield_before(self, ready: list[str]) -> None:
+        """Let the tasks already queued run before the ``ready`` steps start.
+
+        Tasks started for them would have queued there too, in this order, so
+        the steps start when they used to. A cancel arriving meanwhile finds
+        them interrupted, as it would have found their tasks.
+        """
+        try:
+            await anyio.lowlevel.checkpoint()
+        except BaseException:
+            self.started.update(ready)
+            self.interrupted.update(ready)
+            raise
+
+    async def _step(self, tg: TaskGroup, name: str) -> list[str]:
+        """Run one step; return the steps its completion unblocked."""
         spec = self.flow.steps[name]
         first_attempt = self.attempts.get(name, 0) + 1
         if spec.when is not None:
@@ -150,20 +207,23 @@ class DagRunner:
                 await self._record(name, StepStatus.FAILED, error=error)
                 self.failure = self.failure or StepFailed(name, error, exc)
                 tg.cancel_scope.cancel()
-                return
+                return []
             if not wanted:
                 await self._record(name, StepStatus.SKIPPED, error=None)
-                self._finished(tg, name, None)
-                return
+                return self._finished(name, None)
         try:
-            async with self.limiter:
+            await self._take_slot()
+            try:
                 outcome = await execute_step(
                     self.store,
                     self._call(spec),
                     owner=self.owner,
                     lease_ms=self.lease_ms,
                     first_attempt=first_attempt,
+                    keeper=self.keeper,
                 )
+            finally:
+                self.limiter.release()
             output = outcome.output
         except StepAlreadyCompletedError:
             step = await self.store.get_step(self.run_id, name)
@@ -173,15 +233,29 @@ class DagRunner:
         except StepFailed as failure:
             self.failure = self.failure or failure
             tg.cancel_scope.cancel()
-            return
+            return []
         except LeaseLost:
             self.lost_lease = True
             tg.cancel_scope.cancel()
-            return
+            return []
         except BaseException:
             self.interrupted.add(name)
             raise
-        self._finished(tg, name, output)
+        return self._finished(name, output)
+
+    async def _take_slot(self) -> None:
+        """Acquire the limiter, without its extra yield when a slot is free.
+
+        ``async with limiter`` always lets the loop run once more, even with a
+        slot free; a step needs no such yield to be fair (its task, or the
+        checkpoint before it, has just queued behind the others). A cancelled
+        step still stops here, as it would in the limiter.
+        """
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self.limiter.acquire_nowait()
+        except anyio.WouldBlock:
+            await self.limiter.acquire()
 
     def _call(self, spec: StepSpec) -> StepCall:
         def invoke(attempt: int) -> Any:
@@ -198,12 +272,19 @@ class DagRunner:
             is_async=spec.is_async,
         )
 
-    def _finished(self, tg: TaskGroup, name: str, output: Any) -> None:
+    def _finished(self, name: str, output: Any) -> list[str]:
+        """Take in a step's output; return its dependents that have nothing left to wait for."""
         self.outputs[name] = output
         if isinstance(output, Mapping):
             self.bag = {**self.bag, **output}
         self.done.add(name)
-        self._launch_ready(tg)
+        ready = []
+        for dependent in self._dependents[name]:
+            if dependent in self._waiting:
+                self._waiting[dependent] -= 1
+                if not self._waiting[dependent] and dependent not in self.started:
+                    ready.append(dependent)
+        return ready
 
     async def _record(self, name: str, status: StepStatus, *, error: Any) -> None:
         """Write a step row that no attempt wrote: skipped, or cancelled after release."""

@@ -238,6 +238,8 @@ class WorkflowStore(Protocol):
         *,
         execution_id: int,
         prune: PruneOptions | None = None,
+        carry: Sequence[NewEvent] = (),
+        seen_events: int | None = None,
     ) -> int:
         """End execution ``execution_id`` as continued-as-new and start the next one.
 
@@ -247,6 +249,10 @@ class WorkflowStore(Protocol):
         at it. With ``prune``, old executions are pruned (as by
         `prune_executions`) in the same atomic step, and the new execution's
         history starts with a ``history_pruned`` event holding the counts.
+        ``carry`` events (raised events no wait consumed) are appended to the
+        new execution in the same step, so a crash cannot lose them; with
+        ``seen_events``, `ConflictError` when the old execution holds another
+        number of events (one arrived after the caller read it: read again).
         Returns the new execution id. `ConflictError` when
         ``execution_id`` is not the current execution.
         """

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import secrets
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -475,17 +475,24 @@ class MemoryStore(MemoryAdmin):
         *,
         execution_id: int,
         prune: PruneOptions | None = None,
+        carry: Sequence[NewEvent] = (),
+        seen_events: int | None = None,
     ) -> int:
         validate_run_id(run_id)
         input_json = self._codec.encode(input, "continue-as-new input")
+        carried = [(event.kind, self._codec.encode_event(event)) for event in carry]
         run = self._run(run_id)
         if run.record.current_execution_id != execution_id:
             raise ConflictError(
                 f"run {run_id!r} is at execution {run.record.current_execution_id}, "
                 f"not {execution_id}"
             )
-        now = now_ms()
         old = self._execution(run, execution_id)
+        if seen_events is not None and len(old.events) != seen_events:
+            raise ConflictError(
+                f"run {run_id!r}: events arrived in execution {execution_id} meanwhile"
+            )
+        now = now_ms()
         old.status = RunStatus.CONTINUED_AS_NEW
         old.completed_at = now
         new_id = execution_id + 1
@@ -507,6 +514,8 @@ class MemoryStore(MemoryAdmin):
                 "events_deleted": result.events_deleted,
             }
             self._append(new, EventKind.HISTORY_PRUNED, _json.dumps(counts), now)
+        for kind, payload in carried:
+            self._append(new, kind, payload, now)
         self._set_record(
             run,
             run.record.model_copy(

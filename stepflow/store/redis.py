@@ -28,7 +28,7 @@ in `stepflow.store.redis_admin`.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from stepflow import _json
@@ -504,9 +504,12 @@ class RedisStore(RedisAdmin):
         *,
         execution_id: int,
         prune: PruneOptions | None = None,
+        carry: Sequence[NewEvent] = (),
+        seen_events: int | None = None,
     ) -> int:
         keys = self.keys.run(run_id)
         input_json = self._codec.encode(input, "continue-as-new input")
+        carried = [item for event in carry for item in self._event_args(event)]
         new_id = execution_id + 1
         request_id = new_request_id()
         for _ in range(CONFLICT_RETRIES):
@@ -534,6 +537,8 @@ class RedisStore(RedisAdmin):
                         *_prune_args(prune),
                         len(history_ids),
                         *history_ids,
+                        "" if seen_events is None else seen_events,
+                        *carried,
                     ],
                     run_id=run_id,
                 )

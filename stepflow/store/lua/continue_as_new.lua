@@ -8,13 +8,17 @@
 -- ARGV[4] next input (JSON)  ARGV[5] '1' to prune, else '0'
 -- ARGV[6] keep_last ('' = only the current)  ARGV[7] completed_before ms ('' = any)
 -- ARGV[8] n  ARGV[9 .. 8+n] execution ids
+-- ARGV[9+n] the current execution's event count the caller saw ('' = any)
+-- ARGV[10+n ..] kind / payload (JSON) pairs of events to carry into the next
+-- execution (raised events no wait consumed), appended in the same step
 -- A next execution left from before a create_run that moved the run back
 -- is replaced, history included. With pruning, old executions go in the
 -- same step and the next execution's history records a history_pruned
 -- event with the counts. Returns {next execution id, change in the number
 -- of stored executions, change in the number of stored events (both for the
 -- global counters), the run's created_at (for its status index)}.
--- Errors: SF_NOTFOUND, SF_DELETING, SF_CONFLICT.
+-- Errors: SF_NOTFOUND, SF_DELETING, SF_CONFLICT (not the current execution, or
+-- events arrived since the caller read the history: it reads again).
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then
   local id, dx, de, created = string.match(done, '^(%d+)|(-?%d+)|(-?%d+)|(%d+)$')
@@ -27,6 +31,12 @@ local current, created = row[1], row[2]
 if current ~= ARGV[2] then
   return sf_fail('CONFLICT', 'the run is at execution ' .. tostring(current) ..
     ', not ' .. ARGV[2])
+end
+
+local listed = tonumber(ARGV[8])
+local seen = ARGV[9 + listed]
+if seen ~= '' and redis.call('HGET', KEYS[4], ARGV[2] .. '|events') ~= seen then
+  return sf_fail('CONFLICT', 'events arrived in execution ' .. ARGV[2] .. ' meanwhile')
 end
 
 local now = sf_now_ms()
@@ -58,6 +68,10 @@ if ARGV[5] == '1' then
     '{"reason":"continue_as_new","executions_deleted":' .. deleted ..
     ',"events_deleted":' .. events .. '}', now)
   d_execs, d_events = d_execs - deleted, d_events + 1 - events
+end
+for i = 10 + listed, #ARGV, 2 do
+  sf_append_event(KEYS[6], KEYS[4], ARGV[3], ARGV[i], ARGV[i + 1], now)
+  d_events = d_events + 1
 end
 redis.call('HSET', KEYS[1], 'current_execution_id', ARGV[3], 'status', '"running"',
   'input', ARGV[4], 'output', 'null', 'error', 'null', 'updated_at', now,
