@@ -34,6 +34,7 @@ import time
 from typing import Any
 
 import anyio
+from _driver import main
 
 import stepflow
 from stepflow import Engine, RedisStore
@@ -89,25 +90,5 @@ async def start(url: str, prefix: str, run_id: str, journal: str, lease_ms: int)
         await store.aclose()
 
 
-async def resume(url: str, prefix: str, run_id: str, lease_ms: int) -> None:
-    store = RedisStore.from_url(url, prefix=prefix, check_durability=False)
-    try:
-        async with Engine(store, lease_ms=lease_ms) as engine:
-            await engine.resume(run_id)
-            record = await engine.wait(run_id, timeout=60)
-        print(record.model_dump_json())
-    finally:
-        await store.aclose()
-
-
-def main(argv: list[str]) -> None:
-    mode, *args = argv or [""]
-    fixed = {"start": 4, "resume": 3}.get(mode)
-    if fixed is None or len(args) not in (fixed, fixed + 1):
-        raise SystemExit(__doc__)
-    lease_ms = int(args[fixed]) if len(args) > fixed else LEASE_MS
-    anyio.run(start if mode == "start" else resume, *args[:fixed], lease_ms)
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(sys.argv[1:], start, lease_ms=LEASE_MS, usage=__doc__)
