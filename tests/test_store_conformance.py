@@ -166,6 +166,21 @@ async def test_create_run_starts_the_current_execution(store: WorkflowStore) -> 
     assert await store.read_history("r1") == []
 
 
+async def test_create_run_only_if_absent_leaves_an_existing_run_alone(
+    store: WorkflowStore,
+) -> None:
+    await new_run(store, context={"kept": 1})
+    await store.merge_context("r1", {"work": "done"})
+    again = record(status=RunStatus.PENDING, input={"other": True})
+    assert await store.create_run(again, only_if_absent=True) is False
+    run = await store.get_run("r1")
+    assert run is not None
+    assert run.context == {"kept": 1, "work": "done"}
+    assert run.input != {"other": True}
+    assert await store.create_run(record("r2"), only_if_absent=True) is True
+    assert {r.run_id for r in await store.list_runs()} == {"r1", "r2"}
+
+
 async def test_create_run_overwrites_record_replaces_context_and_keeps_steps_and_history(
     store: WorkflowStore,
 ) -> None:

@@ -36,6 +36,7 @@ from stepflow import (
     StepStatus,
     WorkflowStore,
 )
+from stepflow.models import now_ms
 
 pytestmark = pytest.mark.anyio
 
@@ -455,3 +456,14 @@ async def test_store_reconnects_after_a_redis_restart(own_server: RedisServer) -
     await store.create_run(RunRecord(run_id="after", workflow="wf"))
     assert [r.run_id for r in await store.list_runs()] == ["after"]
     await store.aclose()
+
+
+async def test_a_young_index_entry_without_its_run_is_kept_an_old_one_dropped(
+    redis_store: RedisStore,
+) -> None:
+    """Runs are indexed before they are written: a reader must not hide a create in flight."""
+    index = redis_store.keys.runs_by_time
+    await redis_store.client.zadd(index, {"being-created": now_ms(), "long-gone": 1_000})
+    assert await redis_store.list_runs() == []
+    members = {m.decode() for m in await redis_store.client.zrange(index, 0, -1)}
+    assert members == {"being-created"}

@@ -210,16 +210,17 @@ class DurableRunner:
         return child_id
 
     async def create_child(self, workflow: DurableWorkflow, child_id: str, input: Any) -> None:
-        if await self.store.get_run(child_id) is None:
-            await self.store.create_run(
-                RunRecord(
-                    run_id=child_id,
-                    workflow=workflow.name,
-                    version=workflow.version,
-                    input=workflow.validate_input(input),
-                    parent_run_id=self.run_id,
-                )
-            )
+        """Store the child run unless a replay finds it created already."""
+        await self.store.create_run(
+            RunRecord(
+                run_id=child_id,
+                workflow=workflow.name,
+                version=workflow.version,
+                input=workflow.validate_input(input),
+                parent_run_id=self.run_id,
+            ),
+            only_if_absent=True,
+        )
 
     async def drive_child(self, child_id: str) -> RunRecord:
         return await self.services.drive(child_id)

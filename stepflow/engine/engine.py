@@ -185,16 +185,16 @@ class Engine:
         flow.validate()
         value = flow.validate_input(input)
         run_id = validate_run_id(run_id) if run_id is not None else uuid.uuid4().hex
-        existing = await self.store.get_run(run_id)
-        if existing is not None:
+        record = RunRecord(run_id=run_id, workflow=flow.name, version=flow.version, input=value)
+        # Only if absent: a second start of the same id (a retry, another
+        # process) resumes the run rather than wiping what it did.
+        if not await self.store.create_run(record, only_if_absent=True):
+            existing = await self._existing(run_id)
             if existing.workflow != flow.name:
                 raise ConflictError(
                     f"run {run_id!r} exists and belongs to workflow {existing.workflow!r}, "
                     f"not {flow.name!r}; choose another run id"
                 )
-            return run_id
-        record = RunRecord(run_id=run_id, workflow=flow.name, version=flow.version, input=value)
-        await self.store.create_run(record)
         return run_id
 
     async def _drive(

@@ -88,12 +88,15 @@ class WorkflowStore(Protocol):
 
     # -- runs -----------------------------------------------------------------
 
-    async def create_run(self, record: RunRecord) -> None:
+    async def create_run(self, record: RunRecord, *, only_if_absent: bool = False) -> bool:
         """Create the run, or overwrite the record of an existing one (create-or-resume).
 
         The context bag is replaced by ``record.context``; step rows and history
         of an existing run are kept, so a resumed run sees its completed steps.
-        The run's current execution is created when missing.
+        The run's current execution is created when missing. With
+        ``only_if_absent`` an existing run is left untouched and False is
+        returned: two processes starting the same run id cannot wipe each
+        other's work. Returns True when the record was written.
         """
 
     async def get_run(self, run_id: str) -> RunRecord | None:

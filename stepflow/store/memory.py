@@ -120,7 +120,7 @@ class MemoryStore(MemoryAdmin):
 
     # -- runs -----------------------------------------------------------------
 
-    async def create_run(self, record: RunRecord) -> None:
+    async def create_run(self, record: RunRecord, *, only_if_absent: bool = False) -> bool:
         validate_run_id(record.run_id)
         if record.parent_run_id is not None:
             validate_run_id(record.parent_run_id)
@@ -134,6 +134,8 @@ class MemoryStore(MemoryAdmin):
                 "context": {},
             }
         )
+        if only_if_absent and record.run_id in self._runs:
+            return False
         if record.parent_run_id is not None:
             self._children.setdefault(record.parent_run_id, set()).add(record.run_id)
         run = self._runs.get(record.run_id)
@@ -154,6 +156,7 @@ class MemoryStore(MemoryAdmin):
             self._executions_total += 1
         else:
             execution.status = record.status
+        return True
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         validate_run_id(run_id)

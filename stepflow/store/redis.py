@@ -89,18 +89,23 @@ class RedisStore(RedisAdmin):
 
     # -- runs -----------------------------------------------------------------
 
-    async def create_run(self, record: RunRecord) -> None:
-        keys, args = self._create_run_call(record)
-        await self._index_new(record)
+    async def create_run(self, record: RunRecord, *, only_if_absent: bool = False) -> bool:
+        keys, args = self._create_run_call(record, only_if_absent=only_if_absent)
+        await self._index_new(record, keep_score=only_if_absent)
         created = await self._call("create_run", keys, args, run_id=record.run_id)
+        if int(created) < 0:
+            return False  # it exists; its own index entries are in place
         await self._index_status(
             record.run_id,
             record.status,
             record.created_at,
             count=(args[0], {"executions": int(created)}),
         )
+        return True
 
-    def _create_run_call(self, record: RunRecord) -> tuple[list[str], list[Any]]:
+    def _create_run_call(
+        self, record: RunRecord, *, only_if_absent: bool = False
+    ) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of ``create_run.lua`` for ``record`` (validated and encoded).
 
         For bulk loaders that pipeline many creates (``benchmarks/bench_admin.py``);
@@ -125,27 +130,30 @@ class RedisStore(RedisAdmin):
             encoded.input,
             record.created_at,
             len(_RUN_FIELDS),
+            "1" if only_if_absent else "0",
             *run_pairs,
             *context_pairs,
         ]
         return [keys.run, keys.reqs, keys.reqlog, keys.ctx, keys.execs], args
 
-    async def _index_new(self, record: RunRecord) -> None:
+    async def _index_new(self, record: RunRecord, *, keep_score: bool = False) -> None:
         """Index a run before writing it, in one round trip.
 
         Index first: an entry without a run is dropped by readers, a run
         without an entry could never be listed. A child is added to its
-        parent's children set, unless a delete holds the parent.
+        parent's children set, unless a delete holds the parent. With
+        ``keep_score`` an existing entry keeps its time (the run may exist).
         """
         parent = record.parent_run_id
+        entry = {record.run_id: record.created_at}
         if parent is None:
-            await self.client.zadd(self.keys.runs_by_time, {record.run_id: record.created_at})
+            await self.client.zadd(self.keys.runs_by_time, entry, nx=keep_score)
             return
         parent_keys = self.keys.run(parent)
         add_child = [[parent_keys.run, parent_keys.children], [record.run_id]]
         await self._ready()
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.zadd(self.keys.runs_by_time, {record.run_id: record.created_at})
+            pipe.zadd(self.keys.runs_by_time, entry, nx=keep_score)
             self._queue(pipe, "add_child", *add_child)
             replies = await pipe.execute(raise_on_error=False)
         try:
@@ -261,8 +269,11 @@ class RedisStore(RedisAdmin):
         if limit <= 0:
             return []
         page = self.client.zrange if oldest_first else self.client.zrevrange
-        members = await page(index, offset, offset + limit - 1)
-        ids = [text(member) for member in cast("list[bytes | str]", members)]
+        entries = cast(
+            "list[tuple[bytes, float]]",
+            await page(index, offset, offset + limit - 1, withscores=True),
+        )
+        ids = [text(member) for member, _ in entries]
         if not ids:
             return []
         await self._ready()
@@ -272,11 +283,11 @@ class RedisStore(RedisAdmin):
                 self._queue(pipe, "get_run", keys, [])
             raw_runs = await pipe.execute(raise_on_error=False)
         records: list[RunRecord] = []
-        for run_id, keys, raw in zip(ids, calls, raw_runs, strict=True):
+        for run_id, keys, raw, (_, score) in zip(ids, calls, raw_runs, entries, strict=True):
             raw = await self._settle(raw, "get_run", keys, [], run_id=run_id)
             record = self._decode_run(raw)
             if record is None:
-                await self.client.zrem(index, run_id)
+                await self._drop_orphan_entry(index, run_id, score)
             elif status is not None and record.status != status:
                 await self._index_status(run_id, record.status, record.created_at)
             else:

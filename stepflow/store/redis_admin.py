@@ -133,7 +133,7 @@ class RedisAdmin(RedisCore):
         found = []
         for run_id, (_, created_at), raw in zip(ids, entries, stored, strict=True):
             if raw is None:  # an entry whose run is gone (or not written yet)
-                await self.client.zrem(index, run_id)
+                await self._drop_orphan_entry(index, run_id, created_at)
                 continue
             actual = RunStatus(_json.loads(raw))
             if status is not None and actual != status:

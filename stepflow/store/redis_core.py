@@ -29,7 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stepflow import _json
 from stepflow.errors import ConflictError, StepflowError
-from stepflow.models import RunRecord, RunStatus
+from stepflow.models import RunRecord, RunStatus, now_ms
 from stepflow.store import scripts
 from stepflow.store.codec import Codec
 from stepflow.store.keys import Keys, RunKeys
@@ -71,6 +71,10 @@ def delete_keys(keys: RunKeys, execution_ids: Sequence[int]) -> list[str]:
         keys.children,
         *(keys.events(x) for x in execution_ids),
     ]
+
+
+INDEX_GRACE_MS = 60_000
+"""How long an index entry may wait for its run to be written before readers drop it."""
 
 
 class RedisCore:
@@ -276,6 +280,17 @@ class RedisCore:
         if not counted:
             await self._settle(bumped, "bump_metrics", self._metric_keys, bump_args, run_id="")
         return reply
+
+    async def _drop_orphan_entry(self, index: str, run_id: str, score: float) -> None:
+        """Drop an index entry whose run does not exist, unless it is young.
+
+        Runs are indexed before they are written, so a young entry without a
+        run may be a create in flight: dropping it would hide that run from
+        every listing for good. Entries older than `INDEX_GRACE_MS` are left
+        by deletes and crashes, and go.
+        """
+        if score < now_ms() - INDEX_GRACE_MS:
+            await self.client.zrem(index, run_id)
 
     async def time_ms(self) -> int:
         seconds, micros = await self.client.time()

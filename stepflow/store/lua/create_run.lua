@@ -6,22 +6,27 @@
 -- KEYS[4] ctx hash  KEYS[5] execs hash
 -- ARGV[1] request id   ARGV[2] execution id   ARGV[3] status (JSON)
 -- ARGV[4] input (JSON) ARGV[5] created_at (ms) ARGV[6] n = number of run fields
--- ARGV[7 .. 6+2n] run field/value pairs, then context key/value pairs
--- Returns the number of executions created (0 or 1, for the global counters).
+-- ARGV[7] '1' to create only when no run has this id (else nothing is written)
+-- ARGV[8 .. 7+2n] run field/value pairs, then context key/value pairs
+-- Returns the number of executions created (0 or 1, for the global counters),
+-- or -1 when ARGV[7] is '1' and the run exists (nothing written).
 -- Errors: SF_DELETING (a delete holds the run: it cannot be overwritten now).
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return tonumber(done) end
 local fence = redis.call('HGET', KEYS[1], '~del')
 if fence then return sf_fail('DELETING', fence) end
+if ARGV[7] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then
+  return sf_remember(KEYS[2], KEYS[3], ARGV[1], '-1') and -1
+end
 
 local n = tonumber(ARGV[6])
 local run_fields = {}
-for i = 7, 6 + 2 * n do run_fields[#run_fields + 1] = ARGV[i] end
+for i = 8, 7 + 2 * n do run_fields[#run_fields + 1] = ARGV[i] end
 
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], unpack(run_fields))
 redis.call('DEL', KEYS[4])
-sf_hset_from(KEYS[4], ARGV, 7 + 2 * n)
+sf_hset_from(KEYS[4], ARGV, 8 + 2 * n)
 
 local x = ARGV[2] .. '|'
 local created = 0
