@@ -1250,3 +1250,33 @@ async def test_a_sync_step_never_overlaps_itself_when_the_loop_stalls(
     assert record.status == RunStatus.COMPLETED
     assert overlaps == []
     assert record.context == {"sync": 1}
+
+
+async def test_a_cancel_from_another_process_is_not_overwritten_by_the_finish(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """Engine B cancels a run engine A drives; A's late finish must not turn it completed."""
+    flow = new_flow()
+
+    @flow.step()
+    async def slow(ctx: StepContext) -> dict[str, int]:
+        await anyio.sleep(0.3)
+        return {"a": 1}
+
+    @flow.step(after=[slow])
+    async def after_it(ctx: StepContext) -> dict[str, int]:
+        return {"b": 2}
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as driver:
+            run_id = await driver.start(flow)
+            await anyio.sleep(0.1)
+            cancelled = await Engine(store).cancel(run_id)
+            final = await driver.wait(run_id, timeout=LIMIT)
+
+    assert cancelled.status == RunStatus.CANCELLED
+    assert final.status == RunStatus.CANCELLED
+    stored = await store.get_run(run_id)
+    assert stored is not None
+    assert stored.status == RunStatus.CANCELLED
+    assert "b" not in stored.context  # no new step started after the cancel

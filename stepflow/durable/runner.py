@@ -20,7 +20,7 @@ from stepflow.durable.definition import DurableWorkflow
 from stepflow.durable.replay import Replay
 from stepflow.engine.attempts import LeaseKeeper, describe_error, with_lease_keeper
 from stepflow.engine.runners import RunnerServices
-from stepflow.errors import ConflictError, StepflowError
+from stepflow.errors import ConflictError, RunCancelledError, StepflowError
 from stepflow.models import (
     Event,
     EventKind,
@@ -123,6 +123,10 @@ class DurableRunner:
                 error=error,
                 event=NewEvent(kind=kinds[status], payload=error),
             )
+        except RunCancelledError:
+            # Another process cancelled the run while this one finished it: that stands.
+            record = await self.store.get_run(self.run_id)
+            return record if record is not None else self.record
         except StepflowError as exc:
             if status != RunStatus.COMPLETED:
                 raise

@@ -31,7 +31,7 @@ from stepflow.engine.attempts import (
     execute_step,
 )
 from stepflow.engine.context import StepContext
-from stepflow.errors import StepAlreadyCompletedError
+from stepflow.errors import RunCancelledError, StepAlreadyCompletedError
 from stepflow.models import EventKind, NewEvent, RunRecord, RunStatus, StepState, StepStatus
 from stepflow.store.base import WorkflowStore
 
@@ -108,19 +108,22 @@ class DagRunner:
                 if self.stop_reason() == "cancel":
                     await self._finish_cancelled()
             raise
-        if self.failure is not None:
-            return await self._finish_failed(self.failure)
-        if self.lost_lease:
-            # Another owner runs this run now; report what the store says.
-            return await self._reload()
-        sinks = [name for name, dependents in self._dependents.items() if not dependents]
-        return await self.store.set_run_status(
-            self.run_id,
-            RunStatus.COMPLETED,
-            execution_id=self.execution_id,
-            output={name: self.outputs.get(name) for name in sinks},
-            event=NewEvent(kind=EventKind.RUN_COMPLETED, payload=None),
-        )
+        try:
+            if self.failure is not None:
+                return await self._finish_failed(self.failure)
+            if self.lost_lease:
+                # Another owner runs this run now, or it was cancelled: report the store's view.
+                return await self._reload()
+            sinks = [name for name, dependents in self._dependents.items() if not dependents]
+            return await self.store.set_run_status(
+                self.run_id,
+                RunStatus.COMPLETED,
+                execution_id=self.execution_id,
+                output={name: self.outputs.get(name) for name in sinks},
+                event=NewEvent(kind=EventKind.RUN_COMPLETED, payload=None),
+            )
+        except RunCancelledError:
+            return await self._reload()  # another process cancelled it: that stands
 
     async def _load_steps(self) -> None:
         for step in await self.store.list_steps(self.run_id):
@@ -234,8 +237,8 @@ class DagRunner:
             self.failure = self.failure or failure
             tg.cancel_scope.cancel()
             return []
-        except LeaseLost:
-            self.lost_lease = True
+        except (LeaseLost, RunCancelledError):
+            self.lost_lease = True  # taken over, or cancelled by another process
             tg.cancel_scope.cancel()
             return []
         except BaseException:

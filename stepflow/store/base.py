@@ -114,6 +114,9 @@ class WorkflowStore(Protocol):
     ) -> RunRecord:
         """Move the run and its current execution to ``status`` in one step.
 
+        A cancelled run only moves to ``running`` (a resume) or stays
+        cancelled; anything else raises `RunCancelledError`, so a process still
+        finishing a run another process cancelled cannot overwrite that.
         ``execution_id`` must be the run's current execution (else
         `ConflictError`): an engine that lost a race with continue-as-new
         cannot finish the newer execution. Terminal statuses set

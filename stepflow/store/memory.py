@@ -77,6 +77,10 @@ class _Run:
     executions: dict[int, _Execution] = field(default_factory=dict)
 
 
+_AFTER_CANCEL = (RunStatus.RUNNING, RunStatus.CANCELLED)
+"""A cancelled run stays cancelled unless resumed: a late finish must not overwrite it."""
+
+
 class MemoryStore(MemoryAdmin):
     """In-process store: the quick start, the tests, and the definition of correct."""
 
@@ -191,6 +195,8 @@ class MemoryStore(MemoryAdmin):
         error_json = self._codec.encode(error, "run error")
         event_json = self._codec.encode_event(event) if event is not None else None
         run = self._run(run_id)
+        if run.record.status == RunStatus.CANCELLED and status not in _AFTER_CANCEL:
+            raise RunCancelledError(run_id)
         if run.record.current_execution_id != execution_id:
             raise ConflictError(
                 f"run {run_id!r} is at execution {run.record.current_execution_id}, "

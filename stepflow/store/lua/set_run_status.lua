@@ -7,12 +7,17 @@
 -- ARGV[3] status (JSON)  ARGV[4] '1' if terminal (sets completed_at)
 -- ARGV[5] output (JSON)  ARGV[6] error (JSON)
 -- ARGV[7] event kind ('' for none)  ARGV[8] event payload (JSON)
--- Returns 'OK'. Errors: SF_NOTFOUND, SF_DELETING, SF_CONFLICT (not the current execution).
+-- Returns 'OK'. Errors: SF_NOTFOUND, SF_DELETING, SF_CONFLICT (not the current execution),
+-- SF_CANCELLED (the run was cancelled: only a resume, to running, may change that).
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return done end
 local refused = sf_writable(KEYS[1])
 if refused then return refused end
-local current = redis.call('HGET', KEYS[1], 'current_execution_id')
+local row = redis.call('HMGET', KEYS[1], 'current_execution_id', 'status')
+local current = row[1]
+if row[2] == '"cancelled"' and ARGV[3] ~= '"running"' and ARGV[3] ~= '"cancelled"' then
+  return sf_fail('CANCELLED', 'run')
+end
 if current ~= ARGV[2] then
   return sf_fail('CONFLICT', 'the run is at execution ' .. tostring(current) ..
     ', not ' .. ARGV[2])
