@@ -53,7 +53,7 @@ class DurableRunner:
         self.record = record
         self.services = services
         self.replay = Replay(record.run_id, [])
-        self.keeper: LeaseKeeper | None = None
+        self._keeper: LeaseKeeper | None = None
 
     @property
     def run_id(self) -> str:
@@ -71,11 +71,17 @@ class DurableRunner:
     def lease_ms(self) -> int:
         return self.services.lease_ms
 
+    @property
+    def keeper(self) -> LeaseKeeper:
+        """Renews the lease of each ``ctx.step`` while it runs (set for the run's duration)."""
+        assert self._keeper is not None, "the lease keeper runs only inside execute()"
+        return self._keeper
+
     async def execute(self) -> RunRecord:
         return await with_lease_keeper(self.store, self.lease_ms, self._execute)
 
     async def _execute(self, keeper: LeaseKeeper) -> RunRecord:
-        self.keeper = keeper  # renews the lease of each ctx.step while it runs
+        self._keeper = keeper
         if self.record.status == RunStatus.COMPLETED:
             return self.record  # a resume of a finished run: replaying it changes nothing
         if self.record.status != RunStatus.RUNNING:

@@ -213,21 +213,6 @@ async def with_lease_keeper(
     return result
 
 
-async def _attempt_alone(
-    store: WorkflowStore, lease_ms: int, call: StepCall, attempt: int, hold: _Hold
-) -> None:
-    """`LeaseKeeper.attempt` with a keeper of its own, for callers that run none.
-
-    The task group never wraps an error: the attempt captures the user's
-    exceptions and the keeper raises none.
-    """
-    keeper = LeaseKeeper(store, lease_ms)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(keeper.run)
-        await keeper.attempt(call, attempt, hold)
-        keeper.stop()
-
-
 async def _call_user(call: StepCall, attempt: int) -> Any:
     if call.is_async:
         return await call.invoke(attempt)
@@ -261,24 +246,20 @@ async def execute_step(
     owner: str,
     lease_ms: int,
     first_attempt: int,
-    keeper: LeaseKeeper | None = None,
+    keeper: LeaseKeeper,
 ) -> StepOutcome:
     """Run ``call`` until it succeeds or fails for good; record every attempt.
 
     Raises `StepFailed` when it fails for good, `LeaseLost` when another
     owner took it over, and `StepAlreadyCompletedError` when it had already
     completed (the caller then reads the recorded output). ``keeper`` (with
-    this ``lease_ms``) renews the leases; without one, each attempt runs a
-    keeper of its own.
+    this ``lease_ms``) renews the leases; it runs in the caller's task group.
     """
     attempt = first_attempt
     while True:
         hold = _Hold(await _claim(store, call, owner, lease_ms))
         try:
-            if keeper is not None:
-                await keeper.attempt(call, attempt, hold)
-            else:
-                await _attempt_alone(store, lease_ms, call, attempt, hold)
+            await keeper.attempt(call, attempt, hold)
             result = _result(call, hold)
         except LeaseLost:
             if not await _lapsed_unclaimed(store, call, owner):
