@@ -25,6 +25,7 @@ from stepflow import (
     MemoryStore,
     NewEvent,
     PayloadTooLargeError,
+    PruneOptions,
     RedisStore,
     RunNotFoundError,
     RunRecord,
@@ -430,6 +431,20 @@ async def test_get_step_of_absent_step_or_run_is_none(store: WorkflowStore) -> N
 
 async def test_list_steps_of_unknown_run_is_empty(store: WorkflowStore) -> None:
     assert await store.list_steps("ghost") == []
+
+
+async def test_upsert_keep_completed_never_undoes_a_completion(store: WorkflowStore) -> None:
+    await new_run(store)
+    lease = await store.claim_step("r1", "s1", name="s1", owner="w1")
+    await store.complete_step(lease, output={"done": True})
+    skipped = StepState(step_id="s1", name="s1", status=StepStatus.SKIPPED)
+    assert await store.upsert_step("r1", skipped, keep_completed=True) is False
+    step = await store.get_step("r1", "s1")
+    assert step is not None
+    assert (step.status, step.output) == (StepStatus.COMPLETED, {"done": True})
+    fresh = StepState(step_id="s2", name="s2", status=StepStatus.SKIPPED)
+    assert await store.upsert_step("r1", fresh, keep_completed=True) is True
+    assert [s.step_id for s in await store.list_steps("r1")] == ["s1", "s2"]
 
 
 async def test_upsert_step_on_unknown_run_raises_not_found(store: WorkflowStore) -> None:
@@ -1081,3 +1096,16 @@ async def test_values_handed_to_the_store_are_copied(store: WorkflowStore) -> No
     assert run.context == {"bag": {"items": [1]}, "patch": {"items": [1]}}
     assert (await step_of(store)).input == {"items": [1]}
     assert [e.payload for e in await store.read_history("r1")] == [{"items": [1]}]
+
+
+async def test_prune_counts_the_current_execution_first_even_when_it_is_not_the_newest(
+    store: WorkflowStore,
+) -> None:
+    """After an overwriting create_run moved a run back to execution 1, both stores agree."""
+    await new_run(store)
+    await store.continue_as_new("r1", None, execution_id=1)
+    await store.continue_as_new("r1", None, execution_id=2)
+    await store.create_run(record(current_execution_id=1))  # overwrite: back to 1
+    result = await store.prune_executions("r1", PruneOptions(keep_last=2))
+    assert (result.executions_deleted, result.instances_processed) == (1, 1)
+    assert [x.execution_id for x in await store.list_executions("r1")] == [1, 3]

@@ -292,11 +292,11 @@ class DagRunner:
     async def _record(self, name: str, status: StepStatus, *, error: Any) -> None:
         """Write a step row that no attempt wrote: skipped, or cancelled after release."""
         current = await self.store.get_step(self.run_id, name)
-        if current is not None and current.status == StepStatus.COMPLETED:
-            return  # completed after all (e.g. cancelled while reading it): keep it
         base = current or StepState(step_id=name, name=name, execution_id=self.execution_id)
         await self.store.upsert_step(
-            self.run_id, base.model_copy(update={"status": status, "error": error})
+            self.run_id,
+            base.model_copy(update={"status": status, "error": error}),
+            keep_completed=True,  # completed after all (another owner, a late commit): keep it
         )
 
     async def _mark_unfinished(

@@ -153,8 +153,15 @@ class WorkflowStore(Protocol):
 
     # -- steps ----------------------------------------------------------------
 
-    async def upsert_step(self, run_id: str, step: StepState) -> None:
-        """Write a step row as given (no lease check); a new step keeps insertion order."""
+    async def upsert_step(
+        self, run_id: str, step: StepState, *, keep_completed: bool = False
+    ) -> bool:
+        """Write a step row as given (no lease check); a new step keeps insertion order.
+
+        With ``keep_completed`` a step already completed is left as it is and
+        False is returned: marking steps skipped or cancelled can never undo a
+        completion another owner recorded meanwhile. True when written.
+        """
 
     async def get_step(self, run_id: str, step_id: str) -> StepState | None:
         """The step, or None when the run has no such step."""

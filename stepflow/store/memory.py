@@ -275,11 +275,18 @@ class MemoryStore(MemoryAdmin):
 
     # -- steps ----------------------------------------------------------------
 
-    async def upsert_step(self, run_id: str, step: StepState) -> None:
+    async def upsert_step(
+        self, run_id: str, step: StepState, *, keep_completed: bool = False
+    ) -> bool:
         validate_run_id(run_id)
         validate_step_id(step.step_id)
         isolated = self._codec.isolate_step(step)
-        self._run(run_id).steps[step.step_id] = isolated
+        steps = self._run(run_id).steps
+        stored = steps.get(step.step_id)
+        if keep_completed and stored is not None and stored.status == StepStatus.COMPLETED:
+            return False
+        steps[step.step_id] = isolated
+        return True
 
     async def get_step(self, run_id: str, step_id: str) -> StepState | None:
         validate_run_id(run_id)

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from stepflow import _json
-from stepflow.errors import ConflictError, RunNotFoundError, StepflowError
+from stepflow.errors import RunNotFoundError, StepflowError
 from stepflow.models import (
     Event,
     EventKind,
@@ -46,11 +46,9 @@ from stepflow.models import (
     StepState,
     parse_run_status,
 )
-from stepflow.store import scripts
 from stepflow.store.base import DEFAULT_LEASE_MS, validate_run_id, validate_step_id
 from stepflow.store.redis_admin import RedisAdmin
 from stepflow.store.redis_core import (
-    CONFLICT_RETRIES,
     new_request_id,
     pairs,
     text,
@@ -286,30 +284,31 @@ class RedisStore(RedisAdmin):
         for run_id, keys, raw, (_, score) in zip(ids, calls, raw_runs, entries, strict=True):
             raw = await self._settle(raw, "get_run", keys, [], run_id=run_id)
             record = self._decode_run(raw)
-            if record is None:
-                await self._drop_orphan_entry(index, run_id, score)
-            elif status is not None and record.status != status:
-                await self._index_status(run_id, record.status, record.created_at)
-            else:
+            actual = record.status if record is not None else None
+            current = await self._entry_is_current(index, run_id, score, status, actual)
+            if current and record is not None:
                 records.append(record)
         return records
 
     # -- steps ----------------------------------------------------------------
 
-    async def upsert_step(self, run_id: str, step: StepState) -> None:
+    async def upsert_step(
+        self, run_id: str, step: StepState, *, keep_completed: bool = False
+    ) -> bool:
         keys = self.keys.run(run_id)
         sid = validate_step_id(step.step_id)
         row = _json.loads(self._codec.encode_step(step))
         fields_flat = [
             item for name in _STEP_FIELDS for item in (f"{sid}|{name}", _json.dumps(row[name]))
         ]
-        await self._call(
+        reply = await self._call(
             "upsert_step",
             [keys.run, keys.reqs, keys.reqlog, keys.steps, keys.order],
-            [new_request_id(), sid, *fields_flat],
+            [new_request_id(), sid, "1" if keep_completed else "0", *fields_flat],
             run_id=run_id,
             step_id=sid,
         )
+        return text(reply) != "KEPT"
 
     async def get_step(self, run_id: str, step_id: str) -> StepState | None:
         keys = self.keys.run(run_id)
@@ -523,64 +522,62 @@ class RedisStore(RedisAdmin):
         carried = [item for event in carry for item in self._event_args(event)]
         new_id = execution_id + 1
         request_id = new_request_id()
-        for _ in range(CONFLICT_RETRIES):
-            history_ids = await self._execution_ids(keys) if prune is not None else []
-            try:
-                next_id, executions, events, created_at = await self._call(
-                    "continue_as_new",
-                    [
-                        keys.run,
-                        keys.reqs,
-                        keys.reqlog,
-                        keys.execs,
-                        keys.events(execution_id),
-                        keys.events(new_id),
-                        keys.steps,
-                        keys.order,
-                        *(keys.events(x) for x in history_ids),
-                    ],
-                    [
-                        request_id,
-                        execution_id,
-                        execution_id + 1,
-                        input_json,
-                        "0" if prune is None else "1",
-                        *_prune_args(prune),
-                        len(history_ids),
-                        *history_ids,
-                        "" if seen_events is None else seen_events,
-                        *carried,
-                    ],
-                    run_id=run_id,
-                )
-            except scripts.ExecutionsChangedError:
-                continue  # another execution appeared between listing and pruning
-            # The run is running now, whatever it was (failed runs can continue too).
-            count = (request_id, {"executions": executions, "events": events})
-            await self._index_status(run_id, RunStatus.RUNNING, int(created_at), count=count)
-            return int(next_id)
-        raise ConflictError(f"run {run_id!r}: executions kept changing; try again")
+
+        async def continue_run(history_ids: list[int]) -> list[int]:
+            reply: list[int] = await self._call(
+                "continue_as_new",
+                [
+                    keys.run,
+                    keys.reqs,
+                    keys.reqlog,
+                    keys.execs,
+                    keys.events(execution_id),
+                    keys.events(new_id),
+                    keys.steps,
+                    keys.order,
+                    *(keys.events(x) for x in history_ids),
+                ],
+                [
+                    request_id,
+                    execution_id,
+                    execution_id + 1,
+                    input_json,
+                    "0" if prune is None else "1",
+                    *_prune_args(prune),
+                    len(history_ids),
+                    *history_ids,
+                    "" if seen_events is None else seen_events,
+                    *carried,
+                ],
+                run_id=run_id,
+            )
+            return reply
+
+        next_id, executions, events, created_at = await self._with_execution_ids(
+            run_id, continue_run, needed=prune is not None
+        )
+        # The run is running now, whatever it was (failed runs can continue too).
+        count = (request_id, {"executions": executions, "events": events})
+        await self._index_status(run_id, RunStatus.RUNNING, int(created_at), count=count)
+        return int(next_id)
 
     async def prune_executions(self, run_id: str, options: PruneOptions) -> PruneResult:
         keys = self.keys.run(run_id)
         request_id = new_request_id()
-        for _ in range(CONFLICT_RETRIES):
-            history_ids = await self._execution_ids(keys)
-            try:
-                deleted, events = await self._call(
-                    "prune_executions",
-                    [keys.run, keys.reqs, keys.reqlog, keys.execs, keys.steps, keys.order]
-                    + [keys.events(x) for x in history_ids],
-                    [request_id, *_prune_args(options), len(history_ids), *history_ids],
-                    run_id=run_id,
-                )
-            except scripts.ExecutionsChangedError:
-                continue
-            await self._bump(request_id, {"executions": -deleted, "events": -events})
-            return PruneResult(
-                instances_processed=1, executions_deleted=deleted, events_deleted=events
+
+        async def prune(history_ids: list[int]) -> list[int]:
+            reply: list[int] = await self._call(
+                "prune_executions",
+                [keys.run, keys.reqs, keys.reqlog, keys.execs, keys.steps, keys.order]
+                + [keys.events(x) for x in history_ids],
+                [request_id, *_prune_args(options), len(history_ids), *history_ids],
+                run_id=run_id,
             )
-        raise ConflictError(f"run {run_id!r}: executions kept changing; try again")
+            return reply
+
+        deleted, events = await self._with_execution_ids(run_id, prune)
+        await self._bump(request_id, {"executions": -deleted, "events": -events})
+        return PruneResult(instances_processed=1, executions_deleted=deleted, events_deleted=events)
 
 
 def _prune_args(options: PruneOptions | None) -> list[Any]:

@@ -132,14 +132,9 @@ class RedisAdmin(RedisCore):
             stored = await pipe.execute()
         found = []
         for run_id, (_, created_at), raw in zip(ids, entries, stored, strict=True):
-            if raw is None:  # an entry whose run is gone (or not written yet)
-                await self._drop_orphan_entry(index, run_id, created_at)
-                continue
-            actual = RunStatus(_json.loads(raw))
-            if status is not None and actual != status:
-                await self._index_status(run_id, actual, int(created_at))
-                continue
-            found.append(run_id)
+            actual = RunStatus(_json.loads(raw)) if raw is not None else None
+            if await self._entry_is_current(index, run_id, created_at, status, actual):
+                found.append(run_id)
         return found
 
     async def get_metrics(self) -> SystemMetrics:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Mapping, Sequence
-from typing import Any, Self
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Self, TypeVar
 
 import anyio
 from redis.asyncio import Redis
@@ -37,6 +37,8 @@ from stepflow.store.keys import Keys, RunKeys
 logger = logging.getLogger("stepflow.store.redis")
 
 CONFLICT_RETRIES = 5
+
+T = TypeVar("T")
 
 
 def new_request_id() -> str:
@@ -281,16 +283,31 @@ class RedisCore:
             await self._settle(bumped, "bump_metrics", self._metric_keys, bump_args, run_id="")
         return reply
 
-    async def _drop_orphan_entry(self, index: str, run_id: str, score: float) -> None:
-        """Drop an index entry whose run does not exist, unless it is young.
+    async def _entry_is_current(
+        self,
+        index: str,
+        run_id: str,
+        score: float,
+        wanted: RunStatus | None,
+        actual: RunStatus | None,
+    ) -> bool:
+        """Whether a listed index entry stands for its run; a stale one is repaired.
 
-        Runs are indexed before they are written, so a young entry without a
-        run may be a create in flight: dropping it would hide that run from
-        every listing for good. Entries older than `INDEX_GRACE_MS` are left
-        by deletes and crashes, and go.
+        ``actual`` is the run's stored status (None: no such run). An entry
+        without its run is dropped, unless it is young: runs are indexed
+        before they are written, so it may be a create in flight, and
+        dropping it would hide that run from every listing for good. Entries
+        older than `INDEX_GRACE_MS` are left by deletes and crashes, and go.
+        A run listed under another status than its own is moved.
         """
-        if score < now_ms() - INDEX_GRACE_MS:
-            await self.client.zrem(index, run_id)
+        if actual is None:
+            if score < now_ms() - INDEX_GRACE_MS:
+                await self.client.zrem(index, run_id)
+            return False
+        if wanted is not None and actual != wanted:
+            await self._index_status(run_id, actual, int(score))
+            return False
+        return True
 
     async def time_ms(self) -> int:
         seconds, micros = await self.client.time()
@@ -344,19 +361,39 @@ class RedisCore:
     async def _delete_one(self, run_id: str, request_id: str, mode: str) -> tuple[int, int, int]:
         """Run ``delete_run.lua`` for one run: (deleted 0/1, executions, events)."""
         keys = self.keys.run(run_id)
-        for _ in range(CONFLICT_RETRIES):
-            execution_ids = await self._execution_ids(keys)
-            try:
-                deleted, executions, events = await self._call(
-                    "delete_run",
-                    delete_keys(keys, execution_ids),
-                    [request_id, mode, *execution_ids],
-                    run_id=run_id,
-                )
-            except scripts.ExecutionsChangedError:
-                continue  # an execution started in between: list them again
+
+        async def delete(execution_ids: list[int]) -> tuple[int, int, int]:
+            deleted, executions, events = await self._call(
+                "delete_run",
+                delete_keys(keys, execution_ids),
+                [request_id, mode, *execution_ids],
+                run_id=run_id,
+            )
             return int(deleted), int(executions), int(events)
-        raise ConflictError(f"run {run_id!r} kept changing; delete it again")
+
+        return await self._with_execution_ids(run_id, delete)
+
+    async def _with_execution_ids(
+        self,
+        run_id: str,
+        script_call: Callable[[list[int]], Awaitable[T]],
+        *,
+        needed: bool = True,
+    ) -> T:
+        """Run a script that must be given every execution's history key.
+
+        No script builds key names, so the caller lists the executions first
+        and the script checks the list; when an execution appeared in between
+        (continue-as-new) it refuses, and the list is read again.
+        """
+        keys = self.keys.run(run_id)
+        for _ in range(CONFLICT_RETRIES):
+            execution_ids = await self._execution_ids(keys) if needed else []
+            try:
+                return await script_call(execution_ids)
+            except scripts.ExecutionsChangedError:
+                continue
+        raise ConflictError(f"run {run_id!r}: its executions kept changing; try again")
 
     async def _execution_ids(self, keys: RunKeys) -> list[int]:
         fields = await self.client.hkeys(keys.execs)

@@ -107,12 +107,14 @@ end
 -- Returns the ids to delete, or nil and an error reply.
 local function sf_prune_select(execs, current, keep_last, completed_before, history,
                                finishing, now)
-  local ids = {current}
+  local ids = {}
   for _, field in ipairs(redis.call('HKEYS', execs)) do
     local xid = tonumber(string.match(field, '^(%d+)|status$'))
     if xid and xid ~= current then ids[#ids + 1] = xid end
   end
+  -- The current execution counts first, then the others newest first.
   table.sort(ids, function(a, b) return a > b end)
+  table.insert(ids, 1, current)
   local keep = math.max(keep_last, 1)
   local doomed = {}
   for position, xid in ipairs(ids) do
