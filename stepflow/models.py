@@ -10,6 +10,7 @@ hold JSON values.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -167,6 +168,19 @@ class Lease(BaseModel):
     """Store-clock milliseconds (Redis ``TIME``) after which another owner may claim."""
     execution_id: int = 1
     """Execution the attempt belongs to; its history receives the step's events."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepClaim:
+    """The step to claim right after a completion (see `WorkflowStore.complete_and_claim`).
+
+    A plain dataclass rather than a record: it is built once per step on the
+    engine's hot path and never stored as such.
+    """
+
+    step_id: str
+    name: str
+    lease_ms: int
 
 
 class Event(BaseModel):

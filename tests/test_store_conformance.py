@@ -32,6 +32,7 @@ from stepflow import (
     RunStatus,
     StaleLeaseError,
     StepAlreadyCompletedError,
+    StepClaim,
     StepState,
     StepStatus,
     WorkflowStore,
@@ -588,6 +589,88 @@ async def test_claim_of_a_completed_step_is_refused(store: WorkflowStore) -> Non
     with pytest.raises(StepAlreadyCompletedError) as caught:
         await claim(store, owner="worker-b")
     assert caught.value.step_id == "s1"
+    assert await snapshot(store) == before
+
+
+def next_claim(step_id: str = "s2", lease_ms: int = 10_000) -> StepClaim:
+    return StepClaim(step_id=step_id, name=step_id, lease_ms=lease_ms)
+
+
+async def test_complete_and_claim_records_the_completion_and_leases_the_next_step(
+    store: WorkflowStore,
+) -> None:
+    await new_run(store, context={"keep": 1})
+    lease = await claim(store, owner="worker-a")
+    before = await store.time_ms()
+    recorded, claimed = await store.complete_and_claim(
+        lease,
+        next_claim("s2", lease_ms=10_000),
+        output={"rows": 3},
+        context_patch={"new": 2},
+        event=event(EventKind.STEP_COMPLETED, {"step": "s1"}),
+    )
+    assert recorded is not None
+    assert (recorded.event_id, recorded.kind) == (1, EventKind.STEP_COMPLETED)
+    assert claimed is not None
+    assert (claimed.run_id, claimed.step_id, claimed.owner, claimed.epoch) == (
+        "r1",
+        "s2",
+        "worker-a",
+        1,
+    )
+    assert before + 10_000 <= claimed.expires_at <= before + 15_000
+    first, second = await store.list_steps("r1")
+    assert (first.step_id, first.status, first.output) == ("s1", StepStatus.COMPLETED, {"rows": 3})
+    assert (second.step_id, second.status, second.attempt) == ("s2", StepStatus.RUNNING, 1)
+    assert second.worker_id == "worker-a"
+    run = await store.get_run("r1")
+    assert run is not None
+    assert run.context == {"keep": 1, "new": 2}
+    with pytest.raises(LeaseHeldError):  # the new lease is live: nobody else may claim s2
+        await claim(store, "s2", owner="worker-b")
+    await store.complete_step(claimed, output="s2 done")
+    assert (await step_of(store, "s2")).status == StepStatus.COMPLETED
+
+
+async def test_complete_and_claim_leaves_a_refused_claim_to_the_caller(
+    store: WorkflowStore,
+) -> None:
+    await new_run(store)
+    await store.complete_step(await claim(store, "done"), output=1)
+    held = await claim(store, "held", owner="worker-b", lease_ms=10_000)
+    for step_id in ("done", "held"):
+        lease = await claim(store, f"before-{step_id}")
+        recorded, claimed = await store.complete_and_claim(
+            lease, next_claim(step_id), output=2, event=event()
+        )
+        assert recorded is not None
+        assert claimed is None
+        assert (await step_of(store, f"before-{step_id}")).status == StepStatus.COMPLETED
+    assert (await step_of(store, "done")).status == StepStatus.COMPLETED
+    held_row = await step_of(store, "held")
+    assert (held_row.worker_id, held_row.attempt) == ("worker-b", 1)
+    await store.complete_step(held, output="still mine")
+
+
+async def test_complete_and_claim_claims_nothing_in_a_cancelled_run(store: WorkflowStore) -> None:
+    await new_run(store)
+    lease = await claim(store)
+    await store.set_run_status("r1", RunStatus.CANCELLED, execution_id=1)
+    recorded, claimed = await store.complete_and_claim(lease, next_claim(), output=1)
+    assert (recorded, claimed) == (None, None)
+    assert [step.step_id for step in await store.list_steps("r1")] == ["s1"]
+    assert (await step_of(store)).status == StepStatus.COMPLETED
+
+
+async def test_complete_and_claim_with_a_stale_lease_changes_nothing(store: WorkflowStore) -> None:
+    await new_run(store)
+    old = await claim(store, owner="worker-a", lease_ms=50)
+    await claim_when_free(store, owner="worker-b", lease_ms=10_000)
+    before = await snapshot(store)
+    with pytest.raises(StaleLeaseError):
+        await store.complete_and_claim(old, next_claim(), output="late", context_patch={"a": 1})
+    with pytest.raises(InvalidRunIdError):
+        await store.complete_and_claim(old, next_claim("bad id"), output="late")
     assert await snapshot(store) == before
 
 

@@ -26,7 +26,7 @@ from stepflow.errors import (
     StepflowError,
     StepTimeoutError,
 )
-from stepflow.models import Event, EventKind, Lease, NewEvent, StepStatus
+from stepflow.models import Event, EventKind, Lease, NewEvent, StepClaim, StepStatus
 from stepflow.retry import RetryPolicy
 from stepflow.store.base import WorkflowStore
 
@@ -99,11 +99,13 @@ class StepOutcome:
     attempt: int
     event: Event | None = None
     """The completion event as recorded (its timestamp is the store's clock)."""
+    next_hold: Hold | None = None
+    """The lease on the step asked for with ``then_claim``, kept by the keeper, if claimed."""
 
 
 @dataclass(eq=False, slots=True)
-class _Hold:
-    """One attempt's lease while it runs, as the `LeaseKeeper` keeps it."""
+class Hold:
+    """A lease the `LeaseKeeper` keeps alive: an attempt's while it runs, or one claimed ahead."""
 
     lease: Lease
     renew_at: float = 0.0
@@ -137,7 +139,7 @@ class LeaseKeeper:
         self.store = store
         self.lease_ms = lease_ms
         self._period = lease_ms / 3000
-        self._holds: set[_Hold] = set()
+        self._holds: set[Hold] = set()
         self._scope = anyio.CancelScope()
 
     def stop(self) -> None:
@@ -160,7 +162,7 @@ class LeaseKeeper:
                 wake = min((hold.renew_at for hold in self._holds), default=now + self._period)
                 await anyio.sleep(max(wake - anyio.current_time(), 0))
 
-    async def _renew(self, hold: _Hold) -> None:
+    async def _renew(self, hold: Hold) -> None:
         try:
             lease = await self.store.renew_lease(hold.lease, lease_ms=self.lease_ms)
         except StepflowError:
@@ -172,16 +174,24 @@ class LeaseKeeper:
             hold.lease = lease
             hold.renew_at = anyio.current_time() + self._period
 
-    def _give_up(self, hold: _Hold, *, lost: bool) -> None:
+    def _give_up(self, hold: Hold, *, lost: bool) -> None:
         if hold in self._holds:  # else the attempt ended meanwhile: nothing to stop
             self._holds.discard(hold)
             hold.lost = lost
             hold.scope.cancel()
 
-    async def attempt(self, call: StepCall, attempt: int, hold: _Hold) -> None:
-        """Run one attempt of ``call`` while its lease is renewed; see ``hold.outcome``."""
-        hold.renew_at = anyio.current_time() + self._period
+    def hold(self, lease: Lease) -> Hold:
+        """Keep ``lease`` alive from now on, until the attempt run under it ends (or `drop`)."""
+        hold = Hold(lease, renew_at=anyio.current_time() + self._period)
         self._holds.add(hold)
+        return hold
+
+    def drop(self, hold: Hold) -> None:
+        """Stop renewing a lease that no attempt will run under."""
+        self._holds.discard(hold)
+
+    async def attempt(self, call: StepCall, attempt: int, hold: Hold) -> None:
+        """Run one attempt of ``call`` under ``hold`` (from `hold`); see ``hold.outcome``."""
         try:
             with hold.scope:
                 hold.outcome = await _capture(call, attempt)
@@ -247,6 +257,8 @@ async def execute_step(
     lease_ms: int,
     first_attempt: int,
     keeper: LeaseKeeper,
+    claimed: Hold | None = None,
+    then_claim: StepClaim | None = None,
 ) -> StepOutcome:
     """Run ``call`` until it succeeds or fails for good; record every attempt.
 
@@ -254,10 +266,18 @@ async def execute_step(
     owner took it over, and `StepAlreadyCompletedError` when it had already
     completed (the caller then reads the recorded output). ``keeper`` (with
     this ``lease_ms``) renews the leases; it runs in the caller's task group.
+
+    ``claimed`` is a lease on this step taken ahead (by the completion of the
+    step before it); the first attempt runs under it. With ``then_claim``
+    the completion also claims that step, in the same store call, and the
+    outcome carries its lease (``next_hold``, kept by the keeper) for the
+    caller to run next: a chain of steps costs one store call per step.
     """
     attempt = first_attempt
+    hold = claimed
     while True:
-        hold = _Hold(await _claim(store, call, owner, lease_ms))
+        if hold is None:
+            hold = keeper.hold(await _claim(store, call, owner, lease_ms))
         try:
             await keeper.attempt(call, attempt, hold)
             result = _result(call, hold)
@@ -265,29 +285,35 @@ async def execute_step(
             if not await _lapsed_unclaimed(store, call, owner):
                 raise
             attempt += 1  # nobody else will run it: run it again under a new lease
+            hold = None
             continue
         except Exception as exc:
             await _failed_attempt(store, call, hold.lease, exc, attempt)
             attempt += 1
+            hold = None
             continue
         except BaseException:
             # Cancelled (fail-fast, Engine.cancel, engine shutdown): hand the
             # step back at once, so a resume need not wait for the lease.
             with anyio.CancelScope(shield=True):
-                await _release(store, hold.lease, attempt)
+                await release(store, hold.lease, attempt)
             raise
         try:
-            recorded = await _commit(store, call, hold.lease, result, attempt, owner, lease_ms)
+            recorded, next_lease = await _commit(
+                store, call, hold.lease, result, attempt, owner, lease_ms, then_claim
+            )
         except InvalidPayloadError as exc:
             # Not storable (a set, NaN, too large...): the store refused it before
             # writing anything, so the attempt failed like a step that raised.
             await _failed_attempt(store, call, hold.lease, exc, attempt)
             attempt += 1
+            hold = None
             continue
-        return StepOutcome(output=result, attempt=attempt, event=recorded)
+        next_hold = keeper.hold(next_lease) if next_lease is not None else None
+        return StepOutcome(output=result, attempt=attempt, event=recorded, next_hold=next_hold)
 
 
-def _result(call: StepCall, hold: _Hold) -> Any:
+def _result(call: StepCall, hold: Hold) -> Any:
     """The attempt's result, or raise what ended it."""
     if hold.failure is not None:  # the store failed renewing the lease
         raise hold.failure
@@ -310,8 +336,12 @@ async def _commit(
     attempt: int,
     owner: str,
     lease_ms: int,
-) -> Event | None:
-    """Record the step completed; `InvalidPayloadError` if the result is not storable."""
+    then_claim: StepClaim | None,
+) -> tuple[Event | None, Lease | None]:
+    """Record the step completed (claiming ``then_claim`` with it); the event and that lease.
+
+    `InvalidPayloadError` if the result is not storable.
+    """
     patch = result if call.merge_mapping and isinstance(result, Mapping) else None
     event = NewEvent(kind=EventKind.STEP_COMPLETED, payload=call.completed_payload(result, attempt))
     while True:
@@ -319,8 +349,13 @@ async def _commit(
             # The step has run: record it even if a cancel arrives meanwhile, so a
             # finished side effect is not done again (and the lease is not left held).
             with anyio.CancelScope(shield=True):
-                return await store.complete_step(
-                    lease, output=result, context_patch=patch, event=event
+                if then_claim is None:
+                    recorded = await store.complete_step(
+                        lease, output=result, context_patch=patch, event=event
+                    )
+                    return recorded, None
+                return await store.complete_and_claim(
+                    lease, then_claim, output=result, context_patch=patch, event=event
                 )
         except StaleLeaseError as exc:
             if not await _lapsed_unclaimed(store, call, owner):
@@ -375,7 +410,8 @@ async def _record_failure(
         raise LeaseLost(str(exc)) from exc
 
 
-async def _release(store: WorkflowStore, lease: Lease, attempt: int) -> None:
+async def release(store: WorkflowStore, lease: Lease, attempt: int) -> None:
+    """Hand a lease back unused or interrupted, so the step is free to claim at once."""
     error = {"type": "Interrupted", "message": "the attempt was interrupted", "attempt": attempt}
     with contextlib.suppress(StepflowError):  # lease already gone: nothing to hand back
         await store.fail_step(lease, error=error, final=False)

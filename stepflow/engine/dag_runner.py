@@ -23,16 +23,26 @@ from anyio.abc import TaskGroup
 
 from stepflow.dag import StepSpec, Workflow
 from stepflow.engine.attempts import (
+    Hold,
     LeaseKeeper,
     LeaseLost,
     StepCall,
     StepFailed,
     describe_error,
     execute_step,
+    release,
 )
 from stepflow.engine.context import StepContext
 from stepflow.errors import RunCancelledError, StepAlreadyCompletedError
-from stepflow.models import EventKind, NewEvent, RunRecord, RunStatus, StepState, StepStatus
+from stepflow.models import (
+    EventKind,
+    NewEvent,
+    RunRecord,
+    RunStatus,
+    StepClaim,
+    StepState,
+    StepStatus,
+)
 from stepflow.store.base import WorkflowStore
 
 StopReason = Literal["cancel", "shutdown"]
@@ -170,19 +180,33 @@ class DagRunner:
         """Run ``name``, then in this same task the first of the steps it unblocked, and so on.
 
         A chain of steps so costs one task, not one per step; the other
-        unblocked steps get tasks of their own.
+        unblocked steps get tasks of their own. The step run next in this
+        task is claimed by the completion of the one before it, in the same
+        store call.
         """
         try:
-            ready = await self._step(tg, name)
+            ready, claimed = await self._step(tg, name, None)
             while ready:
-                await self._yield_before(ready)
+                try:
+                    await self._yield_before(ready)
+                except BaseException:
+                    await self._hand_back(claimed)
+                    raise
                 self._launch(tg, ready[1:])
                 self.started.add(ready[0])
-                ready = await self._step(tg, ready[0])
+                ready, claimed = await self._step(tg, ready[0], claimed)
         finally:
             self._in_flight -= 1
             if not self._in_flight:  # nothing can start any more: no lease to keep
                 self.keeper.stop()
+
+    async def _hand_back(self, claimed: Hold | None) -> None:
+        """Release a lease claimed ahead for a step that will not run now."""
+        if claimed is not None:
+            self.keeper.drop(claimed)
+            with anyio.CancelScope(shield=True):
+                step_id = claimed.lease.step_id
+                await release(self.store, claimed.lease, self.attempts.get(step_id, 0) + 1)
 
     async def _yield_before(self, ready: list[str]) -> None:
         """Let the tasks already queued run before the ``ready`` steps start.
@@ -198,11 +222,17 @@ class DagRunner:
             self.interrupted.update(ready)
             raise
 
-    async def _step(self, tg: TaskGroup, name: str) -> list[str]:
-        """Run one step; return the steps its completion unblocked."""
+    async def _step(
+        self, tg: TaskGroup, name: str, claimed: Hold | None
+    ) -> tuple[list[str], Hold | None]:
+        """Run one step (under ``claimed``, a lease taken ahead, if given).
+
+        Returns the steps its completion unblocked, the one to run next in
+        this task first, with the lease claimed for that one, if any.
+        """
         spec = self.flow.steps[name]
         first_attempt = self.attempts.get(name, 0) + 1
-        if spec.when is not None:
+        if spec.when is not None:  # never claimed ahead (see _claim_ahead)
             try:
                 wanted = spec.when(self._context(name, first_attempt))
             except Exception as exc:  # the step fails, not the whole runner
@@ -210,12 +240,17 @@ class DagRunner:
                 await self._record(name, StepStatus.FAILED, error=error)
                 self.failure = self.failure or StepFailed(name, error, exc)
                 tg.cancel_scope.cancel()
-                return []
+                return [], None
             if not wanted:
                 await self._record(name, StepStatus.SKIPPED, error=None)
-                return self._finished(name, None)
+                return self._finished(name, None), None
+        next_hold: Hold | None = None
         try:
-            await self._take_slot()
+            try:
+                await self._take_slot()
+            except BaseException:
+                await self._hand_back(claimed)
+                raise
             try:
                 outcome = await execute_step(
                     self.store,
@@ -224,10 +259,12 @@ class DagRunner:
                     lease_ms=self.lease_ms,
                     first_attempt=first_attempt,
                     keeper=self.keeper,
+                    claimed=claimed,
+                    then_claim=self._claim_ahead(name),
                 )
             finally:
                 self.limiter.release()
-            output = outcome.output
+            output, next_hold = outcome.output, outcome.next_hold
         except StepAlreadyCompletedError:
             step = await self.store.get_step(self.run_id, name)
             output = step.output if step is not None else None
@@ -236,15 +273,37 @@ class DagRunner:
         except StepFailed as failure:
             self.failure = self.failure or failure
             tg.cancel_scope.cancel()
-            return []
+            return [], None
         except (LeaseLost, RunCancelledError):
             self.lost_lease = True  # taken over, or cancelled by another process
             tg.cancel_scope.cancel()
-            return []
+            return [], None
         except BaseException:
             self.interrupted.add(name)
             raise
-        return self._finished(name, output)
+        ready = self._finished(name, output)
+        if next_hold is not None:
+            following = next_hold.lease.step_id
+            ready.remove(following)  # ready now: this step was all it waited for
+            ready.insert(0, following)
+        return ready, next_hold
+
+    def _claim_ahead(self, name: str) -> StepClaim | None:
+        """The step to claim with ``name``'s completion: the first it alone still holds back.
+
+        Not a step with a ``when`` condition (it may be skipped), and only
+        while the run goes on normally.
+        """
+        if self.failure is not None or self.stop_reason() is not None:
+            return None
+        for dependent in self._dependents[name]:
+            if (
+                self._waiting.get(dependent) == 1
+                and dependent not in self.started
+                and self.flow.steps[dependent].when is None
+            ):
+                return StepClaim(step_id=dependent, name=dependent, lease_ms=self.lease_ms)
+        return None
 
     async def _take_slot(self) -> None:
         """Acquire the limiter, without its extra yield when a slot is free.

@@ -28,6 +28,7 @@ from stepflow.models import (
     QueueDepths,
     RunRecord,
     RunStatus,
+    StepClaim,
     StepState,
     SystemMetrics,
 )
@@ -210,6 +211,28 @@ class WorkflowStore(Protocol):
         expired, was taken over or the run was deleted. ``event`` goes to the
         history of the lease's execution; the appended event is returned
         (durable replay takes its timestamp as the workflow's clock).
+        """
+
+    async def complete_and_claim(
+        self,
+        lease: Lease,
+        next_step: StepClaim,
+        *,
+        output: Any = None,
+        context_patch: Mapping[str, Any] | None = None,
+        event: NewEvent | None = None,
+    ) -> tuple[Event | None, Lease | None]:
+        """`complete_step`, then claim ``next_step`` for the lease's owner, atomically.
+
+        One operation (one round trip on Redis) where an engine would
+        otherwise complete a step and claim the step it unblocked: a chain of
+        steps then costs one store call per step. The completion behaves and
+        is refused exactly as by `complete_step` (then nothing is claimed).
+        The claim is `claim_step` in the same execution, except that a claim
+        the store would refuse (the step completed, a live lease holds it,
+        the run was cancelled) is not raised: the second item is then None,
+        and the caller claims the usual way to learn why. Returns the
+        appended event (or None) and the new lease (or None).
         """
 
     async def fail_step(

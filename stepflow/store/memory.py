@@ -38,6 +38,7 @@ from stepflow.models import (
     PruneResult,
     RunRecord,
     RunStatus,
+    StepClaim,
     StepState,
     StepStatus,
     now_ms,
@@ -319,6 +320,20 @@ class MemoryStore(MemoryAdmin):
         if run.record.status == RunStatus.CANCELLED:
             raise RunCancelledError(run_id)
         self._execution(run, execution_id)
+        return self._claim(run, step_id, name, owner, lease_ms, execution_id, input_json)
+
+    def _claim(
+        self,
+        run: _Run,
+        step_id: str,
+        name: str,
+        owner: str,
+        lease_ms: int,
+        execution_id: int,
+        input_json: bytes,
+    ) -> Lease:
+        """Claim a step of a run already checked (exists, not cancelled, execution there)."""
+        run_id = run.record.run_id
         lease = run.leases.setdefault(step_id, _StepLease())
         previous = run.steps.get(step_id)
         now = now_ms()
@@ -402,6 +417,37 @@ class MemoryStore(MemoryAdmin):
         if event is None or event_json is None:
             return None
         return self._isolate_event(self._append(execution, event.kind, event_json, now))
+
+    async def complete_and_claim(
+        self,
+        lease: Lease,
+        next_step: StepClaim,
+        *,
+        output: Any = None,
+        context_patch: Mapping[str, Any] | None = None,
+        event: NewEvent | None = None,
+    ) -> tuple[Event | None, Lease | None]:
+        validate_step_id(next_step.step_id)
+        # No await suspends in between: the pair is atomic like every method here.
+        recorded = await self.complete_step(
+            lease, output=output, context_patch=context_patch, event=event
+        )
+        run = self._runs[lease.run_id]
+        if run.record.status == RunStatus.CANCELLED:
+            return recorded, None
+        try:
+            claimed = self._claim(
+                run,
+                next_step.step_id,
+                next_step.name,
+                lease.owner,
+                next_step.lease_ms,
+                lease.execution_id,
+                b"null",
+            )
+        except (StepAlreadyCompletedError, LeaseHeldError):
+            return recorded, None
+        return recorded, claimed
 
     async def fail_step(
         self,

@@ -43,6 +43,7 @@ from stepflow.models import (
     PruneResult,
     RunRecord,
     RunStatus,
+    StepClaim,
     StepState,
     parse_run_status,
 )
@@ -392,10 +393,39 @@ class RedisStore(RedisAdmin):
         context_patch: Mapping[str, Any] | None = None,
         event: NewEvent | None = None,
     ) -> Event | None:
+        recorded, _ = await self._complete(lease, None, output, context_patch, event)
+        return recorded
+
+    async def complete_and_claim(
+        self,
+        lease: Lease,
+        next_step: StepClaim,
+        *,
+        output: Any = None,
+        context_patch: Mapping[str, Any] | None = None,
+        event: NewEvent | None = None,
+    ) -> tuple[Event | None, Lease | None]:
+        validate_step_id(next_step.step_id)
+        return await self._complete(lease, next_step, output, context_patch, event)
+
+    async def _complete(
+        self,
+        lease: Lease,
+        next_step: StepClaim | None,
+        output: Any,
+        context_patch: Mapping[str, Any] | None,
+        event: NewEvent | None,
+    ) -> tuple[Event | None, Lease | None]:
         keys = self.keys.run(lease.run_id)
         output_json = self._codec.encode(output, "step output")
         patch = self._codec.encode_context(context_patch or {}, "context patch")
         kind, payload = self._event_args(event)
+        token = secrets.token_hex(16) if next_step is not None else ""
+        claim_args = (
+            [next_step.step_id, _json.dumps(next_step.name), _json.dumps(lease.owner)]
+            if next_step is not None
+            else ["", "", ""]
+        )
         reply = await self._call_counted(
             "complete_step",
             [
@@ -406,6 +436,7 @@ class RedisStore(RedisAdmin):
                 keys.ctx,
                 keys.execs,
                 keys.events(lease.execution_id),
+                keys.order,
             ],
             [
                 new_request_id(),
@@ -416,6 +447,9 @@ class RedisStore(RedisAdmin):
                 output_json,
                 kind,
                 payload,
+                *claim_args,
+                token,
+                next_step.lease_ms if next_step is not None else 0,
                 *(item for pair in patch.items() for item in pair),
             ],
             {"events": 0 if event is None else 1},
@@ -423,9 +457,21 @@ class RedisStore(RedisAdmin):
             step_id=lease.step_id,
             execution_id=lease.execution_id,
         )
-        if event is None:
-            return None
-        return _event_from_reply(reply, event.kind, payload)
+        completion, _, claimed = text(reply).partition("#")
+        recorded = None if event is None else _event_from_reply(completion, event.kind, payload)
+        if next_step is None or not claimed:
+            return recorded, None
+        epoch, _, expires = claimed.partition("|")
+        next_lease = Lease(
+            run_id=lease.run_id,
+            step_id=next_step.step_id,
+            owner=lease.owner,
+            token=token,
+            epoch=int(epoch),
+            expires_at=int(expires),
+            execution_id=lease.execution_id,
+        )
+        return recorded, next_lease
 
     async def fail_step(
         self,

@@ -97,6 +97,29 @@ local function sf_check_lease(run, steps, sid, token, epoch, now, allow_expired)
   return nil
 end
 
+-- Start an attempt of step sid under a fresh lease (the caller checked the
+-- run and the execution). Returns the lease's epoch and expiry, or nil, a
+-- code and a detail when the step completed ('DONE') or another live lease
+-- holds it ('HELD', detail '<owner JSON>|<expires_at>'); reads before writes.
+local function sf_claim(steps, order, sid, name, owner, token, lease_ms, xid, input, now)
+  local s = sid .. '|'
+  local row = redis.call('HMGET', steps, s .. 'status', s .. 'token', s .. 'expires',
+    s .. 'worker_id', s .. 'name')
+  if row[1] == '"completed"' then return nil, 'DONE', sid end
+  if row[2] and row[2] ~= '' and tonumber(row[3]) > now then
+    return nil, 'HELD', tostring(row[4]) .. '|' .. row[3]
+  end
+  if not row[5] then redis.call('RPUSH', order, sid) end
+  local epoch = redis.call('HINCRBY', steps, s .. 'epoch', 1)
+  redis.call('HINCRBY', steps, s .. 'attempt', 1)
+  local expires = now + tonumber(lease_ms)
+  redis.call('HSET', steps, s .. 'name', name, s .. 'status', '"running"',
+    s .. 'input', input, s .. 'output', 'null', s .. 'error', 'null',
+    s .. 'started_at', now, s .. 'finished_at', 'null', s .. 'worker_id', owner,
+    s .. 'execution_id', xid, s .. 'token', token, s .. 'expires', expires)
+  return epoch, expires
+end
+
 -- Which finished executions a prune deletes: never the current one, never
 -- one still running; keep the newest keep_last (the current counts, 0 means
 -- 1); with completed_before, only those completed earlier. ``finishing`` is

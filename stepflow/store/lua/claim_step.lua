@@ -17,22 +17,7 @@ if run[1] == '"cancelled"' then return sf_fail('CANCELLED', 'run') end
 if redis.call('HEXISTS', KEYS[6], ARGV[7] .. '|status') == 0 then
   return sf_fail('NOEXEC', ARGV[7])
 end
-
-local s = ARGV[2] .. '|'
-local row = redis.call('HMGET', KEYS[4], s .. 'status', s .. 'token', s .. 'expires',
-  s .. 'worker_id', s .. 'name')
-if row[1] == '"completed"' then return sf_fail('DONE', ARGV[2]) end
-local now = sf_now_ms()
-if row[2] and row[2] ~= '' and tonumber(row[3]) > now then
-  return sf_fail('HELD', tostring(row[4]) .. '|' .. row[3])
-end
-
-if not row[5] then redis.call('RPUSH', KEYS[5], ARGV[2]) end
-local epoch = redis.call('HINCRBY', KEYS[4], s .. 'epoch', 1)
-redis.call('HINCRBY', KEYS[4], s .. 'attempt', 1)
-local expires = now + tonumber(ARGV[6])
-redis.call('HSET', KEYS[4], s .. 'name', ARGV[3], s .. 'status', '"running"',
-  s .. 'input', ARGV[8], s .. 'output', 'null', s .. 'error', 'null',
-  s .. 'started_at', now, s .. 'finished_at', 'null', s .. 'worker_id', ARGV[4],
-  s .. 'execution_id', ARGV[7], s .. 'token', ARGV[5], s .. 'expires', expires)
+local epoch, expires, detail = sf_claim(KEYS[4], KEYS[5], ARGV[2], ARGV[3], ARGV[4],
+  ARGV[5], ARGV[6], ARGV[7], ARGV[8], sf_now_ms())
+if not epoch then return sf_fail(expires, detail) end  -- expires holds the code
 return sf_remember(KEYS[2], KEYS[3], ARGV[1], epoch .. '|' .. expires)

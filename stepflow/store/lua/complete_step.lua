@@ -1,13 +1,20 @@
 #!lua
 -- Record a step completed, merge its context patch and append its history
 -- event, all or nothing: the heart of "a completed step never runs again".
+-- Optionally claim the next step for the same owner in the same script, so
+-- a chain of steps costs one round trip per step.
 -- KEYS[1] run hash  KEYS[2] reqs hash  KEYS[3] reqlog list  KEYS[4] steps hash
 -- KEYS[5] ctx hash  KEYS[6] execs hash  KEYS[7] events list of the lease's execution
+-- KEYS[8] order list
 -- ARGV[1] request id  ARGV[2] step id  ARGV[3] token  ARGV[4] epoch
 -- ARGV[5] execution id  ARGV[6] output (JSON)
 -- ARGV[7] event kind ('' for none)  ARGV[8] event payload (JSON)
--- ARGV[9..] context key/value pairs (JSON values)
--- Returns '<event id>|<timestamp ms>' of the appended event, or 'OK' without one.
+-- ARGV[9] next step id to claim ('' for none)  ARGV[10] its name (JSON)
+-- ARGV[11] owner (JSON)  ARGV[12] its lease token  ARGV[13] its lease duration (ms)
+-- ARGV[14..] context key/value pairs (JSON values)
+-- Returns '<event id>|<timestamp ms>' of the appended event, or 'OK' without one;
+-- with a next step, followed by '#<epoch>|<expires_at ms>' of its lease, or by
+-- '#' alone when it was not claimed (completed, held, the run cancelled).
 -- Errors: SF_STALE (lease expired, taken over, run deleted or being deleted), SF_DONE,
 -- SF_NOEXEC (the lease's execution is gone).
 local done = sf_replayed(KEYS[2], ARGV[1])
@@ -23,10 +30,19 @@ local s = ARGV[2] .. '|'
 redis.call('HSET', KEYS[4], s .. 'status', '"completed"', s .. 'output', ARGV[6],
   s .. 'error', 'null', s .. 'finished_at', now)
 redis.call('HDEL', KEYS[4], s .. 'token', s .. 'expires')
-sf_hset_from(KEYS[5], ARGV, 9)
+sf_hset_from(KEYS[5], ARGV, 14)
 local result = 'OK'
 if ARGV[7] ~= '' then
   local id = sf_append_event(KEYS[7], KEYS[6], ARGV[5], ARGV[7], ARGV[8], now)
   result = id .. '|' .. now
+end
+if ARGV[9] ~= '' then
+  local claimed = ''
+  if redis.call('HGET', KEYS[1], 'status') ~= '"cancelled"' then
+    local epoch, expires = sf_claim(KEYS[4], KEYS[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12],
+      ARGV[13], ARGV[5], 'null', now)
+    if epoch then claimed = epoch .. '|' .. expires end
+  end
+  result = result .. '#' .. claimed
 end
 return sf_remember(KEYS[2], KEYS[3], ARGV[1], result)
