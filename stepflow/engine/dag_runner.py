@@ -61,6 +61,7 @@ class DagRunner:
         lease_ms: int,
         limiter: anyio.CapacityLimiter,
         stop_reason: Callable[[], StopReason | None],
+        fresh: bool = False,
     ) -> None:
         self.store = store
         self.flow = flow
@@ -69,6 +70,8 @@ class DagRunner:
         self.lease_ms = lease_ms
         self.limiter = limiter
         self.stop_reason = stop_reason
+        self.fresh = fresh
+        """Created just now: no step rows to load."""
         # Replaced, never mutated: a step's context is a read-only view of the bag
         # as it was, while the loop may merge another step's output meanwhile.
         self.bag: dict[str, Any] = dict(record.context)
@@ -99,7 +102,8 @@ class DagRunner:
         return self.record.current_execution_id
 
     async def execute(self) -> RunRecord:
-        await self._load_steps()
+        if not self.fresh:
+            await self._load_steps()
         if self.record.status != RunStatus.RUNNING:
             self.record = await self.store.set_run_status(
                 self.run_id,

@@ -125,13 +125,13 @@ class Engine:
         ``record.error``. With the ``run_id`` of an existing run of the same
         workflow, this resumes it instead (a finished run is returned as is).
         """
-        run_id = await self._prepare(flow, input, run_id)
-        return await self._drive(run_id)
+        run_id, created = await self._prepare(flow, input, run_id)
+        return await self._drive(run_id, created=created)
 
     async def start(self, flow: Definition, input: Any = None, *, run_id: str | None = None) -> str:
         """Store the run and return its id at once; it runs in the background."""
         tg = self._require_started("start")
-        run_id = await self._prepare(flow, input, run_id)
+        run_id, _ = await self._prepare(flow, input, run_id)
         self._launch(tg, run_id, rerun_finished=False)
         return run_id
 
@@ -180,35 +180,46 @@ class Engine:
         flow: Definition,
         input: Any,
         run_id: str | None,
-    ) -> str:
-        """Validate, then store the new run (nothing is stored when validation fails)."""
+    ) -> tuple[str, RunRecord | None]:
+        """Validate, then store the new run (nothing is stored when validation fails).
+
+        Returns the run id and the record as created, or None when a run of
+        that id existed already (it is resumed, not replaced).
+        """
         flow.validate()
         value = flow.validate_input(input)
         run_id = validate_run_id(run_id) if run_id is not None else uuid.uuid4().hex
         record = RunRecord(run_id=run_id, workflow=flow.name, version=flow.version, input=value)
         # Only if absent: a second start of the same id (a retry, another
         # process) resumes the run rather than wiping what it did.
-        if not await self.store.create_run(record, only_if_absent=True):
-            existing = await self._existing(run_id)
-            if existing.workflow != flow.name:
-                raise ConflictError(
-                    f"run {run_id!r} exists and belongs to workflow {existing.workflow!r}, "
-                    f"not {flow.name!r}; choose another run id"
-                )
-        return run_id
+        if await self.store.create_run(record, only_if_absent=True):
+            return run_id, record
+        existing = await self._existing(run_id)
+        if existing.workflow != flow.name:
+            raise ConflictError(
+                f"run {run_id!r} exists and belongs to workflow {existing.workflow!r}, "
+                f"not {flow.name!r}; choose another run id"
+            )
+        return run_id, None
 
     async def _drive(
-        self, run_id: str, rerun_finished: bool = False, parent: _ActiveRun | None = None
+        self,
+        run_id: str,
+        rerun_finished: bool = False,
+        parent: _ActiveRun | None = None,
+        created: RunRecord | None = None,
     ) -> RunRecord:
         """Execute a stored run in this task, tracked so `wait` and `cancel` can find it.
 
         A child run driven inside its parent's task stops for the parent's
         reason too: cancelling the parent cancels the child it is awaiting.
+        ``created`` is the record of a run this engine has just created,
+        which need not be read back.
         """
         active = self._active.setdefault(run_id, _ActiveRun())
         try:
             with active.scope:
-                record = await self._existing(run_id)
+                record = created or await self._existing(run_id)
                 if record.status in _FINISHED and not rerun_finished:
                     return record
                 services = RunnerServices(
@@ -219,6 +230,7 @@ class Engine:
                     drive=lambda child_id: self._drive(child_id, parent=active),
                     wait_for_news=self._wait_for_news,
                     stop_reason=lambda: active.stop or (parent.stop if parent else None),
+                    fresh=created is not None,
                 )
                 runner = make_runner(self.store, self.workflow(record.workflow), record, services)
                 return await runner.execute()

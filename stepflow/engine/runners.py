@@ -51,6 +51,8 @@ class RunnerServices:
     """Sleep up to the given seconds, waking early when an event is raised for the run."""
     stop_reason: Callable[[], str | None]
     """"cancel" or "shutdown" once the engine stops the run, else None."""
+    fresh: bool = False
+    """The run was created just now by this engine: it has no steps to load yet."""
 
 
 RunnerFactory = Callable[[WorkflowStore, Any, RunRecord, RunnerServices], Runner]
@@ -84,6 +86,7 @@ def _dag_runner(
         lease_ms=services.lease_ms,
         limiter=services.limiter,
         stop_reason=services.stop_reason,  # type: ignore[arg-type]
+        fresh=services.fresh,
     )
 
 

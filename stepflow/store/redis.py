@@ -89,17 +89,30 @@ class RedisStore(RedisAdmin):
     # -- runs -----------------------------------------------------------------
 
     async def create_run(self, record: RunRecord, *, only_if_absent: bool = False) -> bool:
+        """Index first, then write the run, then its status index and count.
+
+        Index first: an entry without a run is dropped by readers, a run
+        without an entry could never be listed. A run without a parent takes
+        two round trips (the time entry travels with the create).
+        """
         keys, args = self._create_run_call(record, only_if_absent=only_if_absent)
-        await self._index_new(record, keep_score=only_if_absent)
-        created = await self._call("create_run", keys, args, run_id=record.run_id)
+        run_id = record.run_id
+        if record.parent_run_id is None:
+            await self._ready()
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.zadd(self.keys.runs_by_time, {run_id: record.created_at}, nx=only_if_absent)
+                self._queue(pipe, "create_run", keys, args)
+                indexed, created = await pipe.execute(raise_on_error=False)
+            if isinstance(indexed, Exception):
+                raise indexed
+            created = await self._settle(created, "create_run", keys, args, run_id=run_id)
+        else:
+            await self._index_child(record, keep_score=only_if_absent)
+            created = await self._call("create_run", keys, args, run_id=run_id)
         if int(created) < 0:
             return False  # it exists; its own index entries are in place
-        await self._index_status(
-            record.run_id,
-            record.status,
-            record.created_at,
-            count=(args[0], {"executions": int(created)}),
-        )
+        count = (args[0], {"executions": int(created)})
+        await self._index_status(run_id, record.status, count=count)
         return True
 
     def _create_run_call(
@@ -135,28 +148,22 @@ class RedisStore(RedisAdmin):
         ]
         return [keys.run, keys.reqs, keys.reqlog, keys.ctx, keys.execs], args
 
-    async def _index_new(self, record: RunRecord, *, keep_score: bool = False) -> None:
-        """Index a run before writing it, in one round trip.
+    async def _index_child(self, record: RunRecord, *, keep_score: bool = False) -> None:
+        """Index a child run and add it to its parent's children, before writing it.
 
-        Index first: an entry without a run is dropped by readers, a run
-        without an entry could never be listed. A child is added to its
-        parent's children set, unless a delete holds the parent. With
-        ``keep_score`` an existing entry keeps its time (the run may exist).
+        One round trip. The child is refused while a delete holds the parent.
+        With ``keep_score`` an existing entry keeps its time (the run may exist).
         """
-        parent = record.parent_run_id
-        entry = {record.run_id: record.created_at}
-        if parent is None:
-            await self.client.zadd(self.keys.runs_by_time, entry, nx=keep_score)
-            return
-        parent_keys = self.keys.run(parent)
+        assert record.parent_run_id is not None
+        parent_keys = self.keys.run(record.parent_run_id)
         add_child = [[parent_keys.run, parent_keys.children], [record.run_id]]
         await self._ready()
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.zadd(self.keys.runs_by_time, entry, nx=keep_score)
+            pipe.zadd(self.keys.runs_by_time, {record.run_id: record.created_at}, nx=keep_score)
             self._queue(pipe, "add_child", *add_child)
             replies = await pipe.execute(raise_on_error=False)
         try:
-            await self._settle(replies[1], "add_child", *add_child, run_id=parent)
+            await self._settle(replies[1], "add_child", *add_child, run_id=record.parent_run_id)
         except StepflowError:
             if replies[0] == 1:  # the entry is ours alone: take it back
                 await self.client.zrem(self.keys.runs_by_time, record.run_id)
@@ -166,12 +173,6 @@ class RedisStore(RedisAdmin):
         keys = self.keys.run(run_id)
         raw = await self._call("get_run", [keys.run, keys.ctx], [], run_id=run_id)
         return self._decode_run(raw)
-
-    async def _get_existing(self, run_id: str) -> RunRecord:
-        record = await self.get_run(run_id)
-        if record is None:
-            raise RunNotFoundError(run_id)
-        return record
 
     async def set_run_status(
         self,
@@ -183,30 +184,51 @@ class RedisStore(RedisAdmin):
         error: Any = None,
         event: NewEvent | None = None,
     ) -> RunRecord:
+        """The run's script and its index update travel in one pipeline (one round trip).
+
+        The index is updated for the status asked for; when the script
+        refuses, the count is taken back and the index set to the status the
+        run really has.
+        """
         status = RunStatus(status)
         keys = self.keys.run(run_id)
         output_json = self._codec.encode(output, "run output")
         error_json = self._codec.encode(error, "run error")
         kind, payload = self._event_args(event)
         request_id = new_request_id()
-        await self._call(
-            "set_run_status",
-            [keys.run, keys.reqs, keys.reqlog, keys.execs, keys.events(execution_id)],
-            [
-                request_id,
-                execution_id,
-                _json.dumps(status.value),
-                "1" if status.is_terminal else "0",
-                output_json,
-                error_json,
-                kind,
-                payload,
-            ],
-            run_id=run_id,
-        )
-        record = await self._get_existing(run_id)
-        count = (request_id, {"events": 0 if event is None else 1})
-        await self._index_status(run_id, record.status, record.created_at, count=count)
+        events = keys.events(execution_id)
+        run_keys = [keys.run, keys.reqs, keys.reqlog, keys.execs, events, keys.ctx]
+        run_args = [
+            request_id,
+            execution_id,
+            _json.dumps(status.value),
+            "1" if status.is_terminal else "0",
+            output_json,
+            error_json,
+            kind,
+            payload,
+        ]
+        deltas = {"events": 0 if event is None else 1}
+        index_keys, index_args = self._index_call(run_id, status, (request_id, deltas))
+        await self._ready()
+        async with self.client.pipeline(transaction=False) as pipe:
+            self._queue(pipe, "set_run_status", run_keys, run_args)
+            self._queue(pipe, "index_run", index_keys, index_args)
+            raw, indexed = await pipe.execute(raise_on_error=False)
+        try:
+            raw = await self._settle(raw, "set_run_status", run_keys, run_args, run_id=run_id)
+        except StepflowError:
+            await self._settle(indexed, "index_run", index_keys, index_args, run_id=run_id)
+            await self._bump(f"{request_id}:undo", {k: -v for k, v in deltas.items()})
+            actual = await self.get_run(run_id)
+            if actual is not None:
+                await self._index_status(run_id, actual.status)
+            raise
+        await self._settle(indexed, "index_run", index_keys, index_args, run_id=run_id)
+        record = self._decode_run(raw)
+        assert record is not None, "the script refuses a run that does not exist"
+        if record.status != status:  # a replayed request found a later status
+            await self._index_status(run_id, record.status)
         return record
 
     def _event_args(self, event: NewEvent | None) -> tuple[str, bytes]:
@@ -599,12 +621,12 @@ class RedisStore(RedisAdmin):
             )
             return reply
 
-        next_id, executions, events, created_at = await self._with_execution_ids(
+        next_id, executions, events, _ = await self._with_execution_ids(
             run_id, continue_run, needed=prune is not None
         )
         # The run is running now, whatever it was (failed runs can continue too).
         count = (request_id, {"executions": executions, "events": events})
-        await self._index_status(run_id, RunStatus.RUNNING, int(created_at), count=count)
+        await self._index_status(run_id, RunStatus.RUNNING, count=count)
         return int(next_id)
 
     async def prune_executions(self, run_id: str, options: PruneOptions) -> PruneResult:

@@ -79,6 +79,10 @@ INDEX_GRACE_MS = 60_000
 """How long an index entry may wait for its run to be written before readers drop it."""
 
 
+_STATUS_POSITION = {status: position for position, status in enumerate(RunStatus, start=1)}
+"""A status's place among the status sets ``index_run.lua`` is given (1-based, as in Lua)."""
+
+
 class RedisCore:
     """Connection, scripts, counters and indexes shared by the store's operations."""
 
@@ -305,7 +309,7 @@ class RedisCore:
                 await self.client.zrem(index, run_id)
             return False
         if wanted is not None and actual != wanted:
-            await self._index_status(run_id, actual, int(score))
+            await self._index_status(run_id, actual)
             return False
         return True
 
@@ -317,34 +321,34 @@ class RedisCore:
         self,
         run_id: str,
         status: RunStatus,
-        created_at: int,
         *,
         count: tuple[str, Mapping[str, int]] | None = None,
     ) -> None:
         """Put the run in its status set and in no other (idempotent, one round trip).
 
         ``count`` (request id, deltas) adds the change the run's script made
-        to the global counters in the same round trip.
+        to the global counters in the same script.
         """
+        keys, args = self._index_call(run_id, status, count)
+        await self._call("index_run", keys, args, run_id=run_id)
+
+    def _index_call(
+        self,
+        run_id: str,
+        status: RunStatus,
+        count: tuple[str, Mapping[str, int]] | None = None,
+    ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of ``index_run.lua`` (see `_index_status`), e.g. for a pipeline."""
         flat = delta_pairs(count[1]) if count is not None else []
-        if flat:
-            await self._ready()
-        async with self.client.pipeline(transaction=False) as pipe:
-            for candidate in RunStatus:
-                key = self.keys.runs_by_status(candidate)
-                if candidate == status:
-                    pipe.zadd(key, {run_id: created_at})
-                else:
-                    pipe.zrem(key, run_id)
-            if count is not None and flat:
-                self._queue(pipe, "bump_metrics", self._metric_keys, [count[0], *flat])
-            replies = await pipe.execute(raise_on_error=False)
-        for reply in replies[: len(RunStatus)]:
-            if isinstance(reply, Exception):
-                raise reply
-        if count is not None and flat:
-            bump_args = [count[0], *flat]
-            await self._settle(replies[-1], "bump_metrics", self._metric_keys, bump_args, run_id="")
+        request_id = count[0] if count is not None and flat else ""
+        return (
+            [self.keys.runs_by_time, *self._metric_keys, *self._status_keys],
+            [run_id, _STATUS_POSITION[status], request_id, *flat],
+        )
+
+    @property
+    def _status_keys(self) -> list[str]:
+        return [self.keys.runs_by_status(status) for status in RunStatus]
 
     def _decode_run(self, raw: Sequence[Any]) -> RunRecord | None:
         run_flat, ctx_flat = raw

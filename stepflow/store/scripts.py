@@ -51,6 +51,7 @@ SCRIPT_NAMES = (
     "delete_run",
     "fail_step",
     "get_run",
+    "index_run",
     "list_executions",
     "list_steps",
     "prune_executions",

@@ -38,6 +38,15 @@ local function sf_remember(reqs, reqlog, req_id, result, limit)
   return result
 end
 
+-- Add counter name / integer delta pairs args[first..] to the global
+-- counters hash, once per request id (the request id of the per-run change
+-- they count), so a change sent twice is counted once.
+local function sf_bump(metrics, reqs, reqlog, req_id, args, first)
+  if sf_replayed(reqs, req_id) then return end
+  for i = first, #args, 2 do redis.call('HINCRBY', metrics, args[i], args[i + 1]) end
+  sf_remember(reqs, reqlog, req_id, 'OK', 10000)
+end
+
 -- A multi-run delete fences each run it will remove with fields in the run
 -- hash: '~del' (its request id), '~del_coord' (the run holding its
 -- decision), '~del_at' (ms), and on that run '~del_state' and '~del_ids'.

@@ -6,6 +6,5 @@
 -- KEYS[1] metrics hash  KEYS[2] reqs hash  KEYS[3] reqlog list (index tag)
 -- ARGV[1] request id  ARGV[2..] counter name / integer delta pairs
 -- Returns 'OK' (also for a request applied before, which changes nothing).
-if sf_replayed(KEYS[2], ARGV[1]) then return 'OK' end
-for i = 2, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
-return sf_remember(KEYS[2], KEYS[3], ARGV[1], 'OK', 10000)
+sf_bump(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV, 2)
+return 'OK'

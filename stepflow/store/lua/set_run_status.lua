@@ -2,15 +2,19 @@
 -- Move a run and its current execution to a new status, optionally
 -- appending a history event, in one step.
 -- KEYS[1] run hash  KEYS[2] reqs hash  KEYS[3] reqlog list
--- KEYS[4] execs hash  KEYS[5] events list of that execution
+-- KEYS[4] execs hash  KEYS[5] events list of that execution  KEYS[6] ctx hash
 -- ARGV[1] request id  ARGV[2] execution id (must be current)
 -- ARGV[3] status (JSON)  ARGV[4] '1' if terminal (sets completed_at)
 -- ARGV[5] output (JSON)  ARGV[6] error (JSON)
 -- ARGV[7] event kind ('' for none)  ARGV[8] event payload (JSON)
--- Returns 'OK'. Errors: SF_NOTFOUND, SF_DELETING, SF_CONFLICT (not the current execution),
--- SF_CANCELLED (the run was cancelled: only a resume, to running, may change that).
-local done = sf_replayed(KEYS[2], ARGV[1])
-if done then return done end
+-- Returns the run as it now is: {run fields flat, ctx fields flat} (a replayed
+-- request reads it again). Errors: SF_NOTFOUND, SF_DELETING, SF_CONFLICT (not the
+-- current execution), SF_CANCELLED (the run was cancelled: only a resume, to
+-- running, may change that).
+local function snapshot()
+  return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[6])}
+end
+if sf_replayed(KEYS[2], ARGV[1]) then return snapshot() end
 local refused = sf_writable(KEYS[1])
 if refused then return refused end
 local row = redis.call('HMGET', KEYS[1], 'current_execution_id', 'status')
@@ -34,4 +38,5 @@ redis.call('HSET', KEYS[4], x .. 'status', ARGV[3], x .. 'output', ARGV[5],
 if ARGV[7] ~= '' then
   sf_append_event(KEYS[5], KEYS[4], ARGV[2], ARGV[7], ARGV[8], now)
 end
-return sf_remember(KEYS[2], KEYS[3], ARGV[1], 'OK')
+sf_remember(KEYS[2], KEYS[3], ARGV[1], 'OK')
+return snapshot()
