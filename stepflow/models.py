@@ -238,11 +238,14 @@ class InstanceInfo(BaseModel):
 
 
 class SystemMetrics(BaseModel):
-    """Counters kept up to date with every transition (never computed by a scan).
+    """Counters kept with the transitions (never computed by a scan).
 
-    On `MemoryStore` they are exact. On `RedisStore` each counter is updated
-    right after the run's own change, idempotently, so it is exact unless a
-    process dies between the two writes (see the README's "Admin" section).
+    Runs and executions count as they are created and removed; a run's
+    history events count when it settles (finishes, continues as new, is
+    pruned), so ``total_events`` lags behind runs still running. On
+    `RedisStore` each counter is updated right after the run's own change,
+    idempotently, so it is exact unless a process dies between the two
+    writes (see the README's "Admin" section).
     """
 
     model_config = _FROZEN
@@ -257,7 +260,7 @@ class SystemMetrics(BaseModel):
     failed_instances: int = 0
     cancelled_instances: int = 0
     total_events: int = 0
-    """History events stored, over all executions of all runs."""
+    """History events stored, over all executions of all runs, as of each run's last settle."""
 
 
 class QueueDepths(BaseModel):

@@ -32,6 +32,8 @@ from stepflow import (
     RedisStore,
     RunRecord,
     RunStatus,
+    StepAlreadyCompletedError,
+    StepClaim,
     StepState,
     StepStatus,
     WorkflowStore,
@@ -367,6 +369,32 @@ async def test_complete_step_replayed_records_one_completion(redis_store: RedisS
     step = await redis_store.get_step("r1", "s1")
     assert step is not None
     assert step.status == StepStatus.COMPLETED
+
+
+async def test_complete_and_claim_replayed_claims_once_and_returns_the_same_lease(
+    redis_store: RedisStore,
+) -> None:
+    await redis_store.create_run(RunRecord(run_id="r1", workflow="wf"))
+    lease = await redis_store.claim_step("r1", "s1", name="s1", owner="w")
+    with every_script_sent_twice(redis_store):
+        recorded, claimed = await redis_store.complete_and_claim(
+            lease,
+            StepClaim(step_id="s2", name="s2", lease_ms=10_000),
+            output="once",
+            event=NewEvent(kind=EventKind.STEP_COMPLETED),
+        )
+    assert recorded is not None
+    assert recorded.event_id == 1
+    assert claimed is not None
+    assert claimed.epoch == 1
+    history = await redis_store.read_history("r1")
+    assert [(e.event_id, e.kind) for e in history] == [(1, EventKind.STEP_COMPLETED)]
+    step = await redis_store.get_step("r1", "s2")
+    assert step is not None
+    assert (step.status, step.attempt) == (StepStatus.RUNNING, 1)
+    await redis_store.complete_step(claimed, output="s2")  # the replayed answer's lease holds
+    with pytest.raises(StepAlreadyCompletedError):  # a new request is no replay
+        await redis_store.complete_step(lease, output="again")
 
 
 async def test_remembered_request_ids_stay_bounded(redis_store: RedisStore) -> None:

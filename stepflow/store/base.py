@@ -339,7 +339,7 @@ class AdminStore(WorkflowStore, Protocol):
         """
 
     async def get_metrics(self) -> SystemMetrics:
-        """Counters kept with every transition; never computed by a scan."""
+        """Counters kept with the transitions, never computed by a scan (see `SystemMetrics`)."""
 
     async def get_queue_depths(self) -> QueueDepths:
         """Ready entries per work queue; 0 where a queue does not exist."""

@@ -6,8 +6,10 @@ is on Redis. Payloads are encoded to JSON on the way in and decoded on the
 way out: the same values are refused as on Redis, and a caller mutating a
 dict after handing it over changes nothing stored.
 
-The counters behind `get_metrics` are updated with every change, so they
-are exact. The admin operations are in `stepflow.store.memory_admin`.
+The counters behind `get_metrics` follow the same rules as on Redis:
+executions are counted with every change, a run's events when it finishes,
+continues as new or is pruned (see `_settle`). The admin operations are in
+`stepflow.store.memory_admin`.
 """
 
 from __future__ import annotations
@@ -76,6 +78,11 @@ class _Run:
     steps: dict[str, StepState] = field(default_factory=dict)  # insertion ordered
     leases: dict[str, _StepLease] = field(default_factory=dict)
     executions: dict[int, _Execution] = field(default_factory=dict)
+    events_counted: int = 0
+    """How many of the run's stored events the global event counter holds (see `_settle`)."""
+
+    def events_stored(self) -> int:
+        return sum(len(execution.events) for execution in self.executions.values())
 
 
 _AFTER_CANCEL = (RunStatus.RUNNING, RunStatus.CANCELLED)
@@ -224,6 +231,8 @@ class MemoryStore(MemoryAdmin):
         execution.completed_at = completed_at
         if event is not None and event_json is not None:
             self._append(execution, event.kind, event_json, now)
+        if status.is_terminal:
+            self._settle(run)
         return await self._get_existing(run_id)
 
     async def _get_existing(self, run_id: str) -> RunRecord:
@@ -492,8 +501,19 @@ class MemoryStore(MemoryAdmin):
             payload=self._copy(payload),
         )
         execution.events.append(event)
-        self._events_total += 1
         return event
+
+    def _settle(self, run: _Run) -> None:
+        """Bring the global event counter up to date with the run's stored events.
+
+        Appending an event does not touch the global counter (on Redis that
+        would be a write in another slot on every step); a run's events are
+        counted when it finishes, continues as new or is pruned, and a
+        delete takes back what was counted.
+        """
+        stored = run.events_stored()
+        self._events_total += stored - run.events_counted
+        run.events_counted = stored
 
     async def append_event(
         self, run_id: str, event: NewEvent, *, execution_id: int, only_if_current: bool = False
@@ -559,11 +579,8 @@ class MemoryStore(MemoryAdmin):
         old.completed_at = now
         new_id = execution_id + 1
         self._append(old, EventKind.CONTINUED_AS_NEW, _json.dumps({"next": new_id}), now)
-        replaced = run.executions.get(new_id)
-        if replaced is None:
-            self._executions_total += 1
-        else:  # left from before a create_run moved the run back: replaced, history included
-            self._events_total -= len(replaced.events)
+        if new_id not in run.executions:  # else left from before a create_run moved the
+            self._executions_total += 1  # run back: replaced, history included
         new = run.executions[new_id] = _Execution(
             execution_id=new_id, status=RunStatus.RUNNING, input=input_json, started_at=now
         )
@@ -578,6 +595,7 @@ class MemoryStore(MemoryAdmin):
             self._append(new, EventKind.HISTORY_PRUNED, _json.dumps(counts), now)
         for kind, payload in carried:
             self._append(new, kind, payload, now)
+        self._settle(run)
         self._set_record(
             run,
             run.record.model_copy(
@@ -596,7 +614,9 @@ class MemoryStore(MemoryAdmin):
 
     async def prune_executions(self, run_id: str, options: PruneOptions) -> PruneResult:
         run = self._run(run_id)
-        return self._prune(run, run.record.current_execution_id, options)
+        result = self._prune(run, run.record.current_execution_id, options)
+        self._settle(run)
+        return result
 
     def _prune(self, run: _Run, current: int, options: PruneOptions) -> PruneResult:
         """Delete what `prune_executions` selects, with the step rows of those executions."""
@@ -620,5 +640,4 @@ class MemoryStore(MemoryAdmin):
                     del run.steps[sid]
                     run.leases.pop(sid, None)
         self._executions_total -= deleted
-        self._events_total -= events
         return PruneResult(instances_processed=1, executions_deleted=deleted, events_deleted=events)

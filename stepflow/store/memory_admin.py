@@ -125,7 +125,6 @@ class MemoryAdmin:
             return None
         self._children.pop(run_id, None)
         self._status_counts[run.record.status] -= 1
-        events = sum(len(x.events) for x in run.executions.values())
         self._executions_total -= len(run.executions)
-        self._events_total -= events
-        return len(run.executions), events
+        self._events_total -= run.events_counted
+        return len(run.executions), run.events_stored()

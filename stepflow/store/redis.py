@@ -10,16 +10,20 @@ writes therefore leaves at worst an entry that the next reader repairs,
 never a run that a listing cannot find.
 
 The global counters behind `get_metrics` (executions and events stored)
-are a hash under the index tag, changed by ``bump_metrics.lua`` with the
-request id of the per-run script whose change it counts, so a re-sent
-request never counts twice. On the hot path the counter update travels in
-the same pipeline as the per-run script (no extra round trip) and is taken
-back if the script refused; elsewhere it follows the script. A process that
-dies between the two leaves a counter off by that one change.
+are a hash under the index tag, changed by ``bump_metrics.lua`` (or
+``index_run.lua``) with the request id of the per-run script whose change
+it counts, so a re-sent request never counts twice. A process that dies
+between the two leaves a counter off by that one change. Executions are
+counted as they are created and removed. Events are not counted one by one
+(that would be a second script, in another slot, on every step): each run
+keeps its own count in its slot, and the global counter takes the run's
+new events when it finishes, continues as new or is pruned (``sf_settle``);
+a delete takes back what was counted.
 
-Round trips on the hot path: claiming a step is one script, completing it
-(output, context patch and history event together, plus its count) is one
-pipeline.
+Round trips on the hot path: one script per step. Completing a step
+(output, context patch and history event together) also claims the step
+it unblocked (`complete_and_claim`); a run's start and end are one
+pipeline each (its script and its status index), plus the counter at the end.
 
 The admin operations (`AdminStore`: trees, multi-run deletes, metrics) are
 in `stepflow.store.redis_admin`.
@@ -93,27 +97,46 @@ class RedisStore(RedisAdmin):
 
         Index first: an entry without a run is dropped by readers, a run
         without an entry could never be listed. A run without a parent takes
-        two round trips (the time entry travels with the create).
+        one round trip: its time entry, the create and the status index with
+        the count of a new execution travel in one pipeline. When the create
+        did not add an execution (the run existed), the count is taken back
+        and the status index set to the run's own status.
         """
         keys, args = self._create_run_call(record, only_if_absent=only_if_absent)
         run_id = record.run_id
-        if record.parent_run_id is None:
-            await self._ready()
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.zadd(self.keys.runs_by_time, {run_id: record.created_at}, nx=only_if_absent)
-                self._queue(pipe, "create_run", keys, args)
-                indexed, created = await pipe.execute(raise_on_error=False)
-            if isinstance(indexed, Exception):
-                raise indexed
-            created = await self._settle(created, "create_run", keys, args, run_id=run_id)
-        else:
+        count = (args[0], {"executions": 1})
+        if record.parent_run_id is not None:
             await self._index_child(record, keep_score=only_if_absent)
-            created = await self._call("create_run", keys, args, run_id=run_id)
-        if int(created) < 0:
-            return False  # it exists; its own index entries are in place
-        count = (args[0], {"executions": int(created)})
-        await self._index_status(run_id, record.status, count=count)
-        return True
+            created = int(await self._call("create_run", keys, args, run_id=run_id))
+            count = (args[0], {"executions": created})
+            if created >= 0:
+                await self._index_status(run_id, record.status, count=count)
+            return created >= 0
+        index_keys, index_args = self._index_call(run_id, record.status, count)
+        await self._ready()
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zadd(self.keys.runs_by_time, {run_id: record.created_at}, nx=only_if_absent)
+            self._queue(pipe, "create_run", keys, args)
+            self._queue(pipe, "index_run", index_keys, index_args)
+            timed, created, indexed = await pipe.execute(raise_on_error=False)
+        if isinstance(timed, Exception):
+            raise timed
+        await self._settle(indexed, "index_run", index_keys, index_args, run_id=run_id)
+        try:
+            created = int(await self._settle(created, "create_run", keys, args, run_id=run_id))
+        except StepflowError:
+            await self._undo_new_run_index(run_id, args[0])
+            raise
+        if created != 1:  # no new execution: the run existed (maybe in another status)
+            await self._undo_new_run_index(run_id, args[0])
+        return created >= 0
+
+    async def _undo_new_run_index(self, run_id: str, request_id: str) -> None:
+        """Take back a create's execution count; index the run under its own status."""
+        await self._bump(f"{request_id}:undo", {"executions": -1})
+        existing = await self.get_run(run_id)
+        if existing is not None:
+            await self._index_status(run_id, existing.status)
 
     def _create_run_call(
         self, record: RunRecord, *, only_if_absent: bool = False
@@ -186,9 +209,9 @@ class RedisStore(RedisAdmin):
     ) -> RunRecord:
         """The run's script and its index update travel in one pipeline (one round trip).
 
-        The index is updated for the status asked for; when the script
-        refuses, the count is taken back and the index set to the status the
-        run really has.
+        The index is set to the status asked for; when the script refuses, it
+        is set to the status the run really has. A terminal status settles
+        the run's events, which takes a second round trip for the counter.
         """
         status = RunStatus(status)
         keys = self.keys.run(run_id)
@@ -208,24 +231,24 @@ class RedisStore(RedisAdmin):
             kind,
             payload,
         ]
-        deltas = {"events": 0 if event is None else 1}
-        index_keys, index_args = self._index_call(run_id, status, (request_id, deltas))
+        index_keys, index_args = self._index_call(run_id, status)
         await self._ready()
         async with self.client.pipeline(transaction=False) as pipe:
             self._queue(pipe, "set_run_status", run_keys, run_args)
             self._queue(pipe, "index_run", index_keys, index_args)
             raw, indexed = await pipe.execute(raise_on_error=False)
+        await self._settle(indexed, "index_run", index_keys, index_args, run_id=run_id)
         try:
-            raw = await self._settle(raw, "set_run_status", run_keys, run_args, run_id=run_id)
+            run_flat, ctx_flat, settled = await self._settle(
+                raw, "set_run_status", run_keys, run_args, run_id=run_id
+            )
         except StepflowError:
-            await self._settle(indexed, "index_run", index_keys, index_args, run_id=run_id)
-            await self._bump(f"{request_id}:undo", {k: -v for k, v in deltas.items()})
             actual = await self.get_run(run_id)
             if actual is not None:
                 await self._index_status(run_id, actual.status)
             raise
-        await self._settle(indexed, "index_run", index_keys, index_args, run_id=run_id)
-        record = self._decode_run(raw)
+        await self._bump(request_id, {"events": int(settled)})
+        record = self._decode_run((run_flat, ctx_flat))
         assert record is not None, "the script refuses a run that does not exist"
         if record.status != status:  # a replayed request found a later status
             await self._index_status(run_id, record.status)
@@ -257,9 +280,9 @@ class RedisStore(RedisAdmin):
     async def delete_run(self, run_id: str) -> bool:
         """Remove the run; `RunDeletingError` while a multi-run delete holds it."""
         request_id = new_request_id()
-        deleted, executions, events = await self._delete_one(run_id, request_id, "plain")
-        await self._unindex([run_id], request_id, {run_id: (executions, events)})
-        return bool(deleted)
+        removed = await self._delete_one(run_id, request_id, "plain")
+        await self._unindex([run_id], request_id, {run_id: removed})
+        return removed.deleted
 
     async def list_runs(
         self, *, limit: int = 100, offset: int = 0, oldest_first: bool = False
@@ -448,12 +471,10 @@ class RedisStore(RedisAdmin):
             if next_step is not None
             else ["", "", ""]
         )
-        reply = await self._call_counted(
+        reply = await self._call(
             "complete_step",
             [
                 keys.run,
-                keys.reqs,
-                keys.reqlog,
                 keys.steps,
                 keys.ctx,
                 keys.execs,
@@ -474,7 +495,6 @@ class RedisStore(RedisAdmin):
                 next_step.lease_ms if next_step is not None else 0,
                 *(item for pair in patch.items() for item in pair),
             ],
-            {"events": 0 if event is None else 1},
             run_id=lease.run_id,
             step_id=lease.step_id,
             execution_id=lease.execution_id,
@@ -506,7 +526,7 @@ class RedisStore(RedisAdmin):
         keys = self.keys.run(lease.run_id)
         error_json = self._codec.encode(error, "step error")
         kind, payload = self._event_args(event)
-        await self._call_counted(
+        await self._call(
             "fail_step",
             [
                 keys.run,
@@ -527,7 +547,6 @@ class RedisStore(RedisAdmin):
                 kind,
                 payload,
             ],
-            {"events": 0 if event is None else 1},
             run_id=lease.run_id,
             step_id=lease.step_id,
             execution_id=lease.execution_id,
@@ -540,11 +559,10 @@ class RedisStore(RedisAdmin):
     ) -> Event:
         keys = self.keys.run(run_id)
         payload = self._codec.encode_event(event)
-        reply = await self._call_counted(
+        reply = await self._call(
             "append_event",
             [keys.run, keys.reqs, keys.reqlog, keys.execs, keys.events(execution_id)],
             [new_request_id(), execution_id, event.kind.value, payload, int(only_if_current)],
-            {"events": 1},
             run_id=run_id,
             execution_id=execution_id,
         )
@@ -572,7 +590,8 @@ class RedisStore(RedisAdmin):
         rows: dict[int, dict[str, Any]] = {}
         for field, value in pairs(flat).items():
             xid, _, name = field.partition("|")
-            rows.setdefault(int(xid), {})[name] = _json.loads(value)
+            if name:  # else a run-wide field: the event counts of sf_settle
+                rows.setdefault(int(xid), {})[name] = _json.loads(value)
         return [_execution_info(xid, rows[xid]) for xid in sorted(rows)]
 
     async def continue_as_new(
@@ -643,8 +662,8 @@ class RedisStore(RedisAdmin):
             )
             return reply
 
-        deleted, events = await self._with_execution_ids(run_id, prune)
-        await self._bump(request_id, {"executions": -deleted, "events": -events})
+        deleted, events, settled = await self._with_execution_ids(run_id, prune)
+        await self._bump(request_id, {"executions": -deleted, "events": settled})
         return PruneResult(instances_processed=1, executions_deleted=deleted, events_deleted=events)
 
 

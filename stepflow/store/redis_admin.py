@@ -56,6 +56,7 @@ from stepflow.store.base import validate_run_id
 from stepflow.store.keys import QUEUE_KINDS
 from stepflow.store.redis_core import (
     CONFLICT_RETRIES,
+    Deleted,
     RedisCore,
     delete_keys,
     new_request_id,
@@ -324,7 +325,7 @@ class RedisAdmin(RedisCore):
 
     async def _finish_delete(self, request_id: str, ids: list[str]) -> DeleteResult:
         """Phase 2: remove every run this request fences, the coordinator (``ids[0]``) last."""
-        counts: dict[str, tuple[int, int]] = {}
+        counts: dict[str, Deleted] = {}
         for chunk in (ids[1 + i : 1 + i + _BATCH] for i in range(0, len(ids) - 1, _BATCH)):
             async with self.client.pipeline(transaction=False) as pipe:
                 for run_id in chunk:
@@ -340,17 +341,19 @@ class RedisAdmin(RedisCore):
             replies = await self._script_batch("delete_run", calls)
             for run_id, reply in zip(chunk, replies, strict=True):
                 if isinstance(reply, ResponseError):  # executions changed: list them again
-                    reply = await self._delete_one(run_id, request_id, "fenced")
-                if int(reply[0]):
-                    counts[run_id] = (int(reply[1]), int(reply[2]))
-        deleted, executions, events = await self._delete_one(ids[0], request_id, "fenced")
-        if deleted:
-            counts[ids[0]] = (executions, events)
+                    removed = await self._delete_one(run_id, request_id, "fenced")
+                else:
+                    removed = Deleted.from_reply(reply)
+                if removed.deleted:
+                    counts[run_id] = removed
+        removed = await self._delete_one(ids[0], request_id, "fenced")
+        if removed.deleted:
+            counts[ids[0]] = removed
         await self._unindex(list(counts), request_id, counts)
         return DeleteResult(
             instances_deleted=len(counts),
-            executions_deleted=sum(x for x, _ in counts.values()),
-            events_deleted=sum(e for _, e in counts.values()),
+            executions_deleted=sum(x.executions for x in counts.values()),
+            events_deleted=sum(x.events for x in counts.values()),
         )
 
     async def _recover(self, held: _Fenced) -> tuple[list[str], DeleteResult] | None:

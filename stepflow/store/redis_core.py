@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Self, TypeVar
+from typing import Any, NamedTuple, Self, TypeVar
 
 import anyio
 from redis.asyncio import Redis
@@ -28,7 +28,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stepflow import _json
-from stepflow.errors import ConflictError, StepflowError
+from stepflow.errors import ConflictError
 from stepflow.models import RunRecord, RunStatus, now_ms
 from stepflow.store import scripts
 from stepflow.store.codec import Codec
@@ -81,6 +81,21 @@ INDEX_GRACE_MS = 60_000
 
 _STATUS_POSITION = {status: position for position, status in enumerate(RunStatus, start=1)}
 """A status's place among the status sets ``index_run.lua`` is given (1-based, as in Lua)."""
+
+
+class Deleted(NamedTuple):
+    """What ``delete_run.lua`` removed of one run."""
+
+    deleted: bool
+    executions: int
+    events: int
+    counted: int
+    """The run's events the global counter held (taken back from it)."""
+
+    @classmethod
+    def from_reply(cls, reply: Sequence[Any]) -> Deleted:
+        deleted, executions, events, counted = (int(value) for value in reply)
+        return cls(bool(deleted), executions, events, counted)
 
 
 class RedisCore:
@@ -246,47 +261,6 @@ class RedisCore:
         if flat:
             await self._call("bump_metrics", self._metric_keys, [request_id, *flat], run_id="")
 
-    async def _call_counted(
-        self,
-        name: str,
-        keys: Sequence[str],
-        args: Sequence[Any],
-        deltas: Mapping[str, int],
-        *,
-        run_id: str,
-        step_id: str = "",
-        execution_id: int = 0,
-    ) -> Any:
-        """Run a per-run script and count its change, in one round trip.
-
-        The counter update is pipelined after the script under the script's
-        request id (``args[0]``); when the script refused, the count is taken
-        back under a request id of its own.
-        """
-        flat = delta_pairs(deltas)
-        if not flat:
-            return await self._call(
-                name, keys, args, run_id=run_id, step_id=step_id, execution_id=execution_id
-            )
-        await self._ready()
-        bump_args = [args[0], *flat]
-        async with self.client.pipeline(transaction=False) as pipe:
-            self._queue(pipe, name, keys, args)
-            self._queue(pipe, "bump_metrics", self._metric_keys, bump_args)
-            reply, bumped = await pipe.execute(raise_on_error=False)
-        counted = not isinstance(bumped, ResponseError)
-        try:
-            reply = await self._settle(
-                reply, name, keys, args, run_id=run_id, step_id=step_id, execution_id=execution_id
-            )
-        except StepflowError:
-            if counted:
-                await self._bump(f"{args[0]}:undo", {k: -v for k, v in deltas.items()})
-            raise
-        if not counted:
-            await self._settle(bumped, "bump_metrics", self._metric_keys, bump_args, run_id="")
-        return reply
-
     async def _entry_is_current(
         self,
         index: str,
@@ -362,18 +336,18 @@ class RedisCore:
         fields["context"] = {key: _json.loads(value) for key, value in pairs(ctx_flat).items()}
         return RunRecord.model_validate(fields)
 
-    async def _delete_one(self, run_id: str, request_id: str, mode: str) -> tuple[int, int, int]:
-        """Run ``delete_run.lua`` for one run: (deleted 0/1, executions, events)."""
+    async def _delete_one(self, run_id: str, request_id: str, mode: str) -> Deleted:
+        """Run ``delete_run.lua`` for one run."""
         keys = self.keys.run(run_id)
 
-        async def delete(execution_ids: list[int]) -> tuple[int, int, int]:
-            deleted, executions, events = await self._call(
+        async def delete(execution_ids: list[int]) -> Deleted:
+            reply = await self._call(
                 "delete_run",
                 delete_keys(keys, execution_ids),
                 [request_id, mode, *execution_ids],
                 run_id=run_id,
             )
-            return int(deleted), int(executions), int(events)
+            return Deleted.from_reply(reply)
 
         return await self._with_execution_ids(run_id, delete)
 
@@ -408,11 +382,11 @@ class RedisCore:
         self,
         run_ids: Sequence[str],
         request_id: str,
-        counts: Mapping[str, tuple[int, int]],
+        counts: Mapping[str, Deleted],
     ) -> None:
         """Drop deleted runs from the indexes and their counts from the counters.
 
-        ``counts`` maps a deleted run to its (executions, events); each run's
+        ``counts`` maps a deleted run to what its delete removed; each run's
         counts go under ``<request id>:<run id>``, so two processes finishing
         the same delete count each run once. One round trip (pipelined).
         """
@@ -423,8 +397,8 @@ class RedisCore:
                 pipe.zrem(self.keys.runs_by_time, run_id)
                 for status in RunStatus:
                     pipe.zrem(self.keys.runs_by_status(status), run_id)
-            for run_id, (executions, events) in counts.items():
-                flat = delta_pairs({"executions": -executions, "events": -events})
+            for run_id, deleted in counts.items():
+                flat = delta_pairs({"executions": -deleted.executions, "events": -deleted.counted})
                 if flat:
                     bumps.append([f"{request_id}:{run_id}", *flat])
                     self._queue(pipe, "bump_metrics", self._metric_keys, bumps[-1])

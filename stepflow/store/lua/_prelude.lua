@@ -75,17 +75,32 @@ local function sf_hset_from(key, args, first)
 end
 
 -- Append one event to an execution's history; its id is the execution's
--- event counter, so ids run 1..N even when a script is replayed.
+-- event counter, so ids run 1..N even when a script is replayed. The run's
+-- count of stored events ('~events' in the execs hash) grows with it.
 local function sf_append_event(events, execs, xid, kind, payload, now)
+  redis.call('HINCRBY', execs, '~events', 1)
   local id = redis.call('HINCRBY', execs, xid .. '|events', 1)
   redis.call('RPUSH', events, '{"event_id":' .. id .. ',"kind":"' .. kind ..
     '","timestamp":' .. now .. ',"payload":' .. payload .. '}')
   return id
 end
 
+-- The global event counter takes a run's events only now and then (a write
+-- in its slot on every step would cost a second script per step): '~counted'
+-- in the execs hash is how many of the run's stored events ('~events') it
+-- holds. Settling makes it hold them all and returns the change, which the
+-- caller adds to the counter under the request id of its script.
+local function sf_settle(execs)
+  local row = redis.call('HMGET', execs, '~events', '~counted')
+  local delta = (tonumber(row[1]) or 0) - (tonumber(row[2]) or 0)
+  if delta ~= 0 then redis.call('HSET', execs, '~counted', row[1] or 0) end
+  return delta
+end
+
 -- Nil when the lease (token, epoch) is the step's current live lease (or,
 -- with allow_expired, its current lease even past expiry: nobody claimed the
 -- step since), otherwise the error code and detail to refuse the write with.
+-- The third value is the run's status (JSON) when the lease is good.
 local function sf_check_lease(run, steps, sid, token, epoch, now, allow_expired)
   local state = redis.call('HMGET', run, 'status', '~del')
   if not state[1] then
@@ -103,29 +118,35 @@ local function sf_check_lease(run, steps, sid, token, epoch, now, allow_expired)
   if not allow_expired and tonumber(held[3]) <= now then
     return 'STALE', 'the lease expired'
   end
-  return nil
+  return nil, nil, state[1]
 end
 
 -- Start an attempt of step sid under a fresh lease (the caller checked the
--- run and the execution). Returns the lease's epoch and expiry, or nil, a
--- code and a detail when the step completed ('DONE') or another live lease
--- holds it ('HELD', detail '<owner JSON>|<expires_at>'); reads before writes.
-local function sf_claim(steps, order, sid, name, owner, token, lease_ms, xid, input, now)
+-- run and the execution). Reads only: returns the epoch, the expiry and the
+-- steps-hash field/value pairs to write (appended to ``fields``), after
+-- putting a new step at the end of ``order``; or nil, a code and a detail
+-- when the step completed ('DONE') or another live lease holds it ('HELD',
+-- detail '<owner JSON>|<expires_at>').
+local function sf_claim(steps, order, sid, name, owner, token, lease_ms, xid, input, now, fields)
   local s = sid .. '|'
   local row = redis.call('HMGET', steps, s .. 'status', s .. 'token', s .. 'expires',
-    s .. 'worker_id', s .. 'name')
+    s .. 'worker_id', s .. 'name', s .. 'epoch', s .. 'attempt')
   if row[1] == '"completed"' then return nil, 'DONE', sid end
   if row[2] and row[2] ~= '' and tonumber(row[3]) > now then
     return nil, 'HELD', tostring(row[4]) .. '|' .. row[3]
   end
   if not row[5] then redis.call('RPUSH', order, sid) end
-  local epoch = redis.call('HINCRBY', steps, s .. 'epoch', 1)
-  redis.call('HINCRBY', steps, s .. 'attempt', 1)
+  local epoch = (tonumber(row[6]) or 0) + 1
   local expires = now + tonumber(lease_ms)
-  redis.call('HSET', steps, s .. 'name', name, s .. 'status', '"running"',
-    s .. 'input', input, s .. 'output', 'null', s .. 'error', 'null',
-    s .. 'started_at', now, s .. 'finished_at', 'null', s .. 'worker_id', owner,
-    s .. 'execution_id', xid, s .. 'token', token, s .. 'expires', expires)
+  local n = #fields
+  local values = {'name', name, 'status', '"running"', 'input', input, 'output', 'null',
+    'error', 'null', 'started_at', now, 'finished_at', 'null', 'worker_id', owner,
+    'execution_id', xid, 'token', token, 'expires', expires, 'epoch', epoch,
+    'attempt', (tonumber(row[7]) or 0) + 1}
+  for i = 1, #values, 2 do
+    fields[n + i] = s .. values[i]
+    fields[n + i + 1] = values[i + 1]
+  end
   return epoch, expires
 end
 
@@ -166,7 +187,7 @@ end
 
 local SF_EXEC_FIELDS = {'status', 'input', 'output', 'error', 'started_at', 'completed_at', 'events'}
 local SF_STEP_FIELDS = {'name', 'status', 'attempt', 'input', 'output', 'error', 'started_at',
-  'finished_at', 'worker_id', 'execution_id', 'epoch', 'token', 'expires'}
+  'finished_at', 'worker_id', 'execution_id', 'epoch', 'token', 'expires', 'req', 'done'}
 
 -- Delete the selected executions, their histories and their step rows, so
 -- an eternal workflow that prunes keeps bounded storage.
@@ -190,6 +211,7 @@ local function sf_prune_apply(execs, steps, order, doomed, history)
       kept[#kept + 1] = sid
     end
   end
+  redis.call('HINCRBY', execs, '~events', -events)
   redis.call('DEL', order)
   for i = 1, #kept, 1000 do
     redis.call('RPUSH', order, unpack(kept, i, math.min(i + 999, #kept)))

@@ -17,7 +17,9 @@ if run[1] == '"cancelled"' then return sf_fail('CANCELLED', 'run') end
 if redis.call('HEXISTS', KEYS[6], ARGV[7] .. '|status') == 0 then
   return sf_fail('NOEXEC', ARGV[7])
 end
+local fields = {}
 local epoch, expires, detail = sf_claim(KEYS[4], KEYS[5], ARGV[2], ARGV[3], ARGV[4],
-  ARGV[5], ARGV[6], ARGV[7], ARGV[8], sf_now_ms())
+  ARGV[5], ARGV[6], ARGV[7], ARGV[8], sf_now_ms(), fields)
 if not epoch then return sf_fail(expires, detail) end  -- expires holds the code
+redis.call('HSET', KEYS[4], unpack(fields))
 return sf_remember(KEYS[2], KEYS[3], ARGV[1], epoch .. '|' .. expires)

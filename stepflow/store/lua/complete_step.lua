@@ -3,9 +3,8 @@
 -- event, all or nothing: the heart of "a completed step never runs again".
 -- Optionally claim the next step for the same owner in the same script, so
 -- a chain of steps costs one round trip per step.
--- KEYS[1] run hash  KEYS[2] reqs hash  KEYS[3] reqlog list  KEYS[4] steps hash
--- KEYS[5] ctx hash  KEYS[6] execs hash  KEYS[7] events list of the lease's execution
--- KEYS[8] order list
+-- KEYS[1] run hash  KEYS[2] steps hash  KEYS[3] ctx hash  KEYS[4] execs hash
+-- KEYS[5] events list of the lease's execution  KEYS[6] order list
 -- ARGV[1] request id  ARGV[2] step id  ARGV[3] token  ARGV[4] epoch
 -- ARGV[5] execution id  ARGV[6] output (JSON)
 -- ARGV[7] event kind ('' for none)  ARGV[8] event payload (JSON)
@@ -17,32 +16,39 @@
 -- '#' alone when it was not claimed (completed, held, the run cancelled).
 -- Errors: SF_STALE (lease expired, taken over, run deleted or being deleted), SF_DONE,
 -- SF_NOEXEC (the lease's execution is gone).
-local done = sf_replayed(KEYS[2], ARGV[1])
-if done then return done end
+--
+-- This runs once per step, so it keeps to few commands. A re-sent request is
+-- recognised by the request id the completion leaves in the step's row
+-- ('<step>|req', with its result in '<step>|done'), not by the run's request
+-- log: no extra writes.
+local s = ARGV[2] .. '|'
+local sent = redis.call('HMGET', KEYS[2], s .. 'req', s .. 'done')
+if sent[1] == ARGV[1] then return sent[2] end
 local now = sf_now_ms()
-local code, detail = sf_check_lease(KEYS[1], KEYS[4], ARGV[2], ARGV[3], ARGV[4], now)
+local code, detail, status = sf_check_lease(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4], now)
 if code then return sf_fail(code, detail) end
-if redis.call('HEXISTS', KEYS[6], ARGV[5] .. '|status') == 0 then
+if redis.call('HEXISTS', KEYS[4], ARGV[5] .. '|status') == 0 then
   return sf_fail('NOEXEC', ARGV[5])
 end
 
-local s = ARGV[2] .. '|'
-redis.call('HSET', KEYS[4], s .. 'status', '"completed"', s .. 'output', ARGV[6],
-  s .. 'error', 'null', s .. 'finished_at', now)
-redis.call('HDEL', KEYS[4], s .. 'token', s .. 'expires')
-sf_hset_from(KEYS[5], ARGV, 14)
-local result = 'OK'
-if ARGV[7] ~= '' then
-  local id = sf_append_event(KEYS[7], KEYS[6], ARGV[5], ARGV[7], ARGV[8], now)
-  result = id .. '|' .. now
-end
+local fields = {}
+local claimed
 if ARGV[9] ~= '' then
-  local claimed = ''
-  if redis.call('HGET', KEYS[1], 'status') ~= '"cancelled"' then
-    local epoch, expires = sf_claim(KEYS[4], KEYS[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12],
-      ARGV[13], ARGV[5], 'null', now)
+  claimed = ''
+  if status ~= '"cancelled"' then
+    local epoch, expires = sf_claim(KEYS[2], KEYS[6], ARGV[9], ARGV[10], ARGV[11], ARGV[12],
+      ARGV[13], ARGV[5], 'null', now, fields)
     if epoch then claimed = epoch .. '|' .. expires end
   end
-  result = result .. '#' .. claimed
 end
-return sf_remember(KEYS[2], KEYS[3], ARGV[1], result)
+sf_hset_from(KEYS[3], ARGV, 14)
+local result = 'OK'
+if ARGV[7] ~= '' then
+  local id = sf_append_event(KEYS[5], KEYS[4], ARGV[5], ARGV[7], ARGV[8], now)
+  result = id .. '|' .. now
+end
+if claimed then result = result .. '#' .. claimed end
+redis.call('HSET', KEYS[2], s .. 'status', '"completed"', s .. 'output', ARGV[6],
+  s .. 'error', 'null', s .. 'finished_at', now, s .. 'token', '',
+  s .. 'req', ARGV[1], s .. 'done', result, unpack(fields))
+return result

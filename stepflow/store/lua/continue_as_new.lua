@@ -14,9 +14,9 @@
 -- A next execution left from before a create_run that moved the run back
 -- is replaced, history included. With pruning, old executions go in the
 -- same step and the next execution's history records a history_pruned
--- event with the counts. Returns {next execution id, change in the number
--- of stored executions, change in the number of stored events (both for the
--- global counters), the run's created_at (for its status index)}.
+-- event with the counts. The run's events are settled (see sf_settle).
+-- Returns {next execution id, change in the number of stored executions,
+-- change of the global event count, the run's created_at}.
 -- Errors: SF_NOTFOUND, SF_DELETING, SF_CONFLICT (not the current execution, or
 -- events arrived since the caller read the history: it reads again).
 local done = sf_replayed(KEYS[2], ARGV[1])
@@ -52,8 +52,11 @@ end
 local old, new = ARGV[2] .. '|', ARGV[3] .. '|'
 -- A next execution left from before is replaced: its events stop counting.
 local replaced = redis.call('HMGET', KEYS[4], new .. 'status', new .. 'events')
-local d_execs, d_events = 1, 2
-if replaced[1] then d_execs, d_events = 0, 2 - tonumber(replaced[2] or '0') end
+local d_execs = 1
+if replaced[1] then
+  d_execs = 0
+  redis.call('HINCRBY', KEYS[4], '~events', -tonumber(replaced[2] or '0'))
+end
 redis.call('HSET', KEYS[4], old .. 'status', '"continued_as_new"', old .. 'completed_at', now)
 sf_append_event(KEYS[5], KEYS[4], ARGV[2], 'continued_as_new',
   '{"next":' .. ARGV[3] .. '}', now)
@@ -67,12 +70,12 @@ if ARGV[5] == '1' then
   sf_append_event(KEYS[6], KEYS[4], ARGV[3], 'history_pruned',
     '{"reason":"continue_as_new","executions_deleted":' .. deleted ..
     ',"events_deleted":' .. events .. '}', now)
-  d_execs, d_events = d_execs - deleted, d_events + 1 - events
+  d_execs = d_execs - deleted
 end
 for i = 10 + listed, #ARGV, 2 do
   sf_append_event(KEYS[6], KEYS[4], ARGV[3], ARGV[i], ARGV[i + 1], now)
-  d_events = d_events + 1
 end
+local d_events = sf_settle(KEYS[4])
 redis.call('HSET', KEYS[1], 'current_execution_id', ARGV[3], 'status', '"running"',
   'input', ARGV[4], 'output', 'null', 'error', 'null', 'updated_at', now,
   'completed_at', 'null')

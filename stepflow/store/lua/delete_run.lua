@@ -11,17 +11,18 @@
 -- (continue-as-new) the script refuses with SF_CHANGED and the caller
 -- retries, so no history list is ever left behind. The tomb remembers the
 -- request id and counts for 60 s so a replayed delete answers the same.
--- Returns {1 if deleted else 0, executions deleted, events deleted}.
+-- Returns {1 if deleted else 0, executions deleted, events deleted, events the
+-- global counter held for the run (see sf_settle)}.
 -- Errors: SF_DELETING (plain, while a multi-run delete holds the run), SF_CHANGED.
 local tomb = redis.call('GET', KEYS[2])
 if tomb then
-  local req, execs, events = string.match(tomb, '^(.+)|(%d+)|(%d+)$')
-  if req == ARGV[1] then return {1, tonumber(execs), tonumber(events)} end
+  local req, execs, events, counted = string.match(tomb, '^(.+)|(%d+)|(%d+)|(-?%d+)$')
+  if req == ARGV[1] then return {1, tonumber(execs), tonumber(events), tonumber(counted)} end
 end
 local row = redis.call('HMGET', KEYS[1], 'status', '~del')
-if not row[1] then return {0, 0, 0} end
+if not row[1] then return {0, 0, 0, 0} end
 if ARGV[2] == 'fenced' then
-  if row[2] ~= ARGV[1] then return {0, 0, 0} end
+  if row[2] ~= ARGV[1] then return {0, 0, 0, 0} end
 elseif row[2] then
   return sf_fail('DELETING', row[2])
 end
@@ -40,7 +41,9 @@ for i = 3, #ARGV do
   events = events + tonumber(x[2] or '0')
 end
 
+local counted = tonumber(redis.call('HGET', KEYS[3], '~counted') or '0')
 redis.call('DEL', KEYS[1], KEYS[3])
 for i = 4, #KEYS do redis.call('DEL', KEYS[i]) end
-redis.call('SET', KEYS[2], ARGV[1] .. '|' .. stored .. '|' .. events, 'PX', 60000)
-return {1, stored, events}
+redis.call('SET', KEYS[2], ARGV[1] .. '|' .. stored .. '|' .. events .. '|' .. counted,
+  'PX', 60000)
+return {1, stored, events, counted}

@@ -6,12 +6,14 @@
 -- ARGV[1] request id  ARGV[2] keep_last ('' = keep only the current)
 -- ARGV[3] completed_before ms ('' = any)  ARGV[4] n  ARGV[5 .. 4+n] execution ids
 -- Never the current execution, never a running one. Step rows of deleted
--- executions go too; the context bag stays. Returns {executions deleted, events deleted}.
+-- executions go too; the context bag stays. The run's events are settled (see
+-- sf_settle). Returns {executions deleted, events deleted, change of the global
+-- event count}.
 -- Errors: SF_NOTFOUND, SF_DELETING, SF_CHANGED (the caller's list of executions is stale).
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then
-  local deleted, events = string.match(done, '^(%d+)|(%d+)$')
-  return {tonumber(deleted), tonumber(events)}
+  local deleted, events, delta = string.match(done, '^(%d+)|(%d+)|(-?%d+)$')
+  return {tonumber(deleted), tonumber(events), tonumber(delta)}
 end
 local refused = sf_writable(KEYS[1])
 if refused then return refused end
@@ -21,5 +23,6 @@ local doomed, err = sf_prune_select(KEYS[4], current, tonumber(ARGV[2]) or 1,
   tonumber(ARGV[3]), history, nil, nil)
 if not doomed then return err end
 local deleted, events = sf_prune_apply(KEYS[4], KEYS[5], KEYS[6], doomed, history)
-sf_remember(KEYS[2], KEYS[3], ARGV[1], deleted .. '|' .. events)
-return {deleted, events}
+local delta = sf_settle(KEYS[4])
+sf_remember(KEYS[2], KEYS[3], ARGV[1], deleted .. '|' .. events .. '|' .. delta)
+return {deleted, events, delta}

@@ -7,14 +7,16 @@
 -- ARGV[3] status (JSON)  ARGV[4] '1' if terminal (sets completed_at)
 -- ARGV[5] output (JSON)  ARGV[6] error (JSON)
 -- ARGV[7] event kind ('' for none)  ARGV[8] event payload (JSON)
--- Returns the run as it now is: {run fields flat, ctx fields flat} (a replayed
--- request reads it again). Errors: SF_NOTFOUND, SF_DELETING, SF_CONFLICT (not the
+-- A terminal status settles the run's events (see sf_settle).
+-- Returns {run fields flat, ctx fields flat, change of the global event count}:
+-- the run as it now is (a replayed request reads it again). Errors: SF_NOTFOUND, SF_DELETING, SF_CONFLICT (not the
 -- current execution), SF_CANCELLED (the run was cancelled: only a resume, to
 -- running, may change that).
-local function snapshot()
-  return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[6])}
+local function snapshot(delta)
+  return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[6]), tonumber(delta)}
 end
-if sf_replayed(KEYS[2], ARGV[1]) then return snapshot() end
+local done = sf_replayed(KEYS[2], ARGV[1])
+if done then return snapshot(done) end
 local refused = sf_writable(KEYS[1])
 if refused then return refused end
 local row = redis.call('HMGET', KEYS[1], 'current_execution_id', 'status')
@@ -38,5 +40,7 @@ redis.call('HSET', KEYS[4], x .. 'status', ARGV[3], x .. 'output', ARGV[5],
 if ARGV[7] ~= '' then
   sf_append_event(KEYS[5], KEYS[4], ARGV[2], ARGV[7], ARGV[8], now)
 end
-sf_remember(KEYS[2], KEYS[3], ARGV[1], 'OK')
-return snapshot()
+local delta = 0
+if ARGV[4] == '1' then delta = sf_settle(KEYS[4]) end
+sf_remember(KEYS[2], KEYS[3], ARGV[1], tostring(delta))
+return snapshot(delta)
