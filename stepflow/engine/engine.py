@@ -219,7 +219,7 @@ class Engine:
         active = self._active.setdefault(run_id, _ActiveRun())
         try:
             with active.scope:
-                record = created or await self._existing(run_id)
+                record = created if created is not None else await self._existing(run_id)
                 if record.status in _FINISHED and not rerun_finished:
                     return record
                 services = RunnerServices(

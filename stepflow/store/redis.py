@@ -104,14 +104,14 @@ class RedisStore(RedisAdmin):
         """
         keys, args = self._create_run_call(record, only_if_absent=only_if_absent)
         run_id = record.run_id
-        count = (args[0], {"executions": 1})
         if record.parent_run_id is not None:
             await self._index_child(record, keep_score=only_if_absent)
             created = int(await self._call("create_run", keys, args, run_id=run_id))
-            count = (args[0], {"executions": created})
             if created >= 0:
+                count = (args[0], {"executions": created})
                 await self._index_status(run_id, record.status, count=count)
             return created >= 0
+        count = (args[0], {"executions": 1})
         index_keys, index_args = self._index_call(run_id, record.status, count)
         await self._ready()
         async with self.client.pipeline(transaction=False) as pipe:
