@@ -9,9 +9,9 @@
 -- ARGV[7] event kind ('' for none)  ARGV[8] event payload (JSON)
 -- A terminal status settles the run's events (see sf_settle).
 -- Returns {run fields flat, ctx fields flat, change of the global event count}:
--- the run as it now is (a replayed request reads it again). Errors: SF_NOTFOUND, SF_DELETING, SF_CONFLICT (not the
--- current execution), SF_CANCELLED (the run was cancelled: only a resume, to
--- running, may change that).
+-- the run as it now is (a replayed request reads it again).
+-- Errors: SF_NOTFOUND, SF_DELETING, SF_CONFLICT (not the current execution),
+-- SF_CANCELLED (the run was cancelled: only a resume, to running, may change that).
 local function snapshot(delta)
   return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[6]), tonumber(delta)}
 end
