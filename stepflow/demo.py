@@ -15,7 +15,7 @@ import anyio
 
 from stepflow.dag import Workflow
 from stepflow.engine import Engine, StepContext
-from stepflow.models import RunRecord, RunStatus, StepStatus
+from stepflow.models import RunRecord, StepStatus
 from stepflow.store.base import WorkflowStore
 
 ingest = Workflow("stepflow-demo-ingest", version="1")
@@ -74,7 +74,6 @@ async def index(ctx: StepContext) -> str:
     return f"indexed {len(ctx.context['embeddings'])} chunks of {ctx.context['url']}"
 
 
-_FINISHED = (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED)
 _MARK = {
     StepStatus.PENDING: "·",
     StepStatus.RUNNING: "▶",
@@ -101,7 +100,7 @@ async def run_demo(
                     seen[step.step_id] = step.status
                     detail = f" (attempt {step.attempt})" if step.attempt > 1 else ""
                     echo(f"  {_MARK[step.status]} {step.step_id:<16} {step.status}{detail}")
-            if record is not None and record.status in _FINISHED:
+            if record is not None and record.status.is_terminal:
                 break
             await anyio.sleep(poll)
         record = await engine.wait(run_id)

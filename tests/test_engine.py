@@ -861,6 +861,53 @@ async def test_resume_reruns_only_what_failed(store: WorkflowStore, new_flow: Ne
     assert CALLS[flow.name, "second"] == 2
 
 
+async def test_resume_of_a_completed_run_leaves_it_as_it_is(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    flow = new_flow()
+
+    @flow.step()
+    async def only(ctx: StepContext) -> int:
+        return count(ctx, flow)
+
+    with anyio.fail_after(LIMIT):
+        done = await Engine(store).run(flow)
+        history = await store.read_history(done.run_id)
+        async with Engine(store) as engine:
+            await engine.resume(done.run_id)
+            again = await engine.wait(done.run_id)
+
+    assert again == done
+    assert await store.read_history(done.run_id) == history
+    assert CALLS[flow.name, "only"] == 1
+
+
+async def test_resume_refuses_a_definition_that_no_longer_validates(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    flow = new_flow()
+
+    @flow.step()
+    async def first(ctx: StepContext) -> int:
+        raise RuntimeError("fails the run")
+
+    with anyio.fail_after(LIMIT):
+        failed = await Engine(store).run(flow)
+        assert failed.status == RunStatus.FAILED
+        steps = await store.list_steps(failed.run_id)
+
+        @flow.step(after=["renamed_away"])
+        async def second(ctx: StepContext) -> int:
+            raise AssertionError("must not run")
+
+        async with Engine(store) as engine:
+            with pytest.raises(UnknownDependencyError, match="renamed_away"):
+                await engine.resume(failed.run_id)
+
+    assert await store.get_run(failed.run_id) == failed
+    assert await store.list_steps(failed.run_id) == steps
+
+
 async def test_run_id_of_another_workflow_conflicts(
     store: WorkflowStore, new_flow: NewFlow
 ) -> None:

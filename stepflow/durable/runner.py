@@ -82,8 +82,6 @@ class DurableRunner:
 
     async def _execute(self, keeper: LeaseKeeper) -> RunRecord:
         self._keeper = keeper
-        if self.record.status == RunStatus.COMPLETED:
-            return self.record  # a resume of a finished run: replaying it changes nothing
         if self.record.status != RunStatus.RUNNING:
             self.record = await self.store.set_run_status(
                 self.run_id,

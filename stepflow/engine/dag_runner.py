@@ -85,9 +85,8 @@ class DagRunner:
         self.keeper = LeaseKeeper(store, lease_ms)
         self._dependents: dict[str, list[str]] = {name: [] for name in flow.steps}
         for spec in flow.steps.values():
-            for dep in spec.after:
-                if dep in self._dependents:  # an undefined one never completes anyway
-                    self._dependents[dep].append(spec.name)
+            for dep in spec.after:  # every one defined: the engine validated the flow
+                self._dependents[dep].append(spec.name)
         self._waiting: dict[str, int] = {}
         """Per step not done when the run started: how many of its dependencies are not done."""
         self._in_flight = 0

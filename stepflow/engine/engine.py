@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
@@ -41,7 +42,6 @@ from stepflow.store.base import DEFAULT_LEASE_MS, WorkflowStore, validate_run_id
 _POLL_START = 0.02
 _POLL_MAX = 0.5
 _RAISE_ATTEMPTS = 10
-_FINISHED = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
 
 
 def default_owner() -> str:
@@ -104,15 +104,23 @@ class Engine:
     # -- definitions ------------------------------------------------------------
 
     def workflow(self, name: str) -> Definition:
-        """The definition this engine runs for workflow ``name``."""
+        """The definition this engine runs for workflow ``name``, validated.
+
+        Validated here, not only when a run starts, so a resumed run of a
+        definition that went wrong since (a dependency renamed away) is
+        refused rather than run around the gap.
+        """
         if self._workflows is not None:
             if name not in self._workflows:
                 raise WorkflowNotFoundError(name)
-            return self._workflows[name]
-        definition = registry.lookup(name)
-        if not is_definition(definition):
-            raise WorkflowNotFoundError(name)
-        return definition  # type: ignore[return-value]
+            definition = self._workflows[name]
+        else:
+            found = registry.lookup(name)
+            if not is_definition(found):
+                raise WorkflowNotFoundError(name)
+            definition = found  # type: ignore[assignment]
+        definition.validate()  # cached by the definition
+        return definition
 
     # -- starting runs ----------------------------------------------------------
 
@@ -131,8 +139,8 @@ class Engine:
     async def start(self, flow: Definition, input: Any = None, *, run_id: str | None = None) -> str:
         """Store the run and return its id at once; it runs in the background."""
         tg = self._require_started("start")
-        run_id, _ = await self._prepare(flow, input, run_id)
-        self._launch(tg, run_id, rerun_finished=False)
+        run_id, created = await self._prepare(flow, input, run_id)
+        self._launch(tg, run_id, rerun_finished=False, created=created)
         return run_id
 
     async def resume(self, run_id: str) -> str:
@@ -150,7 +158,14 @@ class Engine:
         self._launch(tg, run_id, rerun_finished=True)
         return run_id
 
-    def _launch(self, tg: TaskGroup, run_id: str, *, rerun_finished: bool) -> None:
+    def _launch(
+        self,
+        tg: TaskGroup,
+        run_id: str,
+        *,
+        rerun_finished: bool,
+        created: RunRecord | None = None,
+    ) -> None:
         """Drive the run in the background, at most once per engine.
 
         The run is registered before its task first runs, so a `wait` or
@@ -159,7 +174,8 @@ class Engine:
         if run_id in self._active:
             return
         self._active[run_id] = _ActiveRun()
-        tg.start_soon(self._drive, run_id, rerun_finished, name=f"stepflow run {run_id}")
+        drive = partial(self._drive, run_id, rerun_finished, created=created)
+        tg.start_soon(drive, name=f"stepflow run {run_id}")
 
     def _require_started(self, what: str) -> TaskGroup:
         if self._tg is None:
@@ -220,7 +236,10 @@ class Engine:
         try:
             with active.scope:
                 record = created if created is not None else await self._existing(run_id)
-                if record.status in _FINISHED and not rerun_finished:
+                # A completed run is never run again; failed and cancelled ones on resume.
+                if record.status == RunStatus.COMPLETED or (
+                    record.status.is_terminal and not rerun_finished
+                ):
                     return record
                 services = RunnerServices(
                     owner=self.owner,
@@ -264,7 +283,7 @@ class Engine:
             if active is not None:
                 await active.finished.wait()
             record = await self._existing(run_id)
-            if record.status in _FINISHED:
+            if record.status.is_terminal:
                 return record
             if active is None:
                 await anyio.sleep(delay)
@@ -286,7 +305,7 @@ class Engine:
 
     async def _mark_cancelled(self, record: RunRecord) -> RunRecord:
         """Record a run that no task of this engine drives as cancelled; a finished one stays."""
-        if record.status in _FINISHED:
+        if record.status.is_terminal:
             return record
         run_id = record.run_id
         return await self.store.set_run_status(
@@ -311,7 +330,7 @@ class Engine:
         event = NewEvent(kind=EventKind.EVENT_RAISED, payload={"name": name, "payload": payload})
         for _ in range(_RAISE_ATTEMPTS):
             record = await self._existing(run_id)
-            if record.status in _FINISHED:
+            if record.status.is_terminal:
                 raise ConflictError(f"run {run_id!r} is {record.status}; it takes no more events")
             try:
                 await self.store.append_event(
