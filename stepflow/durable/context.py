@@ -200,11 +200,13 @@ class WorkflowContext:
                     },
                 )
                 return raised.payload.get("payload")
-            now = await self._runner.store.time_ms()
-            if deadline is not None and now >= deadline:
-                await self._runner.append(EventKind.TIMER_FIRED, {**tags, "timed_out": True})
-                raise EventTimeoutError(name, float(timeout or 0))
-            wait = delay if deadline is None else min(delay, (deadline - now) / 1000)
+            wait = delay
+            if deadline is not None:  # the store's clock decides, read only when it matters
+                now = await self._runner.store.time_ms()
+                if now >= deadline:
+                    await self._runner.append(EventKind.TIMER_FIRED, {**tags, "timed_out": True})
+                    raise EventTimeoutError(name, float(timeout or 0))
+                wait = min(delay, (deadline - now) / 1000)
             await self._runner.wait_for_news(wait)
             await self._runner.refresh()
             delay = min(delay * 2, _EVENT_POLL_MAX)

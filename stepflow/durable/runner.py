@@ -90,7 +90,8 @@ class DurableRunner:
                 event=NewEvent(kind=EventKind.RUN_STARTED, payload=self.record.input),
             )
         while True:
-            self.replay = Replay(self.run_id, await self.store.read_history(self.run_id))
+            history = await self.store.read_history(self.run_id, self.execution_id)
+            self.replay = Replay(self.run_id, history)
             try:
                 output = await self.definition.fn(WorkflowContext(self), self.record.input)
             except ContinueAsNew as request:
@@ -183,8 +184,7 @@ class DurableRunner:
         event = await self.store.append_event(
             self.run_id, NewEvent(kind=kind, payload=payload), execution_id=self.execution_id
         )
-        self.replay.add(event)
-        self.replay.clock = max(self.replay.clock, event.timestamp)
+        self.note_recorded(event)
         return event
 
     async def refresh(self) -> None:

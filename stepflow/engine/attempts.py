@@ -96,7 +96,6 @@ class StepCall:
 @dataclass(frozen=True, slots=True)
 class StepOutcome:
     output: Any
-    attempt: int
     event: Event | None = None
     """The completion event as recorded (its timestamp is the store's clock)."""
     next_hold: Hold | None = None
@@ -310,7 +309,7 @@ async def execute_step(
             hold = None
             continue
         next_hold = keeper.hold(next_lease) if next_lease is not None else None
-        return StepOutcome(output=result, attempt=attempt, event=recorded, next_hold=next_hold)
+        return StepOutcome(output=result, event=recorded, next_hold=next_hold)
 
 
 def _result(call: StepCall, hold: Hold) -> Any:

@@ -76,7 +76,7 @@ class DagRunner:
         # as it was, while the loop may merge another step's output meanwhile.
         self.bag: dict[str, Any] = dict(record.context)
         self.outputs: dict[str, Any] = {}
-        self.done: set[str] = set()
+        """Output of every step done (completed, or skipped by its condition)."""
         self.started: set[str] = set()
         self.interrupted: set[str] = set()
         self.attempts: dict[str, int] = {}
@@ -145,7 +145,6 @@ class DagRunner:
             self.attempts[step.step_id] = step.attempt
             skipped_by_condition = step.status == StepStatus.SKIPPED and step.error is None
             if step.status == StepStatus.COMPLETED or skipped_by_condition:
-                self.done.add(step.step_id)
                 self.outputs[step.step_id] = step.output
 
     async def _reload(self) -> RunRecord:
@@ -156,9 +155,9 @@ class DagRunner:
         """Count each step's unfinished dependencies; return the steps free to start."""
         ready = []
         for name, spec in self.flow.steps.items():
-            if name in self.done:
+            if name in self.outputs:
                 continue
-            self._waiting[name] = sum(dep not in self.done for dep in spec.after)
+            self._waiting[name] = sum(dep not in self.outputs for dep in spec.after)
             if not self._waiting[name]:
                 ready.append(name)
         return ready
@@ -270,9 +269,7 @@ class DagRunner:
             output, next_hold = outcome.output, outcome.next_hold
         except StepAlreadyCompletedError:
             step = await self.store.get_step(self.run_id, name)
-            output = step.output if step is not None else None
-            if isinstance(output, Mapping):
-                self.bag = {**self.bag, **output}
+            output = step.output if step is not None else None  # merged by _finished
         except StepFailed as failure:
             self.failure = self.failure or failure
             tg.cancel_scope.cancel()
@@ -342,7 +339,6 @@ class DagRunner:
         self.outputs[name] = output
         if isinstance(output, Mapping):
             self.bag = {**self.bag, **output}
-        self.done.add(name)
         ready = []
         for dependent in self._dependents[name]:
             if dependent in self._waiting:
@@ -365,7 +361,7 @@ class DagRunner:
         self, *, interrupted: StepStatus, unstarted: StepStatus, reason: dict[str, Any]
     ) -> None:
         for name in self.flow.step_names:
-            if name in self.done:
+            if name in self.outputs:
                 continue
             if name in self.interrupted:
                 await self._record(name, interrupted, error=reason)
