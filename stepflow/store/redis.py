@@ -627,7 +627,7 @@ class RedisStore(RedisAdmin):
                 [
                     request_id,
                     execution_id,
-                    execution_id + 1,
+                    new_id,
                     input_json,
                     "0" if prune is None else "1",
                     *_prune_args(prune),
@@ -640,13 +640,13 @@ class RedisStore(RedisAdmin):
             )
             return reply
 
-        next_id, executions, events, _ = await self._with_execution_ids(
+        executions, events = await self._with_execution_ids(
             run_id, continue_run, needed=prune is not None
         )
         # The run is running now, whatever it was (failed runs can continue too).
         count = (request_id, {"executions": executions, "events": events})
         await self._index_status(run_id, RunStatus.RUNNING, count=count)
-        return int(next_id)
+        return new_id
 
     async def prune_executions(self, run_id: str, options: PruneOptions) -> PruneResult:
         keys = self.keys.run(run_id)

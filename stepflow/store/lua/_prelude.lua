@@ -54,11 +54,13 @@ end
 local SF_FENCE_FIELDS = {'~del', '~del_coord', '~del_at', '~del_state', '~del_ids'}
 
 -- Nil when the run exists and no delete holds it, else the error reply.
-local function sf_writable(run)
-  local row = redis.call('HMGET', run, 'status', '~del')
-  if not row[1] then return sf_fail('NOTFOUND', 'run') end
-  if row[2] then return sf_fail('DELETING', row[2]) end
-  return nil
+-- The second value is {status, ~del, then the run fields named in ...}, read
+-- in the same call, so a script needs no second read of the run.
+local function sf_writable(run, ...)
+  local row = redis.call('HMGET', run, 'status', '~del', ...)
+  if not row[1] then return sf_fail('NOTFOUND', 'run'), row end
+  if row[2] then return sf_fail('DELETING', row[2]), row end
+  return nil, row
 end
 
 -- HSET field/value pairs args[first..] in batches (unpack has a stack limit).
@@ -97,11 +99,20 @@ local function sf_settle(execs)
   return delta
 end
 
+-- The step's lease fields: {token, epoch, expires, status, req, done}; 'req'
+-- and 'done' are the request id and result of the completion that ended it.
+local function sf_lease_row(steps, sid)
+  local s = sid .. '|'
+  return redis.call('HMGET', steps, s .. 'token', s .. 'epoch', s .. 'expires', s .. 'status',
+    s .. 'req', s .. 'done')
+end
+
 -- Nil when the lease (token, epoch) is the step's current live lease (or,
 -- with allow_expired, its current lease even past expiry: nobody claimed the
 -- step since), otherwise the error code and detail to refuse the write with.
--- The third value is the run's status (JSON) when the lease is good.
-local function sf_check_lease(run, steps, sid, token, epoch, now, allow_expired)
+-- ``held`` is the step's sf_lease_row. The third value is the run's status
+-- (JSON) when the lease is good.
+local function sf_check_lease(run, held, sid, token, epoch, now, allow_expired)
   local state = redis.call('HMGET', run, 'status', '~del')
   if not state[1] then
     return 'STALE', 'the run no longer exists'
@@ -109,8 +120,6 @@ local function sf_check_lease(run, steps, sid, token, epoch, now, allow_expired)
   if state[2] then
     return 'STALE', 'the run is being deleted'
   end
-  local s = sid .. '|'
-  local held = redis.call('HMGET', steps, s .. 'token', s .. 'epoch', s .. 'expires', s .. 'status')
   if held[1] ~= token or held[2] ~= epoch then
     if held[4] == '"completed"' then return 'DONE', sid end
     return 'STALE', 'the lease was taken over'
@@ -122,9 +131,9 @@ local function sf_check_lease(run, steps, sid, token, epoch, now, allow_expired)
 end
 
 -- Start an attempt of step sid under a fresh lease (the caller checked the
--- run and the execution). Reads only: returns the epoch, the expiry and the
--- steps-hash field/value pairs to write (appended to ``fields``), after
--- putting a new step at the end of ``order``; or nil, a code and a detail
+-- run and the execution). Writes only a new step's place at the end of
+-- ``order``; returns the epoch, the expiry and the steps-hash field/value
+-- pairs for the caller to write (appended to ``fields``); or nil, a code and a detail
 -- when the step completed ('DONE') or another live lease holds it ('HELD',
 -- detail '<owner JSON>|<expires_at>').
 local function sf_claim(steps, order, sid, name, owner, token, lease_ms, xid, input, now, fields)

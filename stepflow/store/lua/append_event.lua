@@ -8,12 +8,12 @@
 -- SF_CONFLICT (not the current execution, with ARGV[5] = '1').
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return done end
-local refused = sf_writable(KEYS[1])
+local refused, run = sf_writable(KEYS[1], 'current_execution_id')
 if refused then return refused end
 if redis.call('HEXISTS', KEYS[4], ARGV[2] .. '|status') == 0 then
   return sf_fail('NOEXEC', ARGV[2])
 end
-if ARGV[5] == '1' and redis.call('HGET', KEYS[1], 'current_execution_id') ~= ARGV[2] then
+if ARGV[5] == '1' and run[3] ~= ARGV[2] then
   return sf_fail('CONFLICT', 'execution ' .. ARGV[2] .. ' is no longer current')
 end
 local now = sf_now_ms()

@@ -10,9 +10,8 @@
 -- SF_DONE (step completed), SF_HELD '<owner JSON>|<expires_at>' (a live lease).
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return done end
-local run = redis.call('HMGET', KEYS[1], 'status', '~del')
-if not run[1] then return sf_fail('NOTFOUND', 'run') end
-if run[2] then return sf_fail('DELETING', run[2]) end
+local refused, run = sf_writable(KEYS[1])
+if refused then return refused end
 if run[1] == '"cancelled"' then return sf_fail('CANCELLED', 'run') end
 if redis.call('HEXISTS', KEYS[6], ARGV[7] .. '|status') == 0 then
   return sf_fail('NOEXEC', ARGV[7])

@@ -22,10 +22,10 @@
 -- ('<step>|req', with its result in '<step>|done'), not by the run's request
 -- log: no extra writes.
 local s = ARGV[2] .. '|'
-local sent = redis.call('HMGET', KEYS[2], s .. 'req', s .. 'done')
-if sent[1] == ARGV[1] then return sent[2] end
+local held = sf_lease_row(KEYS[2], ARGV[2])
+if held[5] == ARGV[1] then return held[6] end
 local now = sf_now_ms()
-local code, detail, status = sf_check_lease(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4], now)
+local code, detail, status = sf_check_lease(KEYS[1], held, ARGV[2], ARGV[3], ARGV[4], now)
 if code then return sf_fail(code, detail) end
 if redis.call('HEXISTS', KEYS[4], ARGV[5] .. '|status') == 0 then
   return sf_fail('NOEXEC', ARGV[5])

@@ -15,19 +15,18 @@
 -- is replaced, history included. With pruning, old executions go in the
 -- same step and the next execution's history records a history_pruned
 -- event with the counts. The run's events are settled (see sf_settle).
--- Returns {next execution id, change in the number of stored executions,
--- change of the global event count, the run's created_at}.
+-- Returns {change in the number of stored executions, change of the global
+-- event count}.
 -- Errors: SF_NOTFOUND, SF_DELETING, SF_CONFLICT (not the current execution, or
 -- events arrived since the caller read the history: it reads again).
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then
-  local id, dx, de, created = string.match(done, '^(%d+)|(-?%d+)|(-?%d+)|(%d+)$')
-  return {tonumber(id), tonumber(dx), tonumber(de), tonumber(created)}
+  local dx, de = string.match(done, '^(-?%d+)|(-?%d+)$')
+  return {tonumber(dx), tonumber(de)}
 end
-local refused = sf_writable(KEYS[1])
+local refused, run = sf_writable(KEYS[1], 'current_execution_id')
 if refused then return refused end
-local row = redis.call('HMGET', KEYS[1], 'current_execution_id', 'created_at')
-local current, created = row[1], row[2]
+local current = run[3]
 if current ~= ARGV[2] then
   return sf_fail('CONFLICT', 'the run is at execution ' .. tostring(current) ..
     ', not ' .. ARGV[2])
@@ -79,6 +78,5 @@ local d_events = sf_settle(KEYS[4])
 redis.call('HSET', KEYS[1], 'current_execution_id', ARGV[3], 'status', '"running"',
   'input', ARGV[4], 'output', 'null', 'error', 'null', 'updated_at', now,
   'completed_at', 'null')
-sf_remember(KEYS[2], KEYS[3], ARGV[1],
-  ARGV[3] .. '|' .. d_execs .. '|' .. d_events .. '|' .. created)
-return {tonumber(ARGV[3]), d_execs, d_events, tonumber(created)}
+sf_remember(KEYS[2], KEYS[3], ARGV[1], d_execs .. '|' .. d_events)
+return {d_execs, d_events}

@@ -10,7 +10,8 @@
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return done end
 local now = sf_now_ms()
-local code, detail = sf_check_lease(KEYS[1], KEYS[4], ARGV[2], ARGV[3], ARGV[4], now)
+local held = sf_lease_row(KEYS[4], ARGV[2])
+local code, detail = sf_check_lease(KEYS[1], held, ARGV[2], ARGV[3], ARGV[4], now)
 if code then return sf_fail(code, detail) end
 if redis.call('HEXISTS', KEYS[5], ARGV[5] .. '|status') == 0 then
   return sf_fail('NOEXEC', ARGV[5])

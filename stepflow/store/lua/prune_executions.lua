@@ -15,9 +15,9 @@ if done then
   local deleted, events, delta = string.match(done, '^(%d+)|(%d+)|(-?%d+)$')
   return {tonumber(deleted), tonumber(events), tonumber(delta)}
 end
-local refused = sf_writable(KEYS[1])
+local refused, run = sf_writable(KEYS[1], 'current_execution_id')
 if refused then return refused end
-local current = tonumber(redis.call('HGET', KEYS[1], 'current_execution_id'))
+local current = tonumber(run[3])
 local history = sf_history_keys(4, 7)
 local doomed, err = sf_prune_select(KEYS[4], current, tonumber(ARGV[2]) or 1,
   tonumber(ARGV[3]), history, nil, nil)

@@ -10,7 +10,8 @@
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return tonumber(done) end
 local now = sf_now_ms()
-local code, detail = sf_check_lease(KEYS[1], KEYS[4], ARGV[2], ARGV[3], ARGV[4], now, true)
+local held = sf_lease_row(KEYS[4], ARGV[2])
+local code, detail = sf_check_lease(KEYS[1], held, ARGV[2], ARGV[3], ARGV[4], now, true)
 if code then return sf_fail(code, detail) end
 local expires = now + tonumber(ARGV[5])
 redis.call('HSET', KEYS[4], ARGV[2] .. '|expires', expires)

@@ -17,11 +17,10 @@ local function snapshot(delta)
 end
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return snapshot(done) end
-local refused = sf_writable(KEYS[1])
+local refused, row = sf_writable(KEYS[1], 'current_execution_id')
 if refused then return refused end
-local row = redis.call('HMGET', KEYS[1], 'current_execution_id', 'status')
-local current = row[1]
-if row[2] == '"cancelled"' and ARGV[3] ~= '"running"' and ARGV[3] ~= '"cancelled"' then
+local current = row[3]
+if row[1] == '"cancelled"' and ARGV[3] ~= '"running"' and ARGV[3] ~= '"cancelled"' then
   return sf_fail('CANCELLED', 'run')
 end
 if current ~= ARGV[2] then
