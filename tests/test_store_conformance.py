@@ -173,12 +173,15 @@ async def test_create_run_only_if_absent_leaves_an_existing_run_alone(
 ) -> None:
     await new_run(store, context={"kept": 1})
     await store.merge_context("r1", {"work": "done"})
+    await store.set_run_status("r1", RunStatus.COMPLETED, execution_id=1)
     again = record(status=RunStatus.PENDING, input={"other": True})
     assert await store.create_run(again, only_if_absent=True) is False
     run = await store.get_run("r1")
     assert run is not None
     assert run.context == {"kept": 1, "work": "done"}
     assert run.input != {"other": True}
+    assert [r.run_id for r in await store.list_runs_by_status(RunStatus.COMPLETED)] == ["r1"]
+    assert await store.list_runs_by_status(RunStatus.PENDING) == []
     assert await store.create_run(record("r2"), only_if_absent=True) is True
     assert {r.run_id for r in await store.list_runs()} == {"r1", "r2"}
 

@@ -122,21 +122,18 @@ class RedisStore(RedisAdmin):
         if isinstance(timed, Exception):
             raise timed
         await self._settle(indexed, "index_run", index_keys, index_args, run_id=run_id)
+        undo = (f"{args[0]}:undo", {"executions": -1})
         try:
             created = int(await self._settle(created, "create_run", keys, args, run_id=run_id))
         except StepflowError:
-            await self._undo_new_run_index(run_id, args[0])
+            await self._bump(*undo)
+            await self._reindex(run_id)
             raise
-        if created != 1:  # no new execution: the run existed (maybe in another status)
-            await self._undo_new_run_index(run_id, args[0])
+        if created != 1:  # no new execution: the run existed
+            await self._bump(*undo)
+        if created < 0:  # and was left as it is, maybe in another status
+            await self._reindex(run_id)
         return created >= 0
-
-    async def _undo_new_run_index(self, run_id: str, request_id: str) -> None:
-        """Take back a create's execution count; index the run under its own status."""
-        await self._bump(f"{request_id}:undo", {"executions": -1})
-        existing = await self.get_run(run_id)
-        if existing is not None:
-            await self._index_status(run_id, existing.status)
 
     def _create_run_call(
         self, record: RunRecord, *, only_if_absent: bool = False
@@ -243,9 +240,7 @@ class RedisStore(RedisAdmin):
                 raw, "set_run_status", run_keys, run_args, run_id=run_id
             )
         except StepflowError:
-            actual = await self.get_run(run_id)
-            if actual is not None:
-                await self._index_status(run_id, actual.status)
+            await self._reindex(run_id)
             raise
         await self._bump(request_id, {"events": int(settled)})
         record = self._decode_run((run_flat, ctx_flat))

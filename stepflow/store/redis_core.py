@@ -306,6 +306,12 @@ class RedisCore:
         keys, args = self._index_call(run_id, status, count)
         await self._call("index_run", keys, args, run_id=run_id)
 
+    async def _reindex(self, run_id: str) -> None:
+        """Index the run under the status it has (after a refused change was indexed ahead)."""
+        status = await self.client.hget(self.keys.run(run_id).run, "status")
+        if status is not None:
+            await self._index_status(run_id, RunStatus(_json.loads(status)))
+
     def _index_call(
         self,
         run_id: str,
