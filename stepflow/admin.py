@@ -35,7 +35,6 @@ from stepflow.errors import (
     NotFoundError,
     OrphanRunError,
     RunNotFoundError,
-    SubRunDeleteError,
 )
 from stepflow.models import (
     DeleteResult,
@@ -57,7 +56,6 @@ from stepflow.store.base import AdminStore
 
 _PAGE = 500
 _TREE_RETRIES = 5
-_MAX_DEPTH = 1_000
 
 
 class Admin:
@@ -174,9 +172,7 @@ class Admin:
         with ``force``), a tree with an unfinished run unless ``force``
         (`RunStillRunningError`). Returns what was removed.
         """
-        record = await self._record(instance_id)
-        if record.parent_run_id is not None and await self._exists(record.parent_run_id):
-            raise SubRunDeleteError(instance_id, await self._root_of(record.parent_run_id))
+        # The store refuses a sub-run (naming its root) and an unknown id itself.
         for _ in range(_TREE_RETRIES):
             tree = await self.get_instance_tree(instance_id)
             try:
@@ -292,15 +288,6 @@ class Admin:
 
     async def _exists(self, instance_id: str) -> bool:
         return await self.store.get_run(instance_id) is not None
-
-    async def _root_of(self, instance_id: str) -> str:
-        for _ in range(_MAX_DEPTH):
-            record = await self.store.get_run(instance_id)
-            parent = record.parent_run_id if record is not None else None
-            if parent is None or not await self._exists(parent):
-                break
-            instance_id = parent
-        return instance_id
 
     async def _candidates(self, filter: InstanceFilter) -> AsyncIterator[RunRecord]:
         """The runs a filter starts from: the listed ones in order, else all, oldest first."""

@@ -59,6 +59,7 @@ from stepflow.store.redis_core import (
     Deleted,
     RedisCore,
     delete_keys,
+    execution_ids,
     new_request_id,
     text,
 )
@@ -333,9 +334,7 @@ class RedisAdmin(RedisCore):
                 listings = await pipe.execute()
             calls = []
             for run_id, fields in zip(chunk, listings, strict=True):
-                xids = sorted(
-                    {int(text(f).partition("|")[0]) for f in fields if text(f).endswith("|status")}
-                )
+                xids = execution_ids(fields)
                 keys = delete_keys(self.keys.run(run_id), xids)
                 calls.append((keys, [request_id, "fenced", *xids]))
             replies = await self._script_batch("delete_run", calls)

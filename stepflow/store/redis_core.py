@@ -83,6 +83,13 @@ _STATUS_POSITION = {status: position for position, status in enumerate(RunStatus
 """A status's place among the status sets ``index_run.lua`` is given (1-based, as in Lua)."""
 
 
+def execution_ids(execs_fields: Sequence[Any]) -> list[int]:
+    """The execution ids in a run's ``execs`` hash, from its field names, ascending."""
+    return sorted(
+        int(text(f).partition("|")[0]) for f in execs_fields if text(f).endswith("|status")
+    )
+
+
 class Deleted(NamedTuple):
     """What ``delete_run.lua`` removed of one run."""
 
@@ -380,9 +387,7 @@ class RedisCore:
         raise ConflictError(f"run {run_id!r}: its executions kept changing; try again")
 
     async def _execution_ids(self, keys: RunKeys) -> list[int]:
-        fields = await self.client.hkeys(keys.execs)
-        ids = {text(f).partition("|")[0] for f in fields if text(f).endswith("|status")}
-        return sorted(int(x) for x in ids)
+        return execution_ids(await self.client.hkeys(keys.execs))
 
     async def _unindex(
         self,
