@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -21,8 +22,21 @@ def _python_blocks() -> list[str]:
     return [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "anyio.run" in b]
 
 
-@pytest.mark.parametrize("block", _python_blocks(), ids=lambda b: b.splitlines()[2][:30])
-def test_readme_example_runs(block: str) -> None:
+def _printed_literals(block: str) -> list[str]:
+    """What ``print(...)  # <literal>`` lines of a block say they print."""
+    shown = []
+    for comment in re.findall(r"^\s*print\(.*\)\s*#\s*(.+)$", block, re.M):
+        try:
+            shown.append(str(ast.literal_eval(comment)))
+        except (ValueError, SyntaxError):
+            continue  # prose, not the printed value
+    return shown
+
+
+@pytest.mark.parametrize(
+    "block", _python_blocks(), ids=[f"block{i}" for i in range(len(_python_blocks()))]
+)
+def test_readme_example_runs(block: str, capsys: pytest.CaptureFixture[str]) -> None:
     namespace: dict[str, object] = {"__name__": "readme_example"}
     try:
         exec(compile(block, "README.md", "exec"), namespace)
@@ -30,6 +44,9 @@ def test_readme_example_runs(block: str) -> None:
         for value in namespace.values():
             if isinstance(value, stepflow.Workflow):
                 registry.unregister(value.name)
+    printed = capsys.readouterr().out.splitlines()
+    for shown in _printed_literals(block):
+        assert shown in printed, f"README says it prints {shown!r}; it printed {printed}"
 
 
 def test_readme_opens_with_the_two_setup_commands() -> None:
