@@ -23,8 +23,6 @@ never taken over, so its lease is long.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
 import signal
 import subprocess
@@ -37,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 import pytest
+from crash_harness import kill, read_journal, read_text, run_iterations
 
 from stepflow import EventKind, RedisStore, RunRecord, RunStatus, StepStatus
 
@@ -82,18 +81,6 @@ class Outcome:
         )
 
 
-def _read_text(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
-def _read_journal(path: Path) -> list[tuple[str, int]]:
-    entries = []
-    for line in _read_text(path).splitlines():
-        step, pid = line.split()
-        entries.append((step, int(pid)))
-    return entries
-
-
 async def _start_and_kill(
     url: str, prefix: str, run_id: str, journal: Path, errors: Path, outcome: Outcome
 ) -> None:
@@ -106,23 +93,19 @@ async def _start_and_kill(
             outcome.start_pid = process.pid
             try:
                 with anyio.fail_after(CHILD_TIMEOUT):
-                    while len(_read_journal(journal)) < outcome.kill_after_lines:
+                    while len(read_journal(journal)) < outcome.kill_after_lines:
                         if process.returncode is not None:
                             break
                         await anyio.sleep(0.002)
                     await anyio.sleep(outcome.kill_delay)
             finally:
-                # os.kill, not process.kill(): the latter may reap a child that just
-                # exited on its own and then report 255 instead of its real status.
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, signal.SIGKILL)
-                await process.wait()
+                await kill(process)
     # Exiting 0 first is possible (the run finished just before the kill); anything
     # else is the child failing on its own.
     outcome.killed = process.returncode == -signal.SIGKILL
     assert outcome.killed or process.returncode == 0, (
         f"the start child failed with {process.returncode} before the kill: "
-        f"{_read_text(errors)}\n{outcome.describe()}"
+        f"{read_text(errors)}\n{outcome.describe()}"
     )
 
 
@@ -151,7 +134,7 @@ async def _iteration(
     record = await _resume(url, prefix, run_id)
     final = {s.step_id: s for s in await store.list_steps(run_id)}
     outcome.claims_final = {step: state.attempt for step, state in final.items()}
-    outcome.journal = _read_journal(journal)
+    outcome.journal = read_journal(journal)
     pids = {pid for _, pid in outcome.journal} - {outcome.start_pid}
     assert len(pids) <= 1, f"steps ran in more than two processes: {outcome.describe()}"
     outcome.resume_pid = pids.pop() if pids else 0
@@ -203,24 +186,14 @@ async def test_sigkill_mid_step_then_resume_in_a_fresh_process(
         delay = rng.uniform(0.0, 0.05 if lines < len(STEPS) else 0.03)
         outcomes.append(Outcome(iteration=i, kill_after_lines=lines, kill_delay=delay))
     store = RedisStore.from_url(redis_server.url, prefix=key_prefix, check_durability=False)
-    limiter = anyio.CapacityLimiter(PARALLEL)
-    failures: list[BaseException] = []
 
     async def one(outcome: Outcome) -> None:
-        async with limiter:
-            try:
-                await _iteration(store, redis_server.url, key_prefix, tmp_path, outcome)
-            except Exception as exc:  # collect, so one failure shows every seed's story
-                failures.append(exc)
+        await _iteration(store, redis_server.url, key_prefix, tmp_path, outcome)
 
     try:
-        async with anyio.create_task_group() as tg:
-            for outcome in outcomes:
-                tg.start_soon(one, outcome)
+        await run_iterations(outcomes, one, parallel=PARALLEL)
     finally:
         await store.aclose()
-    if failures:
-        raise failures[0]
     in_flight = sum(1 for o in outcomes if o.killed and o.running_before)
     assert in_flight >= ITERATIONS // 2, (
         f"only {in_flight} of {ITERATIONS} kills landed while a step was in flight"

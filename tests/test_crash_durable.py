@@ -37,8 +37,6 @@ The resuming process is never taken over, so its lease is long.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
 import signal
 import subprocess
@@ -53,6 +51,7 @@ from typing import TYPE_CHECKING, Any, cast
 import anyio
 import pytest
 from anyio.abc import Process
+from crash_harness import kill, read_journal, read_text, run_iterations
 
 import stepflow
 from stepflow import (
@@ -79,34 +78,8 @@ RESUME_LEASE_MS = 10_000
 CHILD_TIMEOUT = 30.0
 
 
-def _read_text(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
-def _read_journal(path: Path) -> list[tuple[str, int]]:
-    entries = []
-    for line in _read_text(path).splitlines():
-        step, pid = line.split()
-        entries.append((step, int(pid)))
-    return entries
-
-
 def _last_record(stdout: str) -> RunRecord:
     return RunRecord.model_validate_json(stdout.strip().splitlines()[-1])
-
-
-async def _kill(process: Process) -> int | None:
-    """SIGKILL the child (unless it already exited) and return its exit code.
-
-    Not ``process.kill()``: ``Popen.send_signal`` polls first, which reaps a child
-    that just exited on its own, and asyncio's child watcher then reports exit
-    code 255 instead of the real one.
-    """
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGKILL)
-    await process.wait()
-    return process.returncode
 
 
 async def _history(store: RedisStore, run_id: str) -> list[Event]:
@@ -144,7 +117,7 @@ async def test_hitl_side_effect_once_across_kill_and_restart(
                 try:
                     with anyio.fail_after(CHILD_TIMEOUT):
                         while not _by_kind(await _history(store, run_id), EventKind.STEP_COMPLETED):
-                            assert process.returncode is None, _read_text(errors_a)
+                            assert process.returncode is None, read_text(errors_a)
                             await anyio.sleep(0.01)
                     # The charge is recorded; A is in its wait loop now. Give it time to
                     # poll a few times: nothing may change while it waits.
@@ -152,9 +125,9 @@ async def test_hitl_side_effect_once_across_kill_and_restart(
                     history = await store.read_history(run_id)
                     record = await store.get_run(run_id)
                 finally:
-                    code_a = await _kill(process)
+                    code_a = await kill(process)
         assert code_a == -signal.SIGKILL, f"A exited {code_a} before the kill: {errors_a}"
-        assert _read_journal(journal) == [("charge", pid_a)]
+        assert read_journal(journal) == [("charge", pid_a)]
         assert record is not None
         assert record.status == RunStatus.RUNNING
         assert [e.kind for e in history] == [EventKind.RUN_STARTED, EventKind.STEP_COMPLETED]
@@ -174,22 +147,22 @@ async def test_hitl_side_effect_once_across_kill_and_restart(
                 try:
                     with anyio.fail_after(CHILD_TIMEOUT):
                         if event_at == "while_resumed_run_waits":
-                            while "resumed" not in _read_text(out_b):
-                                assert process.returncode is None, _read_text(errors_b)
+                            while "resumed" not in read_text(out_b):
+                                assert process.returncode is None, read_text(errors_b)
                                 await anyio.sleep(0.01)
                             # B replays the charge and waits; it must not charge again.
                             await anyio.sleep(0.5)
-                            assert _read_journal(journal) == [("charge", pid_a)]
+                            assert read_journal(journal) == [("charge", pid_a)]
                             assert await store.read_history(run_id) == history
                             await Engine(store).raise_event(run_id, "approval", approval)
                         code_b = await process.wait()
                 finally:
-                    await _kill(process)
-        assert code_b == 0, f"B failed ({code_b}): {_read_text(errors_b)}"
+                    await kill(process)
+        assert code_b == 0, f"B failed ({code_b}): {read_text(errors_b)}"
 
-        final = _last_record(_read_text(out_b))
+        final = _last_record(read_text(out_b))
         assert final.status == RunStatus.COMPLETED, final.error
-        assert _read_journal(journal) == [("charge", pid_a), ("ship", pid_b)]
+        assert read_journal(journal) == [("charge", pid_a), ("ship", pid_b)]
         assert final.output == {
             "charged": {"line": f"charge {pid_a}", "amount": 42},  # A's result, replayed
             "approval": approval,
@@ -316,7 +289,7 @@ def _plans() -> list[Plan]:
 
 
 async def _wait_lines(journal: Path, lines: int, process: Process) -> None:
-    while len(_read_journal(journal)) < lines and process.returncode is None:  # noqa: ASYNC110
+    while len(read_journal(journal)) < lines and process.returncode is None:  # noqa: ASYNC110
         await anyio.sleep(0.002)
 
 
@@ -340,7 +313,7 @@ async def _iteration(store: RedisStore, url: str, prefix: str, tmp: Path, outcom
                 with anyio.fail_after(CHILD_TIMEOUT):
                     if plan.event_mode == "before_kill":
                         while await store.get_run(run_id) is None:
-                            assert process.returncode is None, _read_text(errors)
+                            assert process.returncode is None, read_text(errors)
                             await anyio.sleep(0.002)
                         await _wait_lines(journal, plan.raise_after_lines, process)
                         await anyio.sleep(plan.raise_delay)
@@ -350,11 +323,11 @@ async def _iteration(store: RedisStore, url: str, prefix: str, tmp: Path, outcom
                     await _wait_lines(journal, plan.kill_after_lines, process)
                     await anyio.sleep(plan.kill_delay)
             finally:
-                code = await _kill(process)
+                code = await kill(process)
     # Exiting 0 first is possible (the run finished before the kill); anything else
     # is the child failing on its own.
     outcome.killed = code == -signal.SIGKILL
-    assert outcome.killed or code == 0, f"start child exited {code}: {_read_text(errors)}"
+    assert outcome.killed or code == 0, f"start child exited {code}: {read_text(errors)}"
 
     # Let Redis apply anything the dead process had already sent, then look.
     await anyio.sleep(0.05)
@@ -388,11 +361,11 @@ async def _iteration(store: RedisStore, url: str, prefix: str, tmp: Path, outcom
                         await raise_event()
                     code = await process.wait()
             finally:
-                await _kill(process)
-    outcome.journal = _read_journal(journal)
+                await kill(process)
+    outcome.journal = read_journal(journal)
     why = outcome.describe()
-    assert code == 0, f"resume child exited {code}: {_read_text(err)}\n{why}"
-    record = _last_record(_read_text(out))
+    assert code == 0, f"resume child exited {code}: {read_text(err)}\n{why}"
+    record = _last_record(read_text(out))
 
     assert record.status == RunStatus.COMPLETED, f"{record.error}\n{why}"
     assert record.output["chain"] == "a>b>c>go>d", why
@@ -448,24 +421,14 @@ async def test_sigkill_durable_run_at_random_points_then_resume(
 ) -> None:
     outcomes = [Outcome(plan) for plan in _plans()]
     store = RedisStore.from_url(redis_server.url, prefix=key_prefix, check_durability=False)
-    limiter = anyio.CapacityLimiter(PARALLEL)
-    failures: list[BaseException] = []
 
     async def one(outcome: Outcome) -> None:
-        async with limiter:
-            try:
-                await _iteration(store, redis_server.url, key_prefix, tmp_path, outcome)
-            except Exception as exc:  # collect, so one failure shows every seed's story
-                failures.append(exc)
+        await _iteration(store, redis_server.url, key_prefix, tmp_path, outcome)
 
     try:
-        async with anyio.create_task_group() as tg:
-            for outcome in outcomes:
-                tg.start_soon(one, outcome)
+        await run_iterations(outcomes, one, parallel=PARALLEL)
     finally:
         await store.aclose()
-    if failures:
-        raise failures[0]
     phases = Counter(o.phase for o in outcomes)
     lapses = sum(1 for o in outcomes for claims in o.claims_before.values() if claims > 1)
     print(f"kill phases over {ITERATIONS} iterations: {dict(phases)}; lease lapses: {lapses}")
