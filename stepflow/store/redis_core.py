@@ -322,15 +322,19 @@ class RedisCore:
     def _index_call(
         self,
         run_id: str,
-        status: RunStatus,
+        status: RunStatus | None,
         count: tuple[str, Mapping[str, int]] | None = None,
     ) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of ``index_run.lua`` (see `_index_status`), e.g. for a pipeline."""
+        """KEYS and ARGV of ``index_run.lua`` (see `_index_status`), e.g. for a pipeline.
+
+        ``status`` None takes the run out of every status set (a delete).
+        """
         flat = delta_pairs(count[1]) if count is not None else []
         request_id = count[0] if count is not None and flat else ""
+        position = _STATUS_POSITION[status] if status is not None else 0
         return (
             [self.keys.runs_by_time, *self._metric_keys, *self._status_keys],
-            [run_id, _STATUS_POSITION[status], request_id, *flat],
+            [run_id, position, request_id, *flat],
         )
 
     @property
@@ -399,20 +403,24 @@ class RedisCore:
 
         ``counts`` maps a deleted run to what its delete removed; each run's
         counts go under ``<request id>:<run id>``, so two processes finishing
-        the same delete count each run once. One round trip (pipelined).
+        the same delete count each run once. One round trip (pipelined): per
+        run, its time entry goes, then ``index_run.lua`` with no status takes
+        it out of the status sets and takes back its counts.
         """
         await self._ready()
-        bumps: list[list[Any]] = []
+        calls = []
+        for run_id in run_ids:
+            deleted = counts.get(run_id)
+            deltas = (
+                {"executions": -deleted.executions, "events": -deleted.counted} if deleted else {}
+            )
+            calls.append(
+                (run_id, *self._index_call(run_id, None, (f"{request_id}:{run_id}", deltas)))
+            )
         async with self.client.pipeline(transaction=False) as pipe:
-            for run_id in run_ids:
-                pipe.zrem(self.keys.runs_by_time, run_id)
-                for status in RunStatus:
-                    pipe.zrem(self.keys.runs_by_status(status), run_id)
-            for run_id, deleted in counts.items():
-                flat = delta_pairs({"executions": -deleted.executions, "events": -deleted.counted})
-                if flat:
-                    bumps.append([f"{request_id}:{run_id}", *flat])
-                    self._queue(pipe, "bump_metrics", self._metric_keys, bumps[-1])
+            for run_id, keys, args in calls:
+                pipe.zrem(self.keys.runs_by_time, run_id)  # first: index_run then finds no time
+                self._queue(pipe, "index_run", keys, args)
             replies = await pipe.execute(raise_on_error=False)
-        for reply, bump_args in zip(replies[len(replies) - len(bumps) :], bumps, strict=True):
-            await self._settle(reply, "bump_metrics", self._metric_keys, bump_args, run_id="")
+        for (run_id, keys, args), reply in zip(calls, replies[1::2], strict=True):
+            await self._settle(reply, "index_run", keys, args, run_id=run_id)

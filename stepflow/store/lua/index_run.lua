@@ -4,7 +4,8 @@
 -- KEYS[1] runs zset (run id -> created_at)  KEYS[2] metrics hash
 -- KEYS[3] metrics reqs hash  KEYS[4] metrics reqlog list
 -- KEYS[5..] the status zsets, one per status
--- ARGV[1] run id  ARGV[2] position of its status's zset among KEYS[5..] (1-based)
+-- ARGV[1] run id  ARGV[2] position of its status's zset among KEYS[5..] (1-based;
+-- 0 for none: a deleted run)
 -- ARGV[3] request id of the counted change ('' for none)
 -- ARGV[4..] counter name / integer delta pairs
 -- The entry's score is the run's created_at, read from KEYS[1]: a run without
