@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 from stepflow import _json
 from stepflow.errors import RunNotFoundError, StepflowError
@@ -305,16 +305,10 @@ class RedisStore(RedisAdmin):
         oldest_first: bool = False,
     ) -> list[RunRecord]:
         """One page of an index, newest first, with stale entries repaired on the way."""
-        if limit <= 0:
+        entries = await self._index_page(index, limit, offset, oldest_first)
+        if not entries:
             return []
-        page = self.client.zrange if oldest_first else self.client.zrevrange
-        entries = cast(
-            "list[tuple[bytes, float]]",
-            await page(index, offset, offset + limit - 1, withscores=True),
-        )
-        ids = [text(member) for member, _ in entries]
-        if not ids:
-            return []
+        ids = [run_id for run_id, _ in entries]
         await self._ready()
         calls = [[self.keys.run(run_id).run, self.keys.run(run_id).ctx] for run_id in ids]
         async with self.client.pipeline(transaction=False) as pipe:

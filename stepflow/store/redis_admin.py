@@ -37,7 +37,7 @@ no longer exists; such a run counts as a root and can be deleted alone.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
@@ -119,15 +119,11 @@ class RedisAdmin(RedisCore):
         entries of runs that no longer exist and moving runs whose status
         changed, but it reads only the status, not the records.
         """
-        if limit <= 0:
-            return []
         index = self.keys.runs_by_time if status is None else self.keys.runs_by_status(status)
-        page = self.client.zrange if oldest_first else self.client.zrevrange
-        entries = cast(
-            "list[tuple[bytes, float]]",
-            await page(index, offset, offset + limit - 1, withscores=True),
-        )
-        ids = [text(member) for member, _ in entries]
+        entries = await self._index_page(index, limit, offset, oldest_first)
+        if not entries:
+            return []
+        ids = [run_id for run_id, _ in entries]
         async with self.client.pipeline(transaction=False) as pipe:
             for run_id in ids:
                 pipe.hget(self.keys.run(run_id).run, "status")

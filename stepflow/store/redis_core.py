@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, NamedTuple, Self, TypeVar
+from typing import Any, NamedTuple, Self, TypeVar, cast
 
 import anyio
 from redis.asyncio import Redis
@@ -312,6 +312,19 @@ class RedisCore:
         """
         keys, args = self._index_call(run_id, status, count)
         await self._call("index_run", keys, args, run_id=run_id)
+
+    async def _index_page(
+        self, index: str, limit: int, offset: int, oldest_first: bool
+    ) -> list[tuple[str, float]]:
+        """(run id, score) of one page of an index zset, newest first unless ``oldest_first``."""
+        if limit <= 0:
+            return []
+        page = self.client.zrange if oldest_first else self.client.zrevrange
+        entries = cast(
+            "list[tuple[bytes, float]]",
+            await page(index, offset, offset + limit - 1, withscores=True),
+        )
+        return [(text(member), score) for member, score in entries]
 
     async def _reindex(self, run_id: str) -> None:
         """Index the run under the status it has (after a refused change was indexed ahead)."""
