@@ -301,7 +301,9 @@ class StepFailedError(StepflowError):
     """Raised inside a durable workflow when ``ctx.step`` failed for good.
 
     The workflow may catch it and carry on; the failure is in the history, so
-    a replay raises it again at the same point without calling the step.
+    a replay raises it again at the same point without calling the step. The
+    engine raises it too when a DAG step fails for good (the runner turns it
+    into the run's error). ``__cause__`` is what the step raised, if it ran.
     """
 
     def __init__(self, name: str, error: Any) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from stepflow.dag import is_async_callable
-from stepflow.engine.attempts import LeaseLost, StepCall, StepFailed, execute_step
+from stepflow.engine.attempts import LeaseLost, StepCall, execute_step
 from stepflow.errors import (
     ChildRunFailedError,
     EventTimeoutError,
@@ -143,10 +143,10 @@ class WorkflowContext:
                     raise
                 self._replay.passed(seq)
                 return completed.payload.get("output")
-            except StepFailed as failure:
+            except StepFailedError:  # raised from what the step raised, for the workflow
                 await runner.refresh()  # take in the recorded failure (rare path)
                 self._replay.passed(seq)  # ctx.now() as a replay will see it
-                raise StepFailedError(step_name, failure.error) from failure.cause
+                raise
             runner.note_recorded(outcome.event)
             return outcome.output
 

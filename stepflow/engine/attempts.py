@@ -23,6 +23,7 @@ from stepflow.errors import (
     InvalidPayloadError,
     LeaseHeldError,
     StaleLeaseError,
+    StepFailedError,
     StepflowError,
     StepTimeoutError,
 )
@@ -44,16 +45,6 @@ def describe_error(exc: BaseException, **extra: Any) -> dict[str, Any]:
         "traceback": trace[-_TRACEBACK_LIMIT:],
         **extra,
     }
-
-
-class StepFailed(StepflowError):
-    """A step failed for good (retries exhausted or a never-retry error)."""
-
-    def __init__(self, name: str, error: dict[str, Any], cause: BaseException | None) -> None:
-        self.name = name
-        self.error = error
-        self.cause = cause
-        super().__init__(f"step {name!r} failed: {error.get('type')}: {error.get('message')}")
 
 
 class LeaseLost(StepflowError):
@@ -261,7 +252,7 @@ async def execute_step(
 ) -> StepOutcome:
     """Run ``call`` until it succeeds or fails for good; record every attempt.
 
-    Raises `StepFailed` when it fails for good, `LeaseLost` when another
+    Raises `StepFailedError` when it fails for good, `LeaseLost` when another
     owner took it over, and `StepAlreadyCompletedError` when it had already
     completed (the caller then reads the recorded output). ``keeper`` (with
     this ``lease_ms``) renews the leases; it runs in the caller's task group.
@@ -377,13 +368,13 @@ async def _lapsed_unclaimed(store: WorkflowStore, call: StepCall, owner: str) ->
 async def _failed_attempt(
     store: WorkflowStore, call: StepCall, lease: Lease, exc: Exception, attempt: int
 ) -> None:
-    """Record a failed attempt; raise `StepFailed` if final, else wait out the backoff."""
+    """Record a failed attempt; raise `StepFailedError` if final, else wait out the backoff."""
     error = describe_error(exc, step=call.name, attempt=attempt)
     final = not call.policy.should_retry(exc, attempt)
     with anyio.CancelScope(shield=True):  # a cancel must not leave the lease held
         await _record_failure(store, call, lease, error, final)
     if final:
-        raise StepFailed(call.name, error, exc) from exc
+        raise StepFailedError(call.name, error) from exc
     await anyio.sleep(call.policy.delay(attempt))
 
 

@@ -27,13 +27,12 @@ from stepflow.engine.attempts import (
     LeaseKeeper,
     LeaseLost,
     StepCall,
-    StepFailed,
     describe_error,
     execute_step,
     release,
 )
 from stepflow.engine.context import StepContext
-from stepflow.errors import RunCancelledError, StepAlreadyCompletedError
+from stepflow.errors import RunCancelledError, StepAlreadyCompletedError, StepFailedError
 from stepflow.models import (
     EventKind,
     NewEvent,
@@ -80,7 +79,7 @@ class DagRunner:
         self.started: set[str] = set()
         self.interrupted: set[str] = set()
         self.attempts: dict[str, int] = {}
-        self.failure: StepFailed | None = None
+        self.failure: StepFailedError | None = None
         self.lost_lease = False
         self.keeper = LeaseKeeper(store, lease_ms)
         self._dependents: dict[str, list[str]] = {name: [] for name in flow.steps}
@@ -240,7 +239,7 @@ class DagRunner:
             except Exception as exc:  # the step fails, not the whole runner
                 error = describe_error(exc, step=name, attempt=first_attempt, phase="when")
                 await self._record(name, StepStatus.FAILED, error=error)
-                self.failure = self.failure or StepFailed(name, error, exc)
+                self.failure = self.failure or StepFailedError(name, error)
                 tg.cancel_scope.cancel()
                 return [], None
             if not wanted:
@@ -270,7 +269,7 @@ class DagRunner:
         except StepAlreadyCompletedError:
             step = await self.store.get_step(self.run_id, name)
             output = step.output if step is not None else None  # merged by _finished
-        except StepFailed as failure:
+        except StepFailedError as failure:
             self.failure = self.failure or failure
             tg.cancel_scope.cancel()
             return [], None
@@ -368,7 +367,7 @@ class DagRunner:
             elif name not in self.started:
                 await self._record(name, unstarted, error=reason)
 
-    async def _finish_failed(self, failure: StepFailed) -> RunRecord:
+    async def _finish_failed(self, failure: StepFailedError) -> RunRecord:
         reason = {"type": "Skipped", "message": f"step {failure.name!r} failed"}
         await self._mark_unfinished(
             interrupted=StepStatus.CANCELLED, unstarted=StepStatus.SKIPPED, reason=reason
