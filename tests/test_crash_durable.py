@@ -41,19 +41,17 @@ import random
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
 from anyio.abc import Process
 from crash_harness import kill, read_journal, read_text, run_iterations
 
-import stepflow
 from stepflow import (
     Engine,
     Event,
@@ -437,179 +435,3 @@ async def test_sigkill_durable_run_at_random_points_then_resume(
     assert phases["in sleep"] >= 2, phases
     assert phases["in event wait"] >= 2, phases
     assert sum(len(o.completed_before) for o in outcomes) >= ITERATIONS, phases
-
-
-# -- bugs found by the tests above: in-process regressions ---------------------------------
-
-_CALLS: Counter[str] = Counter()
-
-
-async def _count(name: str) -> str:
-    _CALLS[name] += 1
-    await anyio.sleep(0.05)
-    return name
-
-
-@stepflow.workflow("test-resume-completed")
-async def _finished_flow(ctx: stepflow.WorkflowContext, job: str) -> dict[str, Any]:
-    return {"step": await ctx.step(_count, job), "at": time.time()}  # plain code: not replayed
-
-
-async def test_resume_of_a_completed_durable_run_is_a_no_op(
-    redis_server: RedisServer, key_prefix: str
-) -> None:
-    store = RedisStore.from_url(redis_server.url, prefix=key_prefix, check_durability=False)
-    try:
-        with anyio.fail_after(10):
-            async with Engine(store) as engine:
-                run_id = await engine.start(_finished_flow, "done-once")
-                first = await engine.wait(run_id)
-            history = await store.read_history(run_id)
-            async with Engine(store) as engine:  # e.g. an operator's resume in a fresh process
-                await engine.resume(run_id)
-                second = await engine.wait(run_id)
-        assert first.status == second.status == RunStatus.COMPLETED
-        assert await store.read_history(run_id) == history
-        assert second.completed_at == first.completed_at
-        assert second.output == first.output
-    finally:
-        await store.aclose()
-
-
-@stepflow.workflow("test-two-drivers")
-async def _two_drivers_flow(ctx: stepflow.WorkflowContext, job: str) -> str:
-    first = await ctx.step(_count, f"{job}-a", name="a")
-    second = await ctx.step(_count, f"{job}-b", name="b")
-    return f"{first}+{second}"
-
-
-async def test_two_processes_resuming_one_durable_run_complete_it(
-    redis_server: RedisServer, key_prefix: str
-) -> None:
-    # Two engines stand for two processes that both resume the run (an operator's
-    # retry, or a start process that was only paused, not dead).
-    store = RedisStore.from_url(redis_server.url, prefix=key_prefix, check_durability=False)
-    job = uuid.uuid4().hex[:8]
-    try:
-        with anyio.fail_after(10):
-            run_id = f"two-{job}"
-            record = RunRecord(run_id=run_id, workflow=_two_drivers_flow.name, input=job)
-            await store.create_run(record)  # stored, not driven yet
-            async with Engine(store, lease_ms=300) as one, Engine(store, lease_ms=300) as two:
-                await one.resume(run_id)
-                await two.resume(run_id)
-                record = await one.wait(run_id)
-                await two.wait(run_id)
-        assert record.status == RunStatus.COMPLETED, record.error
-        assert record.output == f"{job}-a+{job}-b"
-        assert _CALLS[f"{job}-a"] == _CALLS[f"{job}-b"] == 1
-    finally:
-        await store.aclose()
-
-
-@stepflow.workflow("test-events-across-continue")
-async def _ticks(ctx: stepflow.WorkflowContext, seen: list[Any]) -> list[Any]:
-    seen = [*seen, await ctx.wait_for_event("tick")]
-    if len(seen) == 2:
-        return seen
-    ctx.continue_as_new(seen)
-
-
-async def test_event_raised_before_continue_as_new_reaches_the_next_wait(
-    redis_server: RedisServer, key_prefix: str
-) -> None:
-    # raise_event: "kept ... and delivered to the next wait for name, in the order raised".
-    store = RedisStore.from_url(redis_server.url, prefix=key_prefix, check_durability=False)
-    try:
-        async with Engine(store) as engine:
-            run_id = await engine.start(_ticks, [])
-            await engine.raise_event(run_id, "tick", "first")
-            await engine.raise_event(run_id, "tick", "second")
-            with anyio.move_on_after(2):
-                await engine.wait(run_id)
-        record = await store.get_run(run_id)
-        assert record is not None
-        assert record.status == RunStatus.COMPLETED, f"stuck at {record.current_execution_id}"
-        assert record.output == ["first", "second"]
-    finally:
-        await store.aclose()
-
-
-class _SlowAppend:
-    """A raising process's store whose appends reach Redis late (network, a GC pause)."""
-
-    def __init__(self, store: RedisStore, delay: float) -> None:
-        self._store = store
-        self._delay = delay
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-    async def append_event(self, *args: Any, **kwargs: Any) -> Event:
-        await anyio.sleep(self._delay)
-        return await self._store.append_event(*args, **kwargs)
-
-
-async def test_event_raised_while_the_run_continues_as_new_is_not_lost(
-    redis_server: RedisServer, key_prefix: str
-) -> None:
-    store = RedisStore.from_url(redis_server.url, prefix=key_prefix, check_durability=False)
-    slow = Engine(cast(RedisStore, _SlowAppend(store, 0.3)))
-    try:
-        async with Engine(store) as engine, anyio.create_task_group() as tg:
-            run_id = await engine.start(_ticks, [])
-            # Reads execution 1 as current now, appends 0.3 s later...
-            tg.start_soon(slow.raise_event, run_id, "tick", "late")
-            await anyio.sleep(0.05)
-            # ...after execution 1 took this one and continued as new.
-            await engine.raise_event(run_id, "tick", "first")
-            with anyio.move_on_after(2):
-                await engine.wait(run_id)
-        record = await store.get_run(run_id)
-        assert record is not None
-        assert record.status == RunStatus.COMPLETED, f"stuck at {record.current_execution_id}"
-        assert record.output == ["first", "late"]
-    finally:
-        await store.aclose()
-
-
-class _Died(Exception):
-    """Stands for the process dying at that point."""
-
-
-class _DiesAfterContinue:
-    """A driver's store: the process dies right after ``continue_as_new`` is stored."""
-
-    def __init__(self, store: RedisStore) -> None:
-        self._store = store
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-    async def continue_as_new(self, *args: Any, **kwargs: Any) -> int:
-        await self._store.continue_as_new(*args, **kwargs)
-        raise _Died("the process died right after continue_as_new")
-
-
-async def test_events_pending_at_continue_as_new_survive_a_crash_right_after_it(
-    redis_server: RedisServer, key_prefix: str
-) -> None:
-    store = RedisStore.from_url(redis_server.url, prefix=key_prefix, check_durability=False)
-    run_id = f"carry-{uuid.uuid4().hex[:8]}"
-    try:
-        with pytest.RaisesGroup(_Died, flatten_subgroups=True):
-            async with Engine(cast(RedisStore, _DiesAfterContinue(store))) as engine:
-                await engine.start(_ticks, [], run_id=run_id)
-                await engine.raise_event(run_id, "tick", "first")
-                await engine.raise_event(run_id, "tick", "second")
-                await engine.wait(run_id, timeout=5)
-        async with Engine(store) as engine:  # a fresh process resumes the run
-            await engine.resume(run_id)
-            with anyio.move_on_after(2):
-                await engine.wait(run_id)
-        record = await store.get_run(run_id)
-        assert record is not None
-        assert record.status == RunStatus.COMPLETED, f"stuck at {record.current_execution_id}"
-        assert record.output == ["first", "second"]
-    finally:
-        await store.aclose()
