@@ -145,3 +145,12 @@ async def store(
     instance = await make_store(store_kind, key_prefix, request)
     yield instance
     await instance.aclose()
+
+
+@pytest.fixture(params=["fakeredis", "redis"])
+async def redis_store(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[RedisStore]:
+    """A RedisStore on fakeredis and on the real server: for what only RedisStore promises."""
+    instance = await make_store(request.param, key_prefix, request)
+    assert isinstance(instance, RedisStore)
+    yield instance
+    await instance.aclose()

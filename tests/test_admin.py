@@ -9,12 +9,11 @@ the counters (exact under replays, refusals and ``SCRIPT FLUSH``).
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
 import anyio
-import fakeredis
 import pytest
 from redis.asyncio.client import Pipeline
 from redis.crc import key_slot
@@ -826,18 +825,6 @@ async def test_prune_bulk_sums_counts_and_processes_running_runs(store: Workflow
 
 
 # -- Redis: the two-phase delete -----------------------------------------------------------
-
-
-@pytest.fixture(params=["fakeredis", "redis"])
-async def redis_store(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[RedisStore]:
-    if request.param == "fakeredis":
-        store = RedisStore(
-            fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), prefix=key_prefix
-        )
-    else:
-        store = RedisStore.from_url(request.getfixturevalue("redis_url"), prefix=key_prefix)
-    yield store
-    await store.aclose()
 
 
 async def fences(store: RedisStore, run_ids: list[str]) -> dict[str, dict[str, str]]:

@@ -43,17 +43,6 @@ from stepflow.models import now_ms
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["fakeredis", "redis"])
-async def redis_store(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[RedisStore]:
-    if request.param == "fakeredis":
-        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-        store = RedisStore(client, prefix=key_prefix)
-    else:
-        store = RedisStore.from_url(request.getfixturevalue("redis_url"), prefix=key_prefix)
-    yield store
-    await store.aclose()
-
-
 @pytest.fixture
 async def real_store(redis_url: str, key_prefix: str) -> AsyncIterator[RedisStore]:
     store = RedisStore.from_url(redis_url, prefix=key_prefix)
