@@ -112,6 +112,18 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
+def own_server() -> Iterator[RedisServer]:
+    """A private ``redis-server`` a test may reconfigure, kill and restart."""
+    if shutil.which("redis-server") is None:
+        need_real_redis("redis-server is not on PATH")
+    server = RedisServer(port=free_port(), directory=Path(tempfile.mkdtemp(prefix="stepflow-")))
+    server.start()
+    yield server
+    server.kill()
+    shutil.rmtree(server.directory, ignore_errors=True)
+
+
+@pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 

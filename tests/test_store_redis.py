@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import fakeredis
 import pytest
-from conftest import RedisServer, free_port, need_real_redis
+from conftest import RedisServer
 from redis.crc import key_slot
 from redis.exceptions import AuthenticationError
 
@@ -48,18 +45,6 @@ async def real_store(redis_url: str, key_prefix: str) -> AsyncIterator[RedisStor
     store = RedisStore.from_url(redis_url, prefix=key_prefix)
     yield store
     await store.aclose()
-
-
-@pytest.fixture
-def own_server() -> Iterator[RedisServer]:
-    """A private ``redis-server`` a test may reconfigure, kill and restart."""
-    if shutil.which("redis-server") is None:
-        need_real_redis("redis-server is not on PATH")
-    server = RedisServer(port=free_port(), directory=Path(tempfile.mkdtemp(prefix="stepflow-")))
-    server.start()
-    yield server
-    server.kill()
-    shutil.rmtree(server.directory, ignore_errors=True)
 
 
 async def keys_matching(store: RedisStore, pattern: str) -> set[str]:
