@@ -955,6 +955,28 @@ async def test_continue_as_new_after_moving_back_replaces_the_next_execution(
     ]
 
 
+async def test_continue_as_new_replaces_a_next_execution_that_has_no_events(
+    store: WorkflowStore,
+) -> None:
+    """Found by the property test: taking back zero events sent '-0' to HINCRBY on Redis."""
+    await new_run(store, current_execution_id=2)
+    await store.create_run(record(current_execution_id=1))
+    assert await store.continue_as_new("r1", "again", execution_id=1) == 2
+    assert [(e.event_id, e.kind) for e in await store.read_history("r1", 2)] == [
+        (1, EventKind.RUN_STARTED)
+    ]
+    metrics = await store.get_metrics()
+    assert (metrics.total_executions, metrics.total_events) == (2, 2)
+
+
+async def test_prune_deletes_executions_that_have_no_events(store: WorkflowStore) -> None:
+    await new_run(store, status=RunStatus.COMPLETED)  # execution 1: finished, no events
+    await store.create_run(record(current_execution_id=2))
+    result = await store.prune_executions("r1", PruneOptions(keep_last=1))
+    assert (result.executions_deleted, result.events_deleted) == (1, 0)
+    assert [x.execution_id for x in await store.list_executions("r1")] == [2]
+
+
 # -- bad input ------------------------------------------------------------------
 
 BAD_RUN_IDS: list[Any] = [

@@ -220,7 +220,7 @@ local function sf_prune_apply(execs, steps, order, doomed, history)
       kept[#kept + 1] = sid
     end
   end
-  redis.call('HINCRBY', execs, '~events', -events)
+  redis.call('HINCRBY', execs, '~events', 0 - events)  -- not -events: Redis refuses '-0'
   redis.call('DEL', order)
   for i = 1, #kept, 1000 do
     redis.call('RPUSH', order, unpack(kept, i, math.min(i + 999, #kept)))

@@ -54,7 +54,8 @@ local replaced = redis.call('HMGET', KEYS[4], new .. 'status', new .. 'events')
 local d_execs = 1
 if replaced[1] then
   d_execs = 0
-  redis.call('HINCRBY', KEYS[4], '~events', -tonumber(replaced[2] or '0'))
+  -- 0 - n, not -n: Lua's -0 is sent as '-0', which HINCRBY refuses.
+  redis.call('HINCRBY', KEYS[4], '~events', 0 - tonumber(replaced[2] or '0'))
 end
 redis.call('HSET', KEYS[4], old .. 'status', '"continued_as_new"', old .. 'completed_at', now)
 sf_append_event(KEYS[5], KEYS[4], ARGV[2], 'continued_as_new',
