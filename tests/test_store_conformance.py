@@ -977,6 +977,30 @@ async def test_prune_deletes_executions_that_have_no_events(store: WorkflowStore
     assert [x.execution_id for x in await store.list_executions("r1")] == [2]
 
 
+async def test_create_run_appends_its_event_in_the_same_step(store: WorkflowStore) -> None:
+    started = NewEvent(kind=EventKind.RUN_STARTED, payload={"q": 1})
+    running = record(status=RunStatus.RUNNING, input={"q": 1})
+    assert await store.create_run(running, only_if_absent=True, event=started)
+    assert [(e.event_id, e.kind, e.payload) for e in await store.read_history("r1", 1)] == [
+        (1, EventKind.RUN_STARTED, {"q": 1})
+    ]
+    # A create that writes nothing appends nothing.
+    assert not await store.create_run(running, only_if_absent=True, event=started)
+    assert len(await store.read_history("r1", 1)) == 1
+    stored = await store.get_run("r1")
+    assert stored is not None
+    assert stored.status == RunStatus.RUNNING
+
+
+async def test_create_run_refuses_an_event_it_cannot_store_and_writes_nothing(
+    store: WorkflowStore,
+) -> None:
+    unstorable = NewEvent(kind=EventKind.RUN_STARTED, payload={"bad": {1, 2}})
+    with pytest.raises(InvalidPayloadError):
+        await store.create_run(record(), event=unstorable)
+    assert await store.get_run("r1") is None
+
+
 # -- bad input ------------------------------------------------------------------
 
 BAD_RUN_IDS: list[Any] = [

@@ -205,10 +205,20 @@ class Engine:
         flow.validate()
         value = flow.validate_input(input)
         run_id = validate_run_id(run_id) if run_id is not None else uuid.uuid4().hex
-        record = RunRecord(run_id=run_id, workflow=flow.name, version=flow.version, input=value)
+        # Created running, with its run_started, in one write: this engine
+        # drives it from here on (a crash before that leaves a running run
+        # for `resume`, as a crash at any later point does).
+        record = RunRecord(
+            run_id=run_id,
+            workflow=flow.name,
+            version=flow.version,
+            input=value,
+            status=RunStatus.RUNNING,
+        )
+        started = NewEvent(kind=EventKind.RUN_STARTED, payload=value)
         # Only if absent: a second start of the same id (a retry, another
         # process) resumes the run rather than wiping what it did.
-        if await self.store.create_run(record, only_if_absent=True):
+        if await self.store.create_run(record, only_if_absent=True, event=started):
             return run_id, record
         existing = await self._existing(run_id)
         if existing.workflow != flow.name:

@@ -89,7 +89,9 @@ class WorkflowStore(Protocol):
 
     # -- runs -----------------------------------------------------------------
 
-    async def create_run(self, record: RunRecord, *, only_if_absent: bool = False) -> bool:
+    async def create_run(
+        self, record: RunRecord, *, only_if_absent: bool = False, event: NewEvent | None = None
+    ) -> bool:
         """Create the run, or overwrite the record of an existing one (create-or-resume).
 
         The context bag is replaced by ``record.context``; step rows and history
@@ -97,7 +99,10 @@ class WorkflowStore(Protocol):
         The run's current execution is created when missing. With
         ``only_if_absent`` an existing run is left untouched and False is
         returned: two processes starting the same run id cannot wipe each
-        other's work. Returns True when the record was written.
+        other's work. ``event`` is appended to the current execution's history
+        in the same step, when the record is written: a run created already
+        running records its ``run_started`` without a second write. Returns
+        True when the record was written.
         """
 
     async def get_run(self, run_id: str) -> RunRecord | None:

@@ -132,12 +132,15 @@ class MemoryStore(MemoryAdmin):
 
     # -- runs -----------------------------------------------------------------
 
-    async def create_run(self, record: RunRecord, *, only_if_absent: bool = False) -> bool:
+    async def create_run(
+        self, record: RunRecord, *, only_if_absent: bool = False, event: NewEvent | None = None
+    ) -> bool:
         validate_run_id(record.run_id)
         if record.parent_run_id is not None:
             validate_run_id(record.parent_run_id)
         encoded = self._codec.encode_run(record)
         context = self._codec.encode_context(record.context, "context")
+        event_json = self._codec.encode_event(event) if event is not None else None
         stored = record.model_copy(
             update={
                 "input": self._copy(encoded.input),
@@ -159,7 +162,7 @@ class MemoryStore(MemoryAdmin):
         xid = record.current_execution_id
         execution = run.executions.get(xid)
         if execution is None:
-            run.executions[xid] = _Execution(
+            execution = run.executions[xid] = _Execution(
                 execution_id=xid,
                 status=record.status,
                 input=encoded.input,
@@ -168,6 +171,8 @@ class MemoryStore(MemoryAdmin):
             self._executions_total += 1
         else:
             execution.status = record.status
+        if event is not None and event_json is not None:
+            self._append(execution, event.kind, event_json, now_ms())
         return True
 
     async def get_run(self, run_id: str) -> RunRecord | None:

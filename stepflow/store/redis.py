@@ -92,7 +92,9 @@ class RedisStore(RedisAdmin):
 
     # -- runs -----------------------------------------------------------------
 
-    async def create_run(self, record: RunRecord, *, only_if_absent: bool = False) -> bool:
+    async def create_run(
+        self, record: RunRecord, *, only_if_absent: bool = False, event: NewEvent | None = None
+    ) -> bool:
         """Index first, then write the run, then its status index and count.
 
         Index first: an entry without a run is dropped by readers, a run
@@ -102,7 +104,7 @@ class RedisStore(RedisAdmin):
         did not add an execution (the run existed), the count is taken back
         and the status index set to the run's own status.
         """
-        keys, args = self._create_run_call(record, only_if_absent=only_if_absent)
+        keys, args = self._create_run_call(record, only_if_absent=only_if_absent, event=event)
         run_id = record.run_id
         if record.parent_run_id is not None:
             await self._index_child(record, keep_score=only_if_absent)
@@ -136,7 +138,7 @@ class RedisStore(RedisAdmin):
         return created >= 0
 
     def _create_run_call(
-        self, record: RunRecord, *, only_if_absent: bool = False
+        self, record: RunRecord, *, only_if_absent: bool = False, event: NewEvent | None = None
     ) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of ``create_run.lua`` for ``record`` (validated and encoded).
 
@@ -155,6 +157,7 @@ class RedisStore(RedisAdmin):
             value = fields[name]
             run_pairs += [name, value if isinstance(value, bytes) else _json.dumps(value)]
         context_pairs = [item for pair in context.items() for item in pair]
+        kind, payload = self._event_args(event)
         args = [
             new_request_id(),
             record.current_execution_id,
@@ -163,10 +166,13 @@ class RedisStore(RedisAdmin):
             record.created_at,
             len(_RUN_FIELDS),
             "1" if only_if_absent else "0",
+            kind,
+            payload,
             *run_pairs,
             *context_pairs,
         ]
-        return [keys.run, keys.reqs, keys.reqlog, keys.ctx, keys.execs], args
+        events = keys.events(record.current_execution_id)
+        return [keys.run, keys.reqs, keys.reqlog, keys.ctx, keys.execs, events], args
 
     async def _index_child(self, record: RunRecord, *, keep_score: bool = False) -> None:
         """Index a child run and add it to its parent's children, before writing it.
