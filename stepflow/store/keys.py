@@ -11,7 +11,8 @@ Layout of one run (``P`` is the prefix)::
 
     P:{R}:run           hash   run record, one JSON value per field
     P:{R}:ctx           hash   context bag, one JSON value per key
-    P:{R}:steps         hash   step rows and their lease fields
+    P:{R}:steps         hash   four fields per step: state line, claim, result, replay
+                               (see ``lua/_prelude.lua``)
     P:{R}:order         list   step ids in insertion order
     P:{R}:execs         hash   executions: status, input, output, times, event count
     P:{R}:x:<N>:events  list   history of execution N, JSON events

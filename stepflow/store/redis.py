@@ -73,18 +73,33 @@ _RUN_FIELDS = (
     "parent_run_id",
     "current_execution_id",
 )
-_STEP_FIELDS = (
-    "name",
-    "status",
-    "attempt",
-    "input",
-    "output",
-    "error",
-    "started_at",
-    "finished_at",
-    "worker_id",
-    "execution_id",
-)
+_CLAIM_MEMBERS = ("name", "input", "started_at")
+"""A step's fields kept in its '<step>|c' field (see ``_prelude.lua``)."""
+_RESULT_MEMBERS = ("output", "error", "finished_at")
+"""A step's fields kept in its '<step>|r' field."""
+
+
+def _members(row: Mapping[str, Any], names: Sequence[str]) -> bytes:
+    """``"name":<JSON>,...``: members of a JSON object, as the scripts write them."""
+    return b",".join(_json.dumps(name) + b":" + _json.dumps(row[name]) for name in names)
+
+
+def _decode_step(
+    step_id: str, line: bytes | str, claim: bytes | str, result: bytes | str
+) -> StepState:
+    """A step from its state line and its claim and result members (see ``_prelude.lua``)."""
+    status, _epoch, attempt, _expires, execution, _token, worker = text(line).split("|", 6)
+    members = _json.loads(f"{{{text(claim)},{text(result)}}}")
+    return StepState.model_validate(
+        {
+            "step_id": step_id,
+            "status": status,
+            "attempt": int(attempt),
+            "execution_id": int(execution),
+            "worker_id": _json.loads(worker),
+            **members,
+        }
+    )
 
 
 class RedisStore(RedisAdmin):
@@ -339,13 +354,20 @@ class RedisStore(RedisAdmin):
         keys = self.keys.run(run_id)
         sid = validate_step_id(step.step_id)
         row = _json.loads(self._codec.encode_step(step))
-        fields_flat = [
-            item for name in _STEP_FIELDS for item in (f"{sid}|{name}", _json.dumps(row[name]))
-        ]
         reply = await self._call(
             "upsert_step",
             [keys.run, keys.reqs, keys.reqlog, keys.steps, keys.order],
-            [new_request_id(), sid, "1" if keep_completed else "0", *fields_flat],
+            [
+                new_request_id(),
+                sid,
+                "1" if keep_completed else "0",
+                row["status"],
+                row["attempt"],
+                row["execution_id"],
+                _json.dumps(row["worker_id"]),
+                _members(row, _CLAIM_MEMBERS),
+                _members(row, _RESULT_MEMBERS),
+            ],
             run_id=run_id,
             step_id=sid,
         )
@@ -353,23 +375,23 @@ class RedisStore(RedisAdmin):
 
     async def get_step(self, run_id: str, step_id: str) -> StepState | None:
         keys = self.keys.run(run_id)
-        values = await self.client.hmget(keys.steps, [f"{step_id}|{f}" for f in _STEP_FIELDS])
-        if values[0] is None:
+        line, claim, result = await self.client.hmget(
+            keys.steps, [f"{step_id}|l", f"{step_id}|c", f"{step_id}|r"]
+        )
+        if line is None or claim is None or result is None:  # every write sets all three
             return None
-        return self._decode_step(step_id, dict(zip(_STEP_FIELDS, values, strict=True)))
-
-    def _decode_step(self, step_id: str, row: Mapping[str, Any]) -> StepState:
-        fields = {name: _json.loads(row[name]) for name in _STEP_FIELDS}
-        return StepState.model_validate({"step_id": step_id, **fields})
+        return _decode_step(step_id, line, claim, result)
 
     async def list_steps(self, run_id: str) -> list[StepState]:
         keys = self.keys.run(run_id)
         order, flat = await self._call("list_steps", [keys.order, keys.steps], [], run_id=run_id)
-        rows: dict[str, dict[str, Any]] = {}
-        for field, value in pairs(flat).items():
-            sid, _, name = field.rpartition("|")
-            rows.setdefault(sid, {})[name] = value
-        return [self._decode_step(text(sid), rows[text(sid)]) for sid in order]
+        fields = pairs(flat)
+        steps = []
+        for raw_sid in order:
+            sid = text(raw_sid)
+            line, claim, result = (fields[f"{sid}|{part}"] for part in "lcr")
+            steps.append(_decode_step(sid, line, claim, result))
+        return steps
 
     async def claim_step(
         self,

@@ -99,19 +99,37 @@ local function sf_settle(execs)
   return delta
 end
 
--- The step's lease fields: {token, epoch, expires, status, req, done}; 'req'
--- and 'done' are the request id and result of the completion that ended it.
-local function sf_lease_row(steps, sid)
-  local s = sid .. '|'
-  return redis.call('HMGET', steps, s .. 'token', s .. 'epoch', s .. 'expires', s .. 'status',
-    s .. 'req', s .. 'done')
+-- A step is at most four fields of the run's steps hash. Few fields keep the
+-- hash small and each script's reads and writes short (a small hash is a
+-- list Redis scans field by field):
+--   '<sid>|l'  its state line: '<status>|<epoch>|<attempt>|<expires>|<execution>|<token>|<worker>'
+--              (status a bare word; expires 0 and token '' without a lease;
+--              worker the owner as JSON, last, as it may hold '|')
+--   '<sid>|c'  what its claim recorded: JSON object members "name", "input", "started_at"
+--   '<sid>|r'  its result: JSON object members "output", "error", "finished_at"
+--   '<sid>|d'  '<request id>#<result>' of the completion that ended it (replays)
+local SF_STEP_FIELDS = {'l', 'c', 'r', 'd'}
+local SF_NO_RESULT = '"output":null,"error":null,"finished_at":null'
+
+-- The state line parsed (a table), or nil for no line (no such step).
+local function sf_step_state(line)
+  if not line then return nil end
+  local status, epoch, attempt, expires, xid, token, worker = string.match(line,
+    '^(%a+)|(%d+)|(-?%d+)|(%d+)|(-?%d+)|([^|]*)|(.*)$')
+  return {status = status, epoch = epoch, attempt = tonumber(attempt),
+    expires = tonumber(expires), xid = xid, token = token, worker = worker}
+end
+
+local function sf_step_line(state)
+  return state.status .. '|' .. state.epoch .. '|' .. state.attempt .. '|' .. state.expires ..
+    '|' .. state.xid .. '|' .. state.token .. '|' .. state.worker
 end
 
 -- Nil when the lease (token, epoch) is the step's current live lease (or,
 -- with allow_expired, its current lease even past expiry: nobody claimed the
 -- step since), otherwise the error code and detail to refuse the write with.
--- ``held`` is the step's sf_lease_row. The third value is the run's status
--- (JSON) when the lease is good.
+-- ``held`` is the step's parsed state (nil: no such step). The third value
+-- is the run's status (JSON) when the lease is good.
 local function sf_check_lease(run, held, sid, token, epoch, now, allow_expired)
   local state = redis.call('HMGET', run, 'status', '~del')
   if not state[1] then
@@ -120,11 +138,11 @@ local function sf_check_lease(run, held, sid, token, epoch, now, allow_expired)
   if state[2] then
     return 'STALE', 'the run is being deleted'
   end
-  if held[1] ~= token or held[2] ~= epoch then
-    if held[4] == '"completed"' then return 'DONE', sid end
+  if not held or held.token ~= token or held.epoch ~= epoch then
+    if held and held.status == 'completed' then return 'DONE', sid end
     return 'STALE', 'the lease was taken over'
   end
-  if not allow_expired and tonumber(held[3]) <= now then
+  if not allow_expired and held.expires <= now then
     return 'STALE', 'the lease expired'
   end
   return nil, nil, state[1]
@@ -137,25 +155,25 @@ end
 -- when the step completed ('DONE') or another live lease holds it ('HELD',
 -- detail '<owner JSON>|<expires_at>').
 local function sf_claim(steps, order, sid, name, owner, token, lease_ms, xid, input, now, fields)
-  local s = sid .. '|'
-  local row = redis.call('HMGET', steps, s .. 'status', s .. 'token', s .. 'expires',
-    s .. 'worker_id', s .. 'name', s .. 'epoch', s .. 'attempt')
-  if row[1] == '"completed"' then return nil, 'DONE', sid end
-  if row[2] and row[2] ~= '' and tonumber(row[3]) > now then
-    return nil, 'HELD', tostring(row[4]) .. '|' .. row[3]
+  local current = sf_step_state(redis.call('HGET', steps, sid .. '|l'))
+  if not current then
+    redis.call('RPUSH', order, sid)
+    current = {epoch = 0, attempt = 0}
+  elseif current.status == 'completed' then
+    return nil, 'DONE', sid
+  elseif current.token ~= '' and current.expires > now then
+    return nil, 'HELD', current.worker .. '|' .. current.expires
   end
-  if not row[5] then redis.call('RPUSH', order, sid) end
-  local epoch = (tonumber(row[6]) or 0) + 1
+  local epoch = tonumber(current.epoch) + 1
   local expires = now + tonumber(lease_ms)
   local n = #fields
-  local values = {'name', name, 'status', '"running"', 'input', input, 'output', 'null',
-    'error', 'null', 'started_at', now, 'finished_at', 'null', 'worker_id', owner,
-    'execution_id', xid, 'token', token, 'expires', expires, 'epoch', epoch,
-    'attempt', (tonumber(row[7]) or 0) + 1}
-  for i = 1, #values, 2 do
-    fields[n + i] = s .. values[i]
-    fields[n + i + 1] = values[i + 1]
-  end
+  fields[n + 1] = sid .. '|l'
+  fields[n + 2] = sf_step_line({status = 'running', epoch = epoch, attempt = current.attempt + 1,
+    expires = expires, xid = xid, token = token, worker = owner})
+  fields[n + 3] = sid .. '|c'
+  fields[n + 4] = '"name":' .. name .. ',"input":' .. input .. ',"started_at":' .. now
+  fields[n + 5] = sid .. '|r'
+  fields[n + 6] = SF_NO_RESULT
   return epoch, expires
 end
 
@@ -195,8 +213,6 @@ local function sf_prune_select(execs, current, keep_last, completed_before, hist
 end
 
 local SF_EXEC_FIELDS = {'status', 'input', 'output', 'error', 'started_at', 'completed_at', 'events'}
-local SF_STEP_FIELDS = {'name', 'status', 'attempt', 'input', 'output', 'error', 'started_at',
-  'finished_at', 'worker_id', 'execution_id', 'epoch', 'token', 'expires', 'req', 'done'}
 
 -- Delete the selected executions, their histories and their step rows, so
 -- an eternal workflow that prunes keeps bounded storage.
@@ -214,7 +230,8 @@ local function sf_prune_apply(execs, steps, order, doomed, history)
   end
   local kept = {}
   for _, sid in ipairs(redis.call('LRANGE', order, 0, -1)) do
-    if gone[redis.call('HGET', steps, sid .. '|execution_id') or ''] then
+    local state = sf_step_state(redis.call('HGET', steps, sid .. '|l'))
+    if state and gone[state.xid] then
       for _, name in ipairs(SF_STEP_FIELDS) do redis.call('HDEL', steps, sid .. '|' .. name) end
     else
       kept[#kept + 1] = sid

@@ -18,14 +18,17 @@
 -- SF_NOEXEC (the lease's execution is gone).
 --
 -- This runs once per step, so it keeps to few commands. A re-sent request is
--- recognised by the request id the completion leaves in the step's row
--- ('<step>|req', with its result in '<step>|done'), not by the run's request
--- log: no extra writes.
-local s = ARGV[2] .. '|'
-local held = sf_lease_row(KEYS[2], ARGV[2])
-if held[5] == ARGV[1] then return held[6] end
+-- recognised by the request id the completion leaves in the step's '|d'
+-- field, not by the run's request log: no extra writes.
+local sid = ARGV[2]
+local row = redis.call('HMGET', KEYS[2], sid .. '|l', sid .. '|d')
+local replay = row[2] and ARGV[1] .. '#'
+if replay and string.sub(row[2], 1, #replay) == replay then
+  return string.sub(row[2], #replay + 1)
+end
+local held = sf_step_state(row[1])
 local now = sf_now_ms()
-local code, detail, status = sf_check_lease(KEYS[1], held, ARGV[2], ARGV[3], ARGV[4], now)
+local code, detail, status = sf_check_lease(KEYS[1], held, sid, ARGV[3], ARGV[4], now)
 if code then return sf_fail(code, detail) end
 if redis.call('HEXISTS', KEYS[4], ARGV[5] .. '|status') == 0 then
   return sf_fail('NOEXEC', ARGV[5])
@@ -48,7 +51,8 @@ if ARGV[7] ~= '' then
   result = id .. '|' .. now
 end
 if claimed then result = result .. '#' .. claimed end
-redis.call('HSET', KEYS[2], s .. 'status', '"completed"', s .. 'output', ARGV[6],
-  s .. 'error', 'null', s .. 'finished_at', now, s .. 'token', '',
-  s .. 'req', ARGV[1], s .. 'done', result, unpack(fields))
+held.status, held.token, held.expires = 'completed', '', 0
+redis.call('HSET', KEYS[2], sid .. '|l', sf_step_line(held),
+  sid .. '|r', '"output":' .. ARGV[6] .. ',"error":null,"finished_at":' .. now,
+  sid .. '|d', ARGV[1] .. '#' .. result, unpack(fields))
 return result

@@ -10,19 +10,17 @@
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return done end
 local now = sf_now_ms()
-local held = sf_lease_row(KEYS[4], ARGV[2])
+local held = sf_step_state(redis.call('HGET', KEYS[4], ARGV[2] .. '|l'))
 local code, detail = sf_check_lease(KEYS[1], held, ARGV[2], ARGV[3], ARGV[4], now)
 if code then return sf_fail(code, detail) end
 if redis.call('HEXISTS', KEYS[5], ARGV[5] .. '|status') == 0 then
   return sf_fail('NOEXEC', ARGV[5])
 end
 
-local s = ARGV[2] .. '|'
-local status = '"pending"'
-if ARGV[7] == '1' then status = '"failed"' end
-redis.call('HSET', KEYS[4], s .. 'status', status, s .. 'error', ARGV[6],
-  s .. 'finished_at', now)
-redis.call('HDEL', KEYS[4], s .. 'token', s .. 'expires')
+held.status, held.token, held.expires = 'pending', '', 0
+if ARGV[7] == '1' then held.status = 'failed' end
+redis.call('HSET', KEYS[4], ARGV[2] .. '|l', sf_step_line(held),
+  ARGV[2] .. '|r', '"output":null,"error":' .. ARGV[6] .. ',"finished_at":' .. now)
 if ARGV[8] ~= '' then
   sf_append_event(KEYS[6], KEYS[5], ARGV[5], ARGV[8], ARGV[9], now)
 end

@@ -10,10 +10,10 @@
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return tonumber(done) end
 local now = sf_now_ms()
-local held = sf_lease_row(KEYS[4], ARGV[2])
+local held = sf_step_state(redis.call('HGET', KEYS[4], ARGV[2] .. '|l'))
 local code, detail = sf_check_lease(KEYS[1], held, ARGV[2], ARGV[3], ARGV[4], now, true)
 if code then return sf_fail(code, detail) end
-local expires = now + tonumber(ARGV[5])
-redis.call('HSET', KEYS[4], ARGV[2] .. '|expires', expires)
-sf_remember(KEYS[2], KEYS[3], ARGV[1], tostring(expires))
-return expires
+held.expires = now + tonumber(ARGV[5])
+redis.call('HSET', KEYS[4], ARGV[2] .. '|l', sf_step_line(held))
+sf_remember(KEYS[2], KEYS[3], ARGV[1], tostring(held.expires))
+return held.expires
