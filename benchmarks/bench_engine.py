@@ -267,11 +267,12 @@ class RoundTrips:
     @contextmanager
     def installed(self) -> Iterator[RoundTrips]:
         counter = self
-        send = Connection.send_packed_command
+        connection_class = self.store.client.connection_pool.connection_class
+        send = connection_class.send_packed_command
         execute = Redis.execute_command
         pipeline_execute = Pipeline.execute
 
-        async def counted_send(conn: Connection, *args: Any, **kwargs: Any) -> Any:
+        async def counted_send(conn: Any, *args: Any, **kwargs: Any) -> Any:
             counter.packets += 1
             return await send(conn, *args, **kwargs)
 
@@ -290,7 +291,7 @@ class RoundTrips:
             return await pipeline_execute(pipe, *args, **kwargs)
 
         patches = [
-            (Connection, "send_packed_command", counted_send),
+            (connection_class, "send_packed_command", counted_send),
             (Redis, "execute_command", counted_execute),
             (Pipeline, "execute", counted_pipeline),
         ]
@@ -320,6 +321,7 @@ def timed_store_methods(store: RedisStore, totals: dict[str, list[float]]) -> It
         "claim_step",
         "renew_lease",
         "complete_step",
+        "complete_and_claim",
         "fail_step",
         "upsert_step",
     ]
