@@ -168,6 +168,8 @@ class Lease(BaseModel):
     """Store-clock milliseconds (Redis ``TIME``) after which another owner may claim."""
     execution_id: int = 1
     """Execution the attempt belongs to; its history receives the step's events."""
+    attempt: int = 1
+    """Which attempt of the step this lease is for: every claim of a step counts one."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -512,6 +512,7 @@ async def test_claim_after_expiry_succeeds_with_a_higher_epoch(store: WorkflowSt
     second = await claim_when_free(store, owner="worker-b", lease_ms=10_000)
     assert second.epoch > first.epoch
     assert second.token != first.token
+    assert (first.attempt, second.attempt) == (1, 2)  # a takeover is another attempt
     step = await step_of(store)
     assert (step.worker_id, step.attempt) == ("worker-b", 2)
 
@@ -615,10 +616,11 @@ async def test_complete_and_claim_records_the_completion_and_leases_the_next_ste
     assert recorded is not None
     assert (recorded.event_id, recorded.kind) == (1, EventKind.STEP_COMPLETED)
     assert claimed is not None
-    assert (claimed.run_id, claimed.step_id, claimed.owner, claimed.epoch) == (
+    assert (claimed.run_id, claimed.step_id, claimed.owner, claimed.epoch, claimed.attempt) == (
         "r1",
         "s2",
         "worker-a",
+        1,
         1,
     )
     assert before + 10_000 <= claimed.expires_at <= before + 15_000
@@ -699,7 +701,7 @@ async def test_fail_step_retryable_returns_to_pending_and_attempts_grow(
     for attempt in (1, 2, 3):
         lease = await claim(store)
         assert (await step_of(store)).attempt == attempt
-        assert lease.epoch == attempt
+        assert (lease.epoch, lease.attempt) == (attempt, attempt)
         await store.fail_step(lease, error=f"boom {attempt}", final=False)
         step = await step_of(store)
         assert (step.status, step.error, step.attempt) == (

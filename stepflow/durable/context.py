@@ -130,7 +130,6 @@ class WorkflowContext:
                     call,
                     owner=runner.owner,
                     lease_ms=runner.lease_ms,
-                    first_attempt=await runner.attempts_of(call.step_id) + 1,
                     keeper=runner.keeper,
                 )
             except LeaseLost:

@@ -197,10 +197,6 @@ class DurableRunner:
             self.replay.add(event)
             self.replay.clock = max(self.replay.clock, event.timestamp)
 
-    async def attempts_of(self, step_id: str) -> int:
-        step = await self.store.get_step(self.run_id, step_id)
-        return step.attempt if step is not None else 0
-
     async def sleep_until(self, fire_at: int) -> None:
         # The store's clock decides; sleeping on ours may wake a little early.
         while (remaining := fire_at - await self.store.time_ms()) > 0:  # noqa: ASYNC110

@@ -245,7 +245,6 @@ async def execute_step(
     *,
     owner: str,
     lease_ms: int,
-    first_attempt: int,
     keeper: LeaseKeeper,
     claimed: Hold | None = None,
     then_claim: StepClaim | None = None,
@@ -257,36 +256,35 @@ async def execute_step(
     completed (the caller then reads the recorded output). ``keeper`` (with
     this ``lease_ms``) renews the leases; it runs in the caller's task group.
 
+    Each attempt's number is its lease's (the store counts the step's claims).
     ``claimed`` is a lease on this step taken ahead (by the completion of the
     step before it); the first attempt runs under it. With ``then_claim``
     the completion also claims that step, in the same store call, and the
     outcome carries its lease (``next_hold``, kept by the keeper) for the
     caller to run next: a chain of steps costs one store call per step.
     """
-    attempt = first_attempt
     hold = claimed
     while True:
         if hold is None:
             hold = keeper.hold(await _claim(store, call, owner, lease_ms))
+        attempt = hold.lease.attempt
         try:
             await keeper.attempt(call, attempt, hold)
             result = _result(call, hold)
         except LeaseLost:
             if not await _lapsed_unclaimed(store, call, owner):
                 raise
-            attempt += 1  # nobody else will run it: run it again under a new lease
-            hold = None
+            hold = None  # nobody else will run it: run it again under a new lease
             continue
         except Exception as exc:
             await _failed_attempt(store, call, hold.lease, exc, attempt)
-            attempt += 1
             hold = None
             continue
         except BaseException:
             # Cancelled (fail-fast, Engine.cancel, engine shutdown): hand the
             # step back at once, so a resume need not wait for the lease.
             with anyio.CancelScope(shield=True):
-                await release(store, hold.lease, attempt)
+                await release(store, hold.lease)
             raise
         try:
             recorded, next_lease = await _commit(
@@ -296,7 +294,6 @@ async def execute_step(
             # Not storable (a set, NaN, too large...): the store refused it before
             # writing anything, so the attempt failed like a step that raised.
             await _failed_attempt(store, call, hold.lease, exc, attempt)
-            attempt += 1
             hold = None
             continue
         next_hold = keeper.hold(next_lease) if next_lease is not None else None
@@ -400,8 +397,12 @@ async def _record_failure(
         raise LeaseLost(str(exc)) from exc
 
 
-async def release(store: WorkflowStore, lease: Lease, attempt: int) -> None:
+async def release(store: WorkflowStore, lease: Lease) -> None:
     """Hand a lease back unused or interrupted, so the step is free to claim at once."""
-    error = {"type": "Interrupted", "message": "the attempt was interrupted", "attempt": attempt}
+    error = {
+        "type": "Interrupted",
+        "message": "the attempt was interrupted",
+        "attempt": lease.attempt,
+    }
     with contextlib.suppress(StepflowError):  # lease already gone: nothing to hand back
         await store.fail_step(lease, error=error, final=False)

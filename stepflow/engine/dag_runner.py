@@ -206,8 +206,7 @@ class DagRunner:
         if claimed is not None:
             self.keeper.drop(claimed)
             with anyio.CancelScope(shield=True):
-                step_id = claimed.lease.step_id
-                await release(self.store, claimed.lease, self.attempts.get(step_id, 0) + 1)
+                await release(self.store, claimed.lease)
 
     async def _yield_before(self, ready: list[str]) -> None:
         """Let the tasks already queued run before the ``ready`` steps start.
@@ -258,7 +257,6 @@ class DagRunner:
                     self._call(spec),
                     owner=self.owner,
                     lease_ms=self.lease_ms,
-                    first_attempt=first_attempt,
                     keeper=self.keeper,
                     claimed=claimed,
                     then_claim=self._claim_ahead(name),

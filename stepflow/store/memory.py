@@ -377,6 +377,7 @@ class MemoryStore(MemoryAdmin):
             epoch=lease.epoch,
             expires_at=lease.expires_at,
             execution_id=execution_id,
+            attempt=run.steps[step_id].attempt,
         )
 
     def _current_lease(

@@ -102,6 +102,23 @@ def _decode_step(
     )
 
 
+def _lease_from_reply(
+    reply: str, run_id: str, step_id: str, owner: str, token: str, execution_id: int
+) -> Lease:
+    """The lease a claim returned as '<epoch>|<expires_at>|<attempt>' (see ``sf_claim``)."""
+    epoch, expires, attempt = reply.split("|")
+    return Lease(
+        run_id=run_id,
+        step_id=step_id,
+        owner=owner,
+        token=token,
+        epoch=int(epoch),
+        expires_at=int(expires),
+        execution_id=execution_id,
+        attempt=int(attempt),
+    )
+
+
 class RedisStore(RedisAdmin):
     """Durable store on one Redis server (or cluster); many processes may share it."""
 
@@ -425,16 +442,7 @@ class RedisStore(RedisAdmin):
             step_id=step_id,
             execution_id=execution_id,
         )
-        epoch, _, expires = text(reply).partition("|")
-        return Lease(
-            run_id=run_id,
-            step_id=step_id,
-            owner=owner,
-            token=token,
-            epoch=int(epoch),
-            expires_at=int(expires),
-            execution_id=execution_id,
-        )
+        return _lease_from_reply(text(reply), run_id, step_id, owner, token, execution_id)
 
     async def renew_lease(self, lease: Lease, *, lease_ms: int = DEFAULT_LEASE_MS) -> Lease:
         keys = self.keys.run(lease.run_id)
@@ -520,15 +528,8 @@ class RedisStore(RedisAdmin):
         recorded = None if event is None else _event_from_reply(completion, event.kind, payload)
         if next_step is None or not claimed:
             return recorded, None
-        epoch, _, expires = claimed.partition("|")
-        next_lease = Lease(
-            run_id=lease.run_id,
-            step_id=next_step.step_id,
-            owner=lease.owner,
-            token=token,
-            epoch=int(epoch),
-            expires_at=int(expires),
-            execution_id=lease.execution_id,
+        next_lease = _lease_from_reply(
+            claimed, lease.run_id, next_step.step_id, lease.owner, token, lease.execution_id
         )
         return recorded, next_lease
 

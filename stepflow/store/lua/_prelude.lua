@@ -150,10 +150,10 @@ end
 
 -- Start an attempt of step sid under a fresh lease (the caller checked the
 -- run and the execution). Writes only a new step's place at the end of
--- ``order``; returns the epoch, the expiry and the steps-hash field/value
--- pairs for the caller to write (appended to ``fields``); or nil, a code and a detail
--- when the step completed ('DONE') or another live lease holds it ('HELD',
--- detail '<owner JSON>|<expires_at>').
+-- ``order``; returns the lease as '<epoch>|<expires>|<attempt>' and appends
+-- the steps-hash field/value pairs for the caller to write to ``fields``; or
+-- nil, a code and a detail when the step completed ('DONE') or another live
+-- lease holds it ('HELD', detail '<owner JSON>|<expires_at>').
 local function sf_claim(steps, order, sid, name, owner, token, lease_ms, xid, input, now, fields)
   local current = sf_step_state(redis.call('HGET', steps, sid .. '|l'))
   if not current then
@@ -166,15 +166,16 @@ local function sf_claim(steps, order, sid, name, owner, token, lease_ms, xid, in
   end
   local epoch = tonumber(current.epoch) + 1
   local expires = now + tonumber(lease_ms)
+  local attempt = current.attempt + 1
   local n = #fields
   fields[n + 1] = sid .. '|l'
-  fields[n + 2] = sf_step_line({status = 'running', epoch = epoch, attempt = current.attempt + 1,
+  fields[n + 2] = sf_step_line({status = 'running', epoch = epoch, attempt = attempt,
     expires = expires, xid = xid, token = token, worker = owner})
   fields[n + 3] = sid .. '|c'
   fields[n + 4] = '"name":' .. name .. ',"input":' .. input .. ',"started_at":' .. now
   fields[n + 5] = sid .. '|r'
   fields[n + 6] = SF_NO_RESULT
-  return epoch, expires
+  return epoch .. '|' .. expires .. '|' .. attempt
 end
 
 -- Which finished executions a prune deletes: never the current one, never

@@ -5,7 +5,7 @@
 -- ARGV[1] request id  ARGV[2] step id  ARGV[3] name (JSON)  ARGV[4] owner (JSON)
 -- ARGV[5] lease token  ARGV[6] lease duration (ms)  ARGV[7] execution id
 -- ARGV[8] step input (JSON)
--- Returns '<epoch>|<expires_at ms>'. Errors: SF_NOTFOUND, SF_DELETING, SF_CANCELLED
+-- Returns '<epoch>|<expires_at ms>|<attempt>'. Errors: SF_NOTFOUND, SF_DELETING, SF_CANCELLED
 -- (the run was cancelled: no new work starts), SF_NOEXEC (no such execution),
 -- SF_DONE (step completed), SF_HELD '<owner JSON>|<expires_at>' (a live lease).
 local done = sf_replayed(KEYS[2], ARGV[1])
@@ -17,8 +17,8 @@ if redis.call('HEXISTS', KEYS[6], ARGV[7] .. '|status') == 0 then
   return sf_fail('NOEXEC', ARGV[7])
 end
 local fields = {}
-local epoch, expires, detail = sf_claim(KEYS[4], KEYS[5], ARGV[2], ARGV[3], ARGV[4],
+local lease, code, detail = sf_claim(KEYS[4], KEYS[5], ARGV[2], ARGV[3], ARGV[4],
   ARGV[5], ARGV[6], ARGV[7], ARGV[8], sf_now_ms(), fields)
-if not epoch then return sf_fail(expires, detail) end  -- expires holds the code
+if not lease then return sf_fail(code, detail) end
 redis.call('HSET', KEYS[4], unpack(fields))
-return sf_remember(KEYS[2], KEYS[3], ARGV[1], epoch .. '|' .. expires)
+return sf_remember(KEYS[2], KEYS[3], ARGV[1], lease)

@@ -12,7 +12,7 @@
 -- ARGV[11] owner (JSON)  ARGV[12] its lease token  ARGV[13] its lease duration (ms)
 -- ARGV[14..] context key/value pairs (JSON values)
 -- Returns '<event id>|<timestamp ms>' of the appended event, or 'OK' without one;
--- with a next step, followed by '#<epoch>|<expires_at ms>' of its lease, or by
+-- with a next step, followed by '#<epoch>|<expires_at ms>|<attempt>' of its lease, or by
 -- '#' alone when it was not claimed (completed, held, the run cancelled).
 -- Errors: SF_STALE (lease expired, taken over, run deleted or being deleted), SF_DONE,
 -- SF_NOEXEC (the lease's execution is gone).
@@ -39,9 +39,8 @@ local claimed
 if ARGV[9] ~= '' then
   claimed = ''
   if status ~= '"cancelled"' then
-    local epoch, expires = sf_claim(KEYS[2], KEYS[6], ARGV[9], ARGV[10], ARGV[11], ARGV[12],
-      ARGV[13], ARGV[5], 'null', now, fields)
-    if epoch then claimed = epoch .. '|' .. expires end
+    claimed = sf_claim(KEYS[2], KEYS[6], ARGV[9], ARGV[10], ARGV[11], ARGV[12],
+      ARGV[13], ARGV[5], 'null', now, fields) or ''
   end
 end
 sf_hset_from(KEYS[3], ARGV, 14)
