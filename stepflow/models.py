@@ -168,8 +168,9 @@ class Lease(BaseModel):
     """Store-clock milliseconds (Redis ``TIME``) after which another owner may claim."""
     execution_id: int = 1
     """Execution the attempt belongs to; its history receives the step's events."""
-    attempt: int = 1
-    """Which attempt of the step this lease is for: every claim of a step counts one."""
+    attempt: int
+    """Which attempt of the step this lease is for: every claim of a step counts one
+    (the first claim is attempt 1). Retries and backoff are counted from it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,6 +48,14 @@ def test_a_value_redis_py_refuses_is_refused_alike(bad: object) -> None:
         FastConnection().pack_command("SET", "k", bad)
 
 
+def test_text_is_encoded_as_the_client_asks_when_not_strict_utf8() -> None:
+    """hiredis encodes strict UTF-8 only; other settings take redis-py's packer."""
+    fast = FastConnection(encoding="latin-1", encoding_errors="replace")
+    stock = Connection(encoding="latin-1", encoding_errors="replace")
+    args = ("SET", "k", "café ✓")
+    assert b"".join(fast.pack_command(*args)) == b"".join(stock.pack_command(*args))
+
+
 @pytest.mark.parametrize(
     ("url", "fast", "stock"),
     [

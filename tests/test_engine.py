@@ -33,6 +33,7 @@ from stepflow import (
     UnknownDependencyError,
     WaitTimeoutError,
     Workflow,
+    WorkflowNotFoundError,
     WorkflowStore,
     registry,
 )
@@ -973,6 +974,26 @@ async def test_input_model_validates_and_stores_json(
     assert model_record.input == {"n": 4, "tags": ["t"]}
     assert seen == [{"n": 3, "tags": []}, {"n": 4, "tags": ["t"]}]
     assert len(await store.list_runs()) == 2
+
+
+async def test_a_workflow_the_engine_does_not_run_is_refused_before_anything_is_stored(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    known, other = new_flow(), new_flow()
+    for flow in (known, other):
+
+        @flow.step()
+        async def only(ctx: StepContext) -> None:
+            return None
+
+    engine = Engine(store, workflows=[known])
+    with anyio.fail_after(LIMIT):
+        with pytest.raises(WorkflowNotFoundError):
+            await engine.run(other)
+        async with engine:
+            with pytest.raises(WorkflowNotFoundError):
+                await engine.start(other)
+    assert await store.list_runs() == []
 
 
 async def test_definition_errors(store: WorkflowStore, new_flow: NewFlow) -> None:

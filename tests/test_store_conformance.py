@@ -1026,7 +1026,14 @@ BAD_RUN_IDS: list[Any] = [
 
 def bad_lease(run_id: Any) -> Lease:
     return Lease.model_construct(
-        run_id=run_id, step_id="s1", owner="o", token="t", epoch=1, expires_at=0, execution_id=1
+        run_id=run_id,
+        step_id="s1",
+        owner="o",
+        token="t",
+        epoch=1,
+        expires_at=0,
+        execution_id=1,
+        attempt=1,
     )
 
 

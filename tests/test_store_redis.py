@@ -29,6 +29,7 @@ from stepflow import (
     RedisStore,
     RunRecord,
     RunStatus,
+    ScriptError,
     StepAlreadyCompletedError,
     StepClaim,
     StepState,
@@ -107,6 +108,18 @@ async def test_delete_leaves_only_a_short_lived_tomb(redis_store: RedisStore) ->
         )
     assert await redis_store.client.zscore(redis_store.keys.runs_by_time, "r1") is None
     assert len(await keys_matching(redis_store, redis_store.keys.run_pattern("neighbour"))) == 10
+
+
+async def test_a_step_row_this_version_cannot_read_is_refused_not_overwritten(
+    redis_store: RedisStore,
+) -> None:
+    """A step written in another layout (an older stepflow) stops the script before it writes."""
+    await redis_store.create_run(RunRecord(run_id="r1", workflow="wf"))
+    steps = redis_store.keys.run("r1").steps
+    await redis_store.client.hset(steps, "s1|l", '"completed"')
+    with pytest.raises(ScriptError, match="unreadable step state"):
+        await redis_store.claim_step("r1", "s1", name="s1", owner="o")
+    assert await redis_store.client.hgetall(steps) == {b"s1|l": b'"completed"'}
 
 
 async def test_every_key_of_a_run_shares_one_cluster_slot(redis_store: RedisStore) -> None:

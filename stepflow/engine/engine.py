@@ -203,6 +203,7 @@ class Engine:
         that id existed already (it is resumed, not replaced).
         """
         flow.validate()
+        self.workflow(flow.name)  # one this engine cannot drive is refused before it is stored
         value = flow.validate_input(input)
         run_id = validate_run_id(run_id) if run_id is not None else uuid.uuid4().hex
         # Created running, with its run_started, in one write: this engine

@@ -189,9 +189,11 @@ class WorkflowStore(Protocol):
         """Start an attempt of the step under a fresh lease.
 
         The step is created if missing, set ``running`` with its attempt
-        count raised by one. Refused with `LeaseHeldError` while another
-        lease is live and with `StepAlreadyCompletedError` once completed.
-        The new lease's epoch is one above every earlier one of the step.
+        count raised by one; the lease carries that count (``Lease.attempt``,
+        which the engine numbers attempts and retries by). Refused with
+        `LeaseHeldError` while another lease is live and with
+        `StepAlreadyCompletedError` once completed. The new lease's epoch is
+        one above every earlier one of the step.
         `ExecutionNotFoundError` when the run has no execution ``execution_id``.
         """
 

@@ -9,8 +9,9 @@ asyncio `Connection` are costlier than they need to be:
 - with a ``socket_timeout`` (5 s by default since redis-py 6) it bounds each
   write with ``asyncio.wait_for``, which creates a task per command.
 
-`FastSendMixin` packs with hiredis and bounds a write with
-``asyncio.timeout`` (a timer on the loop, no task). Everything else (connecting,
+`FastSendMixin` packs with hiredis and bounds a write with ``asyncio.timeout``
+(a timer on the loop, no task; reliable from Python 3.11.3, which stepflow
+requires). Everything else (connecting,
 health checks, reading, retries, errors) is redis-py's own: the fast path
 hands over to it for anything it does not handle.
 """
@@ -32,11 +33,13 @@ from redis.asyncio.connection import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+_UTF8 = frozenset({"utf-8", "utf8", "utf_8"})
+
 
 def _split_command_name(args: tuple[Any, ...]) -> tuple[Any, ...]:
     """``("SCRIPT LOAD", src)`` -> ``("SCRIPT", "LOAD", src)``, as redis-py's packer does."""
     first = args[0]
-    if isinstance(first, str) and " " in first:
+    if isinstance(first, str):
         return (*first.split(), *args[1:])
     if isinstance(first, bytes) and b" " in first:
         return (*first.split(), *args[1:])
@@ -47,8 +50,9 @@ class FastSendMixin(AbstractConnection):
     """Pack with hiredis, write under a timer; mixed in before a redis-py connection class."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        if self.encoder.encoding.lower().replace("-", "") != "utf8":
-            return super().pack_command(*args)
+        encoder = self.encoder
+        if encoder.encoding_errors != "strict" or encoder.encoding.lower() not in _UTF8:
+            return super().pack_command(*args)  # hiredis encodes text as strict UTF-8
         try:
             return [hiredis.pack_command(_split_command_name(args))]
         except TypeError:  # None, bool, bytearray...: redis-py's packer raises its DataError

@@ -517,7 +517,7 @@ class RedisStore(RedisAdmin):
                 payload,
                 *claim_args,
                 token,
-                next_step.lease_ms if next_step is not None else 0,
+                int(next_step.lease_ms) if next_step is not None else 0,
                 *(item for pair in patch.items() for item in pair),
             ],
             run_id=lease.run_id,

@@ -111,11 +111,13 @@ end
 local SF_STEP_FIELDS = {'l', 'c', 'r', 'd'}
 local SF_NO_RESULT = '"output":null,"error":null,"finished_at":null'
 
--- The state line parsed (a table), or nil for no line (no such step).
+-- The state line parsed (a table), or nil for no line (no such step). A line
+-- this version cannot read (another layout) stops the script before it writes.
 local function sf_step_state(line)
   if not line then return nil end
   local status, epoch, attempt, expires, xid, token, worker = string.match(line,
     '^(%a+)|(%d+)|(-?%d+)|(%d+)|(-?%d+)|([^|]*)|(.*)$')
+  if not status then error('stepflow: unreadable step state ' .. line) end
   return {status = status, epoch = epoch, attempt = tonumber(attempt),
     expires = tonumber(expires), xid = xid, token = token, worker = worker}
 end
