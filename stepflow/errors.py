@@ -39,7 +39,8 @@ missing run keeps working::
     ├── EventTimeoutError(TimeoutError)        ctx.wait_for_event timed out
     ├── WaitTimeoutError(TimeoutError)         Engine.wait gave up
     └── StoreError                             the backend misbehaved
-        └── ScriptError                        a Lua script failed unexpectedly
+        ├── ScriptError                        a Lua script failed unexpectedly
+        └── StoreLayoutError                   data stored in a layout this version cannot read
 """
 
 from __future__ import annotations
@@ -375,3 +376,20 @@ class StoreError(StepflowError):
 
 class ScriptError(StoreError):
     """A Lua script returned an error stepflow has no mapping for."""
+
+
+class StoreLayoutError(StoreError):
+    """The store holds data in a layout this version of stepflow does not read.
+
+    Raised before anything is written: run the stepflow version that wrote
+    the data to finish its runs, or use another prefix.
+    """
+
+    def __init__(self, found: str, expected: str) -> None:
+        self.found = found
+        self.expected = expected
+        super().__init__(
+            f"this store's data is in layout {found!r}; this stepflow reads and writes "
+            f"layout {expected!r} (finish those runs with the version that wrote them, "
+            "or use another prefix)"
+        )

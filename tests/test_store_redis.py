@@ -34,9 +34,11 @@ from stepflow import (
     StepClaim,
     StepState,
     StepStatus,
+    StoreLayoutError,
     WorkflowStore,
 )
 from stepflow.models import now_ms
+from stepflow.store.redis_core import LAYOUT
 
 pytestmark = pytest.mark.anyio
 
@@ -135,6 +137,7 @@ async def test_every_key_of_a_run_shares_one_cluster_slot(redis_store: RedisStor
         redis_store.keys.metrics,
         redis_store.keys.metrics_reqs,
         redis_store.keys.metrics_reqlog,
+        redis_store.keys.layout,
     } | {redis_store.keys.runs_by_status(status) for status in RunStatus}
     stored_indexes = await keys_matching(redis_store, f"{redis_store.keys.prefix}:{{#idx}}:*")
     assert redis_store.keys.runs_by_time in stored_indexes
@@ -142,6 +145,25 @@ async def test_every_key_of_a_run_shares_one_cluster_slot(redis_store: RedisStor
     assert len({key_slot(key.encode()) for key in indexes}) == 1
     all_stored = await keys_matching(redis_store, f"{redis_store.keys.prefix}:*")
     assert all_stored == stored | stored_indexes
+
+
+async def test_a_prefix_in_another_storage_layout_is_refused_before_any_write(
+    redis_store: RedisStore, key_prefix: str
+) -> None:
+    await redis_store.client.set(redis_store.keys.layout, "1")
+    with pytest.raises(StoreLayoutError) as refused:
+        await redis_store.create_run(RunRecord(run_id="r1", workflow="wf"))
+    assert (refused.value.found, refused.value.expected) == ("1", LAYOUT)
+    assert await keys_matching(redis_store, f"{key_prefix}:*") == {redis_store.keys.layout}
+
+
+async def test_a_new_prefix_is_marked_with_the_layout_and_reused_as_is(
+    redis_store: RedisStore, key_prefix: str
+) -> None:
+    await redis_store.create_run(RunRecord(run_id="r1", workflow="wf"))
+    assert await redis_store.client.get(redis_store.keys.layout) == LAYOUT.encode()
+    again = RedisStore(redis_store.client, prefix=key_prefix)
+    assert await again.get_run("r1") is not None
 
 
 def lua_sources() -> dict[str, str]:

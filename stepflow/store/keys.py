@@ -31,6 +31,7 @@ Global keys::
     P:{#idx}:status:<S>     zset   run id -> created_at (runs in status S)
     P:{#idx}:metrics        hash   counters: executions, events
     P:{#idx}:reqs / reqlog  hash / list   request ids the counters have applied
+    P:{#idx}:layout         string the storage layout the data is in (see ``LAYOUT``)
     P:{#q:<kind>}:ready     zset   message id -> ms when ready (one queue per kind:
                                    orchestrator, worker, timer; written by the worker layer)
 """
@@ -75,6 +76,7 @@ class Keys:
         self.metrics = f"{prefix}:{INDEX_TAG}:metrics"
         self.metrics_reqs = f"{prefix}:{INDEX_TAG}:reqs"
         self.metrics_reqlog = f"{prefix}:{INDEX_TAG}:reqlog"
+        self.layout = f"{prefix}:{INDEX_TAG}:layout"
 
     def run(self, run_id: str) -> RunKeys:
         base = f"{self.prefix}:{{{validate_run_id(run_id)}}}"

@@ -28,7 +28,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stepflow import _json
-from stepflow.errors import ConflictError
+from stepflow.errors import ConflictError, StoreLayoutError
 from stepflow.models import RunRecord, RunStatus, now_ms
 from stepflow.store import scripts
 from stepflow.store.codec import Codec
@@ -75,6 +75,15 @@ def delete_keys(keys: RunKeys, execution_ids: Sequence[int]) -> list[str]:
         *(keys.events(x) for x in execution_ids),
     ]
 
+
+LAYOUT = "2"
+"""How runs are laid out in Redis; data under a prefix is in one layout only.
+
+Layout 2: a step is four fields of its run's steps hash (``lua/_prelude.lua``).
+A store refuses, before writing, a prefix whose data is in another layout.
+Data written before this marker existed (layout 1) is caught later, by the
+scripts refusing a step row they cannot read.
+"""
 
 INDEX_GRACE_MS = 60_000
 """How long an index entry may wait for its run to be written before readers drop it."""
@@ -180,10 +189,15 @@ class RedisCore:
                 }
                 # Load them all now (one round trip), so a script first sent in a
                 # pipeline finds itself; NOSCRIPT then only follows a flush or failover.
+                # The same round trip claims the prefix for this storage layout.
                 async with self.client.pipeline(transaction=False) as pipe:
                     for script in registered.values():
                         pipe.script_load(script.script)
-                    await pipe.execute()
+                    pipe.set(self.keys.layout, LAYOUT, nx=True)
+                    pipe.get(self.keys.layout)
+                    *_, found = await pipe.execute()
+                if text(found) != LAYOUT:
+                    raise StoreLayoutError(text(found), LAYOUT)
                 self._scripts = registered
         return self._scripts
 
