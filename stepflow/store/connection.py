@@ -11,9 +11,9 @@ asyncio `Connection` are costlier than they need to be:
 
 `FastSendMixin` packs with hiredis and bounds a write with ``asyncio.timeout``
 (a timer on the loop, no task; reliable from Python 3.11.3, which stepflow
-requires). Everything else (connecting,
-health checks, reading, retries, errors) is redis-py's own: the fast path
-hands over to it for anything it does not handle.
+requires). Everything else (connecting, health checks, reading, retries,
+errors) is redis-py's own: the fast path hands over to it for anything it
+does not handle.
 """
 
 from __future__ import annotations
