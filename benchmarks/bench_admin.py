@@ -24,8 +24,6 @@ shows the median, p95 and max latency. Results also go to
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -36,9 +34,9 @@ from typing import Any
 
 import anyio
 import redis
+from environment import environment, versions_line, write_results
 from redis_server import redis_server
 
-import stepflow
 from stepflow import Admin, RedisStore, RunRecord, RunStatus
 
 RESULTS = Path(__file__).parent / "results" / "bench_admin.json"
@@ -156,10 +154,7 @@ async def bench(url: str, runs: int, repeat: int) -> dict[str, Any]:
 
 
 def report(data: dict[str, Any]) -> None:
-    print(
-        f"\nstepflow {stepflow.__version__}, Python {platform.python_version()}, "
-        f"redis-py {redis.__version__}, Redis {data['meta']['redis_server']}"
-    )
+    print(f"\n{versions_line(data['meta'])}")
     print(
         f"loaded {data['runs']:,} runs in {data['load_seconds']} s "
         f"({data['load_runs_per_s']:,} runs/s, pipelined); Redis memory "
@@ -184,18 +179,9 @@ def main() -> None:
     with redis_server() as url:
         data = anyio.run(bench, url, args.runs, args.repeat)
         version = redis.Redis.from_url(url).info("server")["redis_version"]
-    data["meta"] = {
-        "stepflow": stepflow.__version__,
-        "python": platform.python_version(),
-        "redis_py": redis.__version__,
-        "redis_server": version,
-        "platform": platform.platform(),
-        "repeat": args.repeat,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    data["meta"] = environment(version, repeat=args.repeat)
     report(data)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(data, indent=2) + "\n")
+    write_results(args.output, data)
     print(f"\nwrote {args.output}", file=sys.stderr)
 
 

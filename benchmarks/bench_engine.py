@@ -28,10 +28,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import math
-import os
-import platform
 import pstats
 import resource
 import statistics
@@ -46,13 +43,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import redis
+from environment import environment, versions_line, write_results
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import Connection
 from redis_server import redis_server
 
-import stepflow
 from stepflow import Engine, MemoryStore, RedisStore, RunStatus, StepContext, Workflow
 from stepflow.store.base import WorkflowStore
 from stepflow.store.connection import FastConnection
@@ -523,9 +519,15 @@ async def main(args: argparse.Namespace) -> None:
         name: w1_redis.steps_per_s / figures["sequential_calls_per_s"]
         for name, figures in raw.items()
     }
+    meta = environment(
+        redis_version,
+        quick=args.quick,
+        max_concurrency=args.concurrency,
+        warmup_runs=WARMUP_RUNS,
+        redis_keys_left=keys_left,
+    )
     print(
-        f"\nstepflow {stepflow.__version__}, Python {platform.python_version()}, "
-        f"redis-py {redis.__version__}, Redis {redis_version}, max_concurrency={args.concurrency}"
+        f"\n{versions_line(meta)}, max_concurrency={args.concurrency}"
         f"{', QUICK' if args.quick else ''}\n"
     )
     print_table(results)
@@ -550,19 +552,7 @@ async def main(args: argparse.Namespace) -> None:
         print_profile(profile)
 
     payload = {
-        "meta": {
-            "stepflow": stepflow.__version__,
-            "python": platform.python_version(),
-            "redis_py": redis.__version__,
-            "redis_server": redis_version,
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "quick": args.quick,
-            "max_concurrency": args.concurrency,
-            "warmup_runs": WARMUP_RUNS,
-            "redis_keys_left": keys_left,
-            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        },
+        "meta": meta,
         "results": [asdict(r) for r in results],
         "ceiling": {"seconds": ceiling_s, "tasks": CEILING_TASKS, "by_client": raw},
         "w1_redis_ratio_to_sequential_ceiling": {
@@ -572,8 +562,7 @@ async def main(args: argparse.Namespace) -> None:
     }
     if profile is not None:
         payload["profile_w1_redis"] = profile
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(payload, indent=2) + "\n")
+    write_results(args.output, payload)
     print(f"\nRedis keys left behind: {keys_left}; wrote {args.output}")
 
 

@@ -25,9 +25,6 @@ See ``benchmarks/README.md`` for what each figure means.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 import uuid
@@ -36,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import redis
+from environment import environment, versions_line, write_results
 from redis.asyncio import Redis
 from redis_server import redis_server
 
@@ -226,10 +223,13 @@ async def main(args: argparse.Namespace) -> None:
         pruned = await run_mode(url, "pruned", PRUNED, args.continues, args.sample_every)
         unpruned = await run_mode(url, "unpruned", UNPRUNED, args.continues, args.sample_every)
 
-    print(
-        f"\nstepflow {stepflow.__version__}, Python {platform.python_version()}, "
-        f"redis-py {redis.__version__}, Redis {redis_version}"
+    meta = environment(
+        redis_version,
+        continues=args.continues,
+        sample_every=args.sample_every,
+        keep_last=KEEP_LAST,
     )
+    print(f"\n{versions_line(meta)}")
     for result in (pruned, unpruned):
         print_mode(result)
     ok = pruned.executions_stored == KEEP_LAST
@@ -241,23 +241,11 @@ async def main(args: argparse.Namespace) -> None:
     )
 
     payload = {
-        "meta": {
-            "stepflow": stepflow.__version__,
-            "python": platform.python_version(),
-            "redis_py": redis.__version__,
-            "redis_server": redis_version,
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "continues": args.continues,
-            "sample_every": args.sample_every,
-            "keep_last": KEEP_LAST,
-            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        },
+        "meta": meta,
         "results": [asdict(pruned), asdict(unpruned)],
         "pruned_executions_ok": ok,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(payload, indent=2) + "\n")
+    write_results(args.output, payload)
     print(f"wrote {args.output}")
     if not ok:
         sys.exit(1)

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import fakeredis
 import pytest
@@ -144,7 +145,22 @@ async def make_store(kind: str, prefix: str, request: pytest.FixtureRequest) -> 
     return RedisStore.from_url(server.url, prefix=prefix)
 
 
-@pytest.fixture(params=STORE_KINDS)
+REAL_REDIS_FIXTURES = frozenset({"redis_server", "redis_url", "own_server"})
+
+
+def store_kinds(*kinds: str) -> list[Any]:
+    """Store kinds as fixture params, the real-Redis one marked ``redis``."""
+    return [pytest.param(k, marks=pytest.mark.redis) if k == "redis" else k for k in kinds]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``redis`` every test that starts or uses a real redis-server."""
+    for item in items:
+        if REAL_REDIS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.redis)
+
+
+@pytest.fixture(params=store_kinds(*STORE_KINDS))
 def store_kind(request: pytest.FixtureRequest) -> str:
     kind: str = request.param
     return kind
@@ -159,7 +175,7 @@ async def store(
     await instance.aclose()
 
 
-@pytest.fixture(params=["fakeredis", "redis"])
+@pytest.fixture(params=store_kinds("fakeredis", "redis"))
 async def redis_store(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[RedisStore]:
     """A RedisStore on fakeredis and on the real server: for what only RedisStore promises."""
     instance = await make_store(request.param, key_prefix, request)

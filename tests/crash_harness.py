@@ -12,11 +12,18 @@ from typing import TypeVar
 import anyio
 from anyio.abc import Process
 
+from stepflow import RedisStore, RunRecord
+
 T = TypeVar("T")
 
 
 def read_text(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
+
+
+def last_record(stdout: str) -> RunRecord:
+    """The run record a crash program prints as its last line when it finishes."""
+    return RunRecord.model_validate_json(stdout.strip().splitlines()[-1])
 
 
 def read_journal(path: Path) -> list[tuple[str, int]]:
@@ -65,3 +72,24 @@ async def run_iterations(
             tg.start_soon(one, item)
     if failures:
         raise ExceptionGroup(f"{len(failures)} of {len(items)} iterations failed", failures)
+
+
+async def run_against_redis(
+    url: str,
+    prefix: str,
+    tmp: Path,
+    items: Sequence[T],
+    iteration: Callable[[RedisStore, str, str, Path, T], Awaitable[object]],
+    *,
+    parallel: int,
+) -> None:
+    """`run_iterations` with one store on ``url``/``prefix`` for all of them, closed after."""
+    store = RedisStore.from_url(url, prefix=prefix, check_durability=False)
+
+    async def one(item: T) -> None:
+        await iteration(store, url, prefix, tmp, item)
+
+    try:
+        await run_iterations(items, one, parallel=parallel)
+    finally:
+        await store.aclose()

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import need_real_redis
 
+import stepflow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
@@ -43,4 +45,6 @@ def test_benchmark_runs_and_writes_its_results(
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(output.read_text())  # a non-empty result document
+    document = json.loads(output.read_text())
+    assert document["meta"]["stepflow"] == stepflow.__version__
+    assert document["results"]

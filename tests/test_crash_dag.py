@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 import pytest
-from crash_harness import kill, read_journal, read_text, run_iterations
+from crash_harness import kill, last_record, read_journal, read_text, run_against_redis
 
 from stepflow import EventKind, RedisStore, RunRecord, RunStatus, StepStatus
 
@@ -115,7 +115,7 @@ async def _resume(url: str, prefix: str, run_id: str) -> RunRecord:
         result = await anyio.run_process(command, check=False)
     stderr = result.stderr.decode(errors="replace")
     assert result.returncode == 0, f"resume child failed ({result.returncode}):\n{stderr}"
-    return RunRecord.model_validate_json(result.stdout.decode().strip().splitlines()[-1])
+    return last_record(result.stdout.decode())
 
 
 async def _iteration(
@@ -185,15 +185,9 @@ async def test_sigkill_mid_step_then_resume_in_a_fresh_process(
         # fan-outs, and the moment between the last completion and the run's.
         delay = rng.uniform(0.0, 0.05 if lines < len(STEPS) else 0.03)
         outcomes.append(Outcome(iteration=i, kill_after_lines=lines, kill_delay=delay))
-    store = RedisStore.from_url(redis_server.url, prefix=key_prefix, check_durability=False)
-
-    async def one(outcome: Outcome) -> None:
-        await _iteration(store, redis_server.url, key_prefix, tmp_path, outcome)
-
-    try:
-        await run_iterations(outcomes, one, parallel=PARALLEL)
-    finally:
-        await store.aclose()
+    await run_against_redis(
+        redis_server.url, key_prefix, tmp_path, outcomes, _iteration, parallel=PARALLEL
+    )
     in_flight = sum(1 for o in outcomes if o.killed and o.running_before)
     assert in_flight >= ITERATIONS // 2, (
         f"only {in_flight} of {ITERATIONS} kills landed while a step was in flight"

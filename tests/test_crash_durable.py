@@ -15,12 +15,8 @@ Two tests, each with child programs under ``tests/crash_programs/``:
   step whose completion was recorded before the kill runs again, any step
   runs at most twice, and the history holds each command's events once.
 
-At the end, in-process regression tests for bugs found along the way: a
-resume of a completed run must not run it again, a second driver of one
-durable run must not fail it, events pending at continue-as-new reach the
-next execution's wait, an event raised while the run continues as new is not
-appended to the ended execution, and a crash right after a continue-as-new
-does not lose the events it carries (they move inside the same store call).
+The in-process regressions these kills found run on every store in
+``test_durable_regressions.py`` (and ``test_durable.py``).
 
 Every step body first appends ``"<step> <pid>"`` to a journal file and
 fsyncs it, so the journal says which process ran which step how often.
@@ -50,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import pytest
 from anyio.abc import Process
-from crash_harness import kill, read_journal, read_text, run_iterations
+from crash_harness import kill, last_record, read_journal, read_text, run_against_redis
 
 from stepflow import (
     Engine,
@@ -58,7 +54,6 @@ from stepflow import (
     EventKind,
     RedisStore,
     RunNotFoundError,
-    RunRecord,
     RunStatus,
     StepStatus,
 )
@@ -74,10 +69,6 @@ CRASH = PROGRAMS / "durable_crash.py"
 START_LEASE_MS = 300
 RESUME_LEASE_MS = 10_000
 CHILD_TIMEOUT = 30.0
-
-
-def _last_record(stdout: str) -> RunRecord:
-    return RunRecord.model_validate_json(stdout.strip().splitlines()[-1])
 
 
 async def _history(store: RedisStore, run_id: str) -> list[Event]:
@@ -124,7 +115,9 @@ async def test_hitl_side_effect_once_across_kill_and_restart(
                     record = await store.get_run(run_id)
                 finally:
                     code_a = await kill(process)
-        assert code_a == -signal.SIGKILL, f"A exited {code_a} before the kill: {errors_a}"
+        assert code_a == -signal.SIGKILL, (
+            f"A exited {code_a} before the kill: {read_text(errors_a)}"
+        )
         assert read_journal(journal) == [("charge", pid_a)]
         assert record is not None
         assert record.status == RunStatus.RUNNING
@@ -158,7 +151,7 @@ async def test_hitl_side_effect_once_across_kill_and_restart(
                     await kill(process)
         assert code_b == 0, f"B failed ({code_b}): {read_text(errors_b)}"
 
-        final = _last_record(read_text(out_b))
+        final = last_record(read_text(out_b))
         assert final.status == RunStatus.COMPLETED, final.error
         assert read_journal(journal) == [("charge", pid_a), ("ship", pid_b)]
         assert final.output == {
@@ -363,7 +356,7 @@ async def _iteration(store: RedisStore, url: str, prefix: str, tmp: Path, outcom
     outcome.journal = read_journal(journal)
     why = outcome.describe()
     assert code == 0, f"resume child exited {code}: {read_text(err)}\n{why}"
-    record = _last_record(read_text(out))
+    record = last_record(read_text(out))
 
     assert record.status == RunStatus.COMPLETED, f"{record.error}\n{why}"
     assert record.output["chain"] == "a>b>c>go>d", why
@@ -418,15 +411,9 @@ async def test_sigkill_durable_run_at_random_points_then_resume(
     redis_server: RedisServer, key_prefix: str, tmp_path: Path
 ) -> None:
     outcomes = [Outcome(plan) for plan in _plans()]
-    store = RedisStore.from_url(redis_server.url, prefix=key_prefix, check_durability=False)
-
-    async def one(outcome: Outcome) -> None:
-        await _iteration(store, redis_server.url, key_prefix, tmp_path, outcome)
-
-    try:
-        await run_iterations(outcomes, one, parallel=PARALLEL)
-    finally:
-        await store.aclose()
+    await run_against_redis(
+        redis_server.url, key_prefix, tmp_path, outcomes, _iteration, parallel=PARALLEL
+    )
     phases = Counter(o.phase for o in outcomes)
     lapses = sum(1 for o in outcomes for claims in o.claims_before.values() if claims > 1)
     print(f"kill phases over {ITERATIONS} iterations: {dict(phases)}; lease lapses: {lapses}")

@@ -7,9 +7,7 @@ process that dies at a chosen point.
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections import Counter
 from typing import Any, cast
 
 import anyio
@@ -19,14 +17,6 @@ import stepflow
 from stepflow import Engine, Event, RunRecord, RunStatus, WorkflowStore
 
 pytestmark = pytest.mark.anyio
-
-_CALLS: Counter[str] = Counter()
-
-
-async def _count(name: str) -> str:
-    _CALLS[name] += 1
-    await anyio.sleep(0.05)
-    return name
 
 
 async def _completed(engine: Engine, store: WorkflowStore, run_id: str) -> RunRecord:
@@ -39,69 +29,12 @@ async def _completed(engine: Engine, store: WorkflowStore, run_id: str) -> RunRe
     return record
 
 
-@stepflow.workflow("test-resume-completed")
-async def _finished_flow(ctx: stepflow.WorkflowContext, job: str) -> dict[str, Any]:
-    return {"step": await ctx.step(_count, job), "at": time.time()}  # plain code: not replayed
-
-
-async def test_resume_of_a_completed_durable_run_is_a_no_op(store: WorkflowStore) -> None:
-    with anyio.fail_after(10):
-        async with Engine(store) as engine:
-            run_id = await engine.start(_finished_flow, "done-once")
-            first = await engine.wait(run_id)
-        history = await store.read_history(run_id)
-        async with Engine(store) as engine:  # e.g. an operator's resume in a fresh process
-            await engine.resume(run_id)
-            second = await engine.wait(run_id)
-    assert first.status == second.status == RunStatus.COMPLETED
-    assert await store.read_history(run_id) == history
-    assert second.completed_at == first.completed_at
-    assert second.output == first.output
-
-
-@stepflow.workflow("test-two-drivers")
-async def _two_drivers_flow(ctx: stepflow.WorkflowContext, job: str) -> str:
-    first = await ctx.step(_count, f"{job}-a", name="a")
-    second = await ctx.step(_count, f"{job}-b", name="b")
-    return f"{first}+{second}"
-
-
-async def test_two_processes_resuming_one_durable_run_complete_it(store: WorkflowStore) -> None:
-    # Two engines stand for two processes that both resume the run (an operator's
-    # retry, or a start process that was only paused, not dead).
-    job = uuid.uuid4().hex[:8]
-    with anyio.fail_after(10):
-        run_id = f"two-{job}"
-        record = RunRecord(run_id=run_id, workflow=_two_drivers_flow.name, input=job)
-        await store.create_run(record)  # stored, not driven yet
-        async with Engine(store, lease_ms=300) as one, Engine(store, lease_ms=300) as two:
-            await one.resume(run_id)
-            await two.resume(run_id)
-            record = await one.wait(run_id)
-            await two.wait(run_id)
-    assert record.status == RunStatus.COMPLETED, record.error
-    assert record.output == f"{job}-a+{job}-b"
-    assert _CALLS[f"{job}-a"] == _CALLS[f"{job}-b"] == 1
-
-
 @stepflow.workflow("test-events-across-continue")
 async def _ticks(ctx: stepflow.WorkflowContext, seen: list[Any]) -> list[Any]:
     seen = [*seen, await ctx.wait_for_event("tick")]
     if len(seen) == 2:
         return seen
     ctx.continue_as_new(seen)
-
-
-async def test_event_raised_before_continue_as_new_reaches_the_next_wait(
-    store: WorkflowStore,
-) -> None:
-    # raise_event: "kept ... and delivered to the next wait for name, in the order raised".
-    async with Engine(store) as engine:
-        run_id = await engine.start(_ticks, [])
-        await engine.raise_event(run_id, "tick", "first")
-        await engine.raise_event(run_id, "tick", "second")
-        record = await _completed(engine, store, run_id)
-    assert record.output == ["first", "second"]
 
 
 class _SlowAppend:

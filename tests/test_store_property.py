@@ -17,6 +17,7 @@ from typing import Any
 import fakeredis
 import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
+from conftest import store_kinds
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -400,7 +401,7 @@ SETTINGS = settings(
 )
 
 
-@pytest.mark.parametrize("kind", ["fakeredis", "redis"])
+@pytest.mark.parametrize("kind", store_kinds("fakeredis", "redis"))
 def test_redis_store_behaves_like_memory_store(kind: str, request: pytest.FixtureRequest) -> None:
     url = request.getfixturevalue("redis_url") if kind == "redis" else None
 
