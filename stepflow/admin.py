@@ -174,7 +174,7 @@ class Admin:
         """
         # The store refuses a sub-run (naming its root) and an unknown id itself.
         for _ in range(_TREE_RETRIES):
-            tree = await self.get_instance_tree(instance_id)
+            tree = await self._tree(instance_id, set())  # no read of the run: see above
             try:
                 return await self.store.delete_runs(tree.all_ids(), force=force)
             except OrphanRunError:

@@ -84,11 +84,8 @@ def _fields(pairs: Sequence[tuple[str, object]]) -> None:
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    store = _store(args, memory_default=True)
-    try:
+    async with _store(args, memory_default=True) as store:
         record = await run_demo(store)
-    finally:
-        await store.aclose()
     return 0 if record.status == "completed" else 1
 
 
@@ -188,19 +185,23 @@ async def _tree(args: argparse.Namespace, admin: Admin) -> None:
             await walk(child, inner, "└── " if i == len(node.children) - 1 else "├── ")
 
     await walk(tree, "", "")
-    width = max(len(label) for label, _ in lines)
-    for label, status in lines:
-        print(f"{label:<{width}}  {status}")
+    _fields(lines)
+
+
+def _report(args: argparse.Namespace, result: BaseModel, summary: str) -> None:
+    """``result`` as JSON with ``--json``, else the one-line ``summary``."""
+    if args.json:
+        _print_json(result)
+    else:
+        print(summary)
 
 
 def _print_deleted(args: argparse.Namespace, result: DeleteResult) -> None:
-    if args.json:
-        _print_json(result)
-        return
-    print(
+    summary = (
         f"deleted {result.instances_deleted} runs, {result.executions_deleted} executions, "
         f"{result.events_deleted} events, {result.queue_messages_deleted} queue messages"
     )
+    _report(args, result, summary)
 
 
 async def _delete(args: argparse.Namespace, admin: Admin) -> None:
@@ -217,13 +218,11 @@ async def _delete_bulk(args: argparse.Namespace, admin: Admin) -> None:
 async def _prune(args: argparse.Namespace, admin: Admin) -> None:
     options = PruneOptions(keep_last=args.keep_last, completed_before=args.completed_before)
     result = await admin.prune_executions(args.run_id, options)
-    if args.json:
-        _print_json(result)
-        return
-    print(
+    summary = (
         f"pruned {result.executions_deleted} executions, {result.events_deleted} events "
         f"({result.instances_processed} run processed)"
     )
+    _report(args, result, summary)
 
 
 async def _metrics(args: argparse.Namespace, admin: Admin) -> None:
@@ -244,11 +243,8 @@ async def _queues(args: argparse.Namespace, admin: Admin) -> None:
 
 def _with_admin(command: Command) -> Callable[[argparse.Namespace], Awaitable[int]]:
     async def run(args: argparse.Namespace) -> int:
-        store = _store(args)
-        try:
+        async with _store(args) as store:
             await command(args, Admin(store))
-        finally:
-            await store.aclose()
         return 0
 
     return run

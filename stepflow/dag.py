@@ -168,6 +168,7 @@ class Workflow:
         self._steps: dict[str, StepSpec] = {}
         self._referenced: set[str] = set()  # every name in some step's ``after``
         self._order: list[str] | None = None  # topological order, once validated
+        self._dependents: dict[str, tuple[str, ...]] | None = None  # name -> steps after it
         registry.register(name, self)
 
     @property
@@ -255,7 +256,7 @@ class Workflow:
             )
             self._steps[step_name] = spec
             self._referenced.update(deps)
-            self._order = None
+            self._order = self._dependents = None
             # A bound method takes no attributes; the workflow still holds its spec.
             with contextlib.suppress(AttributeError, TypeError):
                 setattr(fn, STEP_ATTR, spec)
@@ -313,14 +314,22 @@ class Workflow:
             raise CycleError(self._name, cycle)
         self._order = self._kahn()
 
+    def _dependents_map(self) -> dict[str, tuple[str, ...]]:
+        """Each step's dependents in definition order; built once per set of steps."""
+        if self._dependents is None:
+            found: dict[str, list[str]] = {name: [] for name in self._steps}
+            for spec in self._steps.values():
+                for dep in spec.after:
+                    if dep in found:  # an undefined one is for validate() to name
+                        found[dep].append(spec.name)
+            self._dependents = {name: tuple(after) for name, after in found.items()}
+        return self._dependents
+
     def _kahn(self) -> list[str]:
         """Topological order, always taking the earliest-defined ready step."""
         names = list(self._steps)
         rank = {name: i for i, name in enumerate(names)}
-        dependents: dict[str, list[str]] = {name: [] for name in names}
-        for spec in self._steps.values():
-            for dep in spec.after:
-                dependents[dep].append(spec.name)
+        dependents = self._dependents_map()
         waiting = {name: len(spec.after) for name, spec in self._steps.items()}
         ready = [rank[name] for name, count in waiting.items() if count == 0]
         heapq.heapify(ready)
@@ -347,7 +356,7 @@ class Workflow:
     def dependents(self, name: str) -> tuple[str, ...]:
         """Names of the steps that run after ``name``, in definition order."""
         self._spec(name)
-        return tuple(s.name for s in self._steps.values() if name in s.after)
+        return self._dependents_map()[name]
 
     def _spec(self, name: str) -> StepSpec:
         try:

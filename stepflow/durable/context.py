@@ -129,7 +129,6 @@ class WorkflowContext:
                     runner.store,
                     call,
                     owner=runner.owner,
-                    lease_ms=runner.lease_ms,
                     keeper=runner.keeper,
                 )
             except LeaseLost:

@@ -111,7 +111,4 @@ class Replay:
 
     def pending_event(self, name: str) -> Event | None:
         """The oldest raised event of this name that no wait has consumed yet."""
-        for event in self._raised:
-            if event.payload.get("name") == name and event.event_id not in self._consumed:
-                return event
-        return None
+        return next((e for e in self.pending_events() if e.payload.get("name") == name), None)

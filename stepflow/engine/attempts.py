@@ -244,7 +244,6 @@ async def execute_step(
     call: StepCall,
     *,
     owner: str,
-    lease_ms: int,
     keeper: LeaseKeeper,
     claimed: Hold | None = None,
     then_claim: StepClaim | None = None,
@@ -253,8 +252,8 @@ async def execute_step(
 
     Raises `StepFailedError` when it fails for good, `LeaseLost` when another
     owner took it over, and `StepAlreadyCompletedError` when it had already
-    completed (the caller then reads the recorded output). ``keeper`` (with
-    this ``lease_ms``) renews the leases; it runs in the caller's task group.
+    completed (the caller then reads the recorded output). ``keeper`` renews
+    the leases (each taken for its ``lease_ms``); it runs in the caller's task group.
 
     Each attempt's number is its lease's (the store counts the step's claims).
     ``claimed`` is a lease on this step taken ahead (by the completion of the
@@ -266,7 +265,7 @@ async def execute_step(
     hold = claimed
     while True:
         if hold is None:
-            hold = keeper.hold(await _claim(store, call, owner, lease_ms))
+            hold = keeper.hold(await _claim(store, call, owner, keeper.lease_ms))
         attempt = hold.lease.attempt
         try:
             await keeper.attempt(call, attempt, hold)
@@ -288,7 +287,7 @@ async def execute_step(
             raise
         try:
             recorded, next_lease = await _commit(
-                store, call, hold.lease, result, attempt, owner, lease_ms, then_claim
+                store, call, hold.lease, result, attempt, owner, keeper.lease_ms, then_claim
             )
         except InvalidPayloadError as exc:
             # Not storable (a set, NaN, too large...): the store refused it before

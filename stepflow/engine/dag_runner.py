@@ -82,10 +82,6 @@ class DagRunner:
         self.failure: StepFailedError | None = None
         self.lost_lease = False
         self.keeper = LeaseKeeper(store, lease_ms)
-        self._dependents: dict[str, list[str]] = {name: [] for name in flow.steps}
-        for spec in flow.steps.values():
-            for dep in spec.after:  # every one defined: the engine validated the flow
-                self._dependents[dep].append(spec.name)
         self._waiting: dict[str, int] = {}
         """Per step not done when the run started: how many of its dependencies are not done."""
         self._in_flight = 0
@@ -126,7 +122,7 @@ class DagRunner:
             if self.lost_lease:
                 # Another owner runs this run now, or it was cancelled: report the store's view.
                 return await self._reload()
-            sinks = [name for name, dependents in self._dependents.items() if not dependents]
+            sinks = [name for name in self.flow.steps if not self.flow.dependents(name)]
             return await self.store.set_run_status(
                 self.run_id,
                 RunStatus.COMPLETED,
@@ -256,7 +252,6 @@ class DagRunner:
                     self.store,
                     self._call(spec),
                     owner=self.owner,
-                    lease_ms=self.lease_ms,
                     keeper=self.keeper,
                     claimed=claimed,
                     then_claim=self._claim_ahead(name),
@@ -293,7 +288,7 @@ class DagRunner:
         """
         if self.failure is not None or self.stop_reason() is not None:
             return None
-        for dependent in self._dependents[name]:
+        for dependent in self.flow.dependents(name):
             if (
                 self._waiting.get(dependent) == 1
                 and dependent not in self.started
@@ -337,7 +332,7 @@ class DagRunner:
         if isinstance(output, Mapping):
             self.bag = {**self.bag, **output}
         ready = []
-        for dependent in self._dependents[name]:
+        for dependent in self.flow.dependents(name):
             if dependent in self._waiting:
                 self._waiting[dependent] -= 1
                 if not self._waiting[dependent] and dependent not in self.started:
