@@ -157,7 +157,8 @@ class MemoryStore(MemoryAdmin):
         if run is None:
             run = self._runs[record.run_id] = _Run(record=stored)
             self._status_counts[stored.status] += 1
-        self._set_record(run, stored)
+        else:
+            self._set_record(run, stored)
         run.context = context
         xid = record.current_execution_id
         execution = run.executions.get(xid)

@@ -155,10 +155,10 @@ class RedisStore(RedisAdmin):
             timed, created, indexed = await pipe.execute(raise_on_error=False)
         if isinstance(timed, Exception):
             raise timed
-        await self._settle(indexed, "index_run", index_keys, index_args, run_id=run_id)
+        await self._resolve(indexed, "index_run", index_keys, index_args, run_id=run_id)
         undo = (f"{args[0]}:undo", {"executions": -1})
         try:
-            created = int(await self._settle(created, "create_run", keys, args, run_id=run_id))
+            created = int(await self._resolve(created, "create_run", keys, args, run_id=run_id))
         except StepflowError:
             await self._bump(*undo)
             await self._reindex(run_id)
@@ -221,7 +221,7 @@ class RedisStore(RedisAdmin):
             self._queue(pipe, "add_child", *add_child)
             replies = await pipe.execute(raise_on_error=False)
         try:
-            await self._settle(replies[1], "add_child", *add_child, run_id=record.parent_run_id)
+            await self._resolve(replies[1], "add_child", *add_child, run_id=record.parent_run_id)
         except StepflowError:
             if replies[0] == 1:  # the entry is ours alone: take it back
                 await self.client.zrem(self.keys.runs_by_time, record.run_id)
@@ -272,9 +272,9 @@ class RedisStore(RedisAdmin):
             self._queue(pipe, "set_run_status", run_keys, run_args)
             self._queue(pipe, "index_run", index_keys, index_args)
             raw, indexed = await pipe.execute(raise_on_error=False)
-        await self._settle(indexed, "index_run", index_keys, index_args, run_id=run_id)
+        await self._resolve(indexed, "index_run", index_keys, index_args, run_id=run_id)
         try:
-            run_flat, ctx_flat, settled = await self._settle(
+            run_flat, ctx_flat, settled = await self._resolve(
                 raw, "set_run_status", run_keys, run_args, run_id=run_id
             )
         except StepflowError:
@@ -347,15 +347,13 @@ class RedisStore(RedisAdmin):
         if not entries:
             return []
         ids = [run_id for run_id, _ in entries]
-        await self._ready()
-        calls = [[self.keys.run(run_id).run, self.keys.run(run_id).ctx] for run_id in ids]
-        async with self.client.pipeline(transaction=False) as pipe:
-            for keys in calls:
-                self._queue(pipe, "get_run", keys, [])
-            raw_runs = await pipe.execute(raise_on_error=False)
+        calls: list[tuple[list[str], list[Any]]] = [
+            ([self.keys.run(run_id).run, self.keys.run(run_id).ctx], []) for run_id in ids
+        ]
+        raw_runs = await self._script_batch("get_run", calls)
         records: list[RunRecord] = []
-        for run_id, keys, raw, (_, score) in zip(ids, calls, raw_runs, entries, strict=True):
-            raw = await self._settle(raw, "get_run", keys, [], run_id=run_id)
+        for run_id, (keys, _), raw, (_, score) in zip(ids, calls, raw_runs, entries, strict=True):
+            raw = await self._resolve(raw, "get_run", keys, [], run_id=run_id)
             record = self._decode_run(raw)
             actual = record.status if record is not None else None
             current = await self._entry_is_current(index, run_id, score, status, actual)

@@ -39,7 +39,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from stepflow import _json
 from stepflow.errors import (
@@ -56,6 +56,7 @@ from stepflow.store.base import validate_run_id
 from stepflow.store.keys import QUEUE_KINDS
 from stepflow.store.redis_core import (
     CONFLICT_RETRIES,
+    SCRIPT_BATCH,
     Deleted,
     RedisCore,
     delete_keys,
@@ -66,7 +67,6 @@ from stepflow.store.redis_core import (
 
 FENCE_TIMEOUT_MS = 30_000
 """A prepared delete older than this may be rolled back by another process."""
-_BATCH = 500
 _MAX_DEPTH = 1_000
 _UNFINISHED = ('"pending"', '"running"')
 
@@ -323,7 +323,9 @@ class RedisAdmin(RedisCore):
     async def _finish_delete(self, request_id: str, ids: list[str]) -> DeleteResult:
         """Phase 2: remove every run this request fences, the coordinator (``ids[0]``) last."""
         counts: dict[str, Deleted] = {}
-        for chunk in (ids[1 + i : 1 + i + _BATCH] for i in range(0, len(ids) - 1, _BATCH)):
+        for chunk in (
+            ids[1 + i : 1 + i + SCRIPT_BATCH] for i in range(0, len(ids) - 1, SCRIPT_BATCH)
+        ):
             async with self.client.pipeline(transaction=False) as pipe:
                 for run_id in chunk:
                     pipe.hkeys(self.keys.run(run_id).execs)
@@ -360,28 +362,3 @@ class RedisAdmin(RedisCore):
             return ids, await self._finish_delete(held.request_id, ids)
         await self._release(held.request_id, ids or [held.coordinator, held.run_id])
         return None
-
-    async def _script_batch(
-        self, name: str, calls: Sequence[tuple[list[str], list[Any]]]
-    ) -> list[Any]:
-        """Run script ``name`` once per call, pipelined; replies or `ResponseError` values.
-
-        Every script used here is safe to run twice, so a call refused as
-        NOSCRIPT is simply run again on its own (which loads the script).
-        """
-        script = (await self._ready())[name]
-        replies: list[Any] = []
-        for start in range(0, len(calls), _BATCH):
-            chunk = calls[start : start + _BATCH]
-            async with self.client.pipeline(transaction=False) as pipe:
-                for keys, args in chunk:
-                    self._queue(pipe, name, keys, args)
-                results = await pipe.execute(raise_on_error=False)
-            for (keys, args), result in zip(chunk, results, strict=True):
-                if isinstance(result, NoScriptError):
-                    try:
-                        result = await script(keys=keys, args=args)
-                    except ResponseError as exc:
-                        result = exc
-                replies.append(result)
-        return replies

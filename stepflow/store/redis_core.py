@@ -38,6 +38,8 @@ from stepflow.store.keys import Keys, RunKeys
 logger = logging.getLogger("stepflow.store.redis")
 
 CONFLICT_RETRIES = 5
+SCRIPT_BATCH = 500
+"""Scripts per pipeline in a batch (bounded, so one reply list stays small)."""
 
 T = TypeVar("T")
 
@@ -166,7 +168,11 @@ class RedisCore:
         )
 
     async def __aenter__(self) -> Self:
-        await self._ready()
+        try:
+            await self._ready()
+        except BaseException:
+            await self.aclose()  # __aexit__ does not run when entering fails
+            raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -251,7 +257,22 @@ class RedisCore:
         """Queue script ``name`` on ``pipe`` (scripts must be loaded: `_ready` first)."""
         pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
 
-    async def _settle(
+    async def _rerun_if_noscript(
+        self, reply: Any, name: str, keys: Sequence[str], args: Sequence[Any]
+    ) -> Any:
+        """A pipelined script's reply; one refused as NOSCRIPT is run again on its own.
+
+        NOSCRIPT (after ``SCRIPT FLUSH`` or a failover) means the script did
+        nothing; running it alone loads it. An error reply is returned, not raised.
+        """
+        if not isinstance(reply, NoScriptError):
+            return reply
+        try:
+            return await (await self._ready())[name](keys=list(keys), args=list(args))
+        except ResponseError as exc:
+            return exc
+
+    async def _resolve(
         self,
         reply: Any,
         name: str,
@@ -262,20 +283,29 @@ class RedisCore:
         step_id: str = "",
         execution_id: int = 0,
     ) -> Any:
-        """The result of a script sent in a pipeline.
-
-        A script refused as NOSCRIPT (after ``SCRIPT FLUSH`` or a failover) did
-        nothing; it is run again on its own, which loads it. Refusals raise.
-        """
-        if isinstance(reply, NoScriptError):
-            return await self._call(
-                name, keys, args, run_id=run_id, step_id=step_id, execution_id=execution_id
-            )
+        """The result of a script sent in a pipeline; a refusal raises its `StepflowError`."""
+        reply = await self._rerun_if_noscript(reply, name, keys, args)
         if isinstance(reply, ResponseError):
             scripts.raise_for_script_error(
                 reply, run_id=run_id, step_id=step_id, execution_id=execution_id
             )
         return reply
+
+    async def _script_batch(
+        self, name: str, calls: Sequence[tuple[list[str], list[Any]]]
+    ) -> list[Any]:
+        """Run script ``name`` once per call, pipelined in batches; replies or `ResponseError`s."""
+        await self._ready()
+        replies: list[Any] = []
+        for start in range(0, len(calls), SCRIPT_BATCH):
+            chunk = calls[start : start + SCRIPT_BATCH]
+            async with self.client.pipeline(transaction=False) as pipe:
+                for keys, args in chunk:
+                    self._queue(pipe, name, keys, args)
+                results = await pipe.execute(raise_on_error=False)
+            for (keys, args), result in zip(chunk, results, strict=True):
+                replies.append(await self._rerun_if_noscript(result, name, keys, args))
+        return replies
 
     @property
     def _metric_keys(self) -> list[str]:
@@ -455,4 +485,4 @@ class RedisCore:
                 self._queue(pipe, "index_run", keys, args)
             replies = await pipe.execute(raise_on_error=False)
         for (run_id, keys, args), reply in zip(calls, replies[1::2], strict=True):
-            await self._settle(reply, "index_run", keys, args, run_id=run_id)
+            await self._resolve(reply, "index_run", keys, args, run_id=run_id)

@@ -109,7 +109,11 @@ end
 --   '<sid>|r'  its result: JSON object members "output", "error", "finished_at"
 --   '<sid>|d'  '<request id>#<result>' of the completion that ended it (replays)
 local SF_STEP_FIELDS = {'l', 'c', 'r', 'd'}
-local SF_NO_RESULT = '"output":null,"error":null,"finished_at":null'
+
+-- A step's '|r' field: its output, error (JSON) and finished_at (ms or 'null').
+local function sf_result(output, err, finished_at)
+  return '"output":' .. output .. ',"error":' .. err .. ',"finished_at":' .. finished_at
+end
 
 -- The state line parsed (a table), or nil for no line (no such step). A line
 -- this version cannot read (another layout) stops the script before it writes.
@@ -176,7 +180,7 @@ local function sf_claim(steps, order, sid, name, owner, token, lease_ms, xid, in
   fields[n + 3] = sid .. '|c'
   fields[n + 4] = '"name":' .. name .. ',"input":' .. input .. ',"started_at":' .. now
   fields[n + 5] = sid .. '|r'
-  fields[n + 6] = SF_NO_RESULT
+  fields[n + 6] = sf_result('null', 'null', 'null')
   return epoch .. '|' .. expires .. '|' .. attempt
 end
 
@@ -217,6 +221,13 @@ end
 
 local SF_EXEC_FIELDS = {'status', 'input', 'output', 'error', 'started_at', 'completed_at', 'events'}
 
+-- The hash fields '<prefix><name>' for each name (one HDEL deletes them all).
+local function sf_fields_of(prefix, names)
+  local fields = {}
+  for i, name in ipairs(names) do fields[i] = prefix .. name end
+  return fields
+end
+
 -- Delete the selected executions, their histories and their step rows, so
 -- an eternal workflow that prunes keeps bounded storage.
 -- Returns executions and events deleted.
@@ -228,14 +239,14 @@ local function sf_prune_apply(execs, steps, order, doomed, history)
     local x = xid .. '|'
     events = events + tonumber(redis.call('HGET', execs, x .. 'events') or '0')
     redis.call('DEL', history[xid])
-    for _, name in ipairs(SF_EXEC_FIELDS) do redis.call('HDEL', execs, x .. name) end
+    redis.call('HDEL', execs, unpack(sf_fields_of(x, SF_EXEC_FIELDS)))
     gone[tostring(xid)] = true
   end
   local kept = {}
   for _, sid in ipairs(redis.call('LRANGE', order, 0, -1)) do
     local state = sf_step_state(redis.call('HGET', steps, sid .. '|l'))
     if state and gone[state.xid] then
-      for _, name in ipairs(SF_STEP_FIELDS) do redis.call('HDEL', steps, sid .. '|' .. name) end
+      redis.call('HDEL', steps, unpack(sf_fields_of(sid .. '|', SF_STEP_FIELDS)))
     else
       kept[#kept + 1] = sid
     end

@@ -52,6 +52,6 @@ end
 if claimed then result = result .. '#' .. claimed end
 held.status, held.token, held.expires = 'completed', '', 0
 redis.call('HSET', KEYS[2], sid .. '|l', sf_step_line(held),
-  sid .. '|r', '"output":' .. ARGV[6] .. ',"error":null,"finished_at":' .. now,
+  sid .. '|r', sf_result(ARGV[6], 'null', now),
   sid .. '|d', ARGV[1] .. '#' .. result, unpack(fields))
 return result

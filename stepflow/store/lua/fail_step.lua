@@ -20,7 +20,7 @@ end
 held.status, held.token, held.expires = 'pending', '', 0
 if ARGV[7] == '1' then held.status = 'failed' end
 redis.call('HSET', KEYS[4], ARGV[2] .. '|l', sf_step_line(held),
-  ARGV[2] .. '|r', '"output":null,"error":' .. ARGV[6] .. ',"finished_at":' .. now)
+  ARGV[2] .. '|r', sf_result('null', ARGV[6], now))
 if ARGV[8] ~= '' then
   sf_append_event(KEYS[6], KEYS[5], ARGV[5], ARGV[8], ARGV[9], now)
 end
