@@ -14,7 +14,6 @@ continues as new or is pruned (see `_settle`). The admin operations are in
 
 from __future__ import annotations
 
-import secrets
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from stepflow.models import (
 )
 from stepflow.store.base import DEFAULT_LEASE_MS, validate_run_id, validate_step_id
 from stepflow.store.codec import Codec
+from stepflow.store.ids import new_token
 from stepflow.store.memory_admin import MemoryAdmin
 
 
@@ -358,7 +358,7 @@ class MemoryStore(MemoryAdmin):
             raise LeaseHeldError(run_id, step_id, lease.owner, lease.expires_at)
         lease.epoch += 1
         lease.owner = owner
-        lease.token = secrets.token_hex(16)
+        lease.token = new_token()
         lease.expires_at = now + lease_ms
         run.steps[step_id] = StepState(
             step_id=step_id,

@@ -31,7 +31,6 @@ in `stepflow.store.redis_admin`.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -52,12 +51,9 @@ from stepflow.models import (
     parse_run_status,
 )
 from stepflow.store.base import DEFAULT_LEASE_MS, validate_run_id, validate_step_id
+from stepflow.store.ids import new_request_id, new_token
 from stepflow.store.redis_admin import RedisAdmin
-from stepflow.store.redis_core import (
-    new_request_id,
-    pairs,
-    text,
-)
+from stepflow.store.redis_core import pairs, text
 
 _RUN_FIELDS = (
     "run_id",
@@ -422,7 +418,7 @@ class RedisStore(RedisAdmin):
         keys = self.keys.run(run_id)
         validate_step_id(step_id)
         input_json = self._codec.encode(input, "step input")
-        token = secrets.token_hex(16)
+        token = new_token()
         reply = await self._call(
             "claim_step",
             [keys.run, keys.reqs, keys.reqlog, keys.steps, keys.order, keys.execs],
@@ -488,7 +484,7 @@ class RedisStore(RedisAdmin):
         output_json = self._codec.encode(output, "step output")
         patch = self._codec.encode_context(context_patch or {}, "context patch")
         kind, payload = self._event_args(event)
-        token = secrets.token_hex(16) if next_step is not None else ""
+        token = new_token() if next_step is not None else ""
         claim_args = (
             [next_step.step_id, _json.dumps(next_step.name), _json.dumps(lease.owner)]
             if next_step is not None

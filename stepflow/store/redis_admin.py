@@ -53,6 +53,7 @@ from stepflow.errors import (
 from stepflow.models import DeleteResult, QueueDepths, RunStatus, SystemMetrics
 from stepflow.store import scripts
 from stepflow.store.base import validate_run_id
+from stepflow.store.ids import new_request_id
 from stepflow.store.keys import QUEUE_KINDS
 from stepflow.store.redis_core import (
     CONFLICT_RETRIES,
@@ -61,7 +62,6 @@ from stepflow.store.redis_core import (
     RedisCore,
     delete_keys,
     execution_ids,
-    new_request_id,
     text,
 )
 

@@ -13,7 +13,6 @@ script whose change they count, so a re-sent request never counts twice.
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Self, TypeVar, cast
 
@@ -42,11 +41,6 @@ SCRIPT_BATCH = 500
 """Scripts per pipeline in a batch (bounded, so one reply list stays small)."""
 
 T = TypeVar("T")
-
-
-def new_request_id() -> str:
-    """A fresh id for one call of a script (replays of that call carry the same id)."""
-    return secrets.token_hex(8)
 
 
 def text(value: bytes | str) -> str:
