@@ -630,6 +630,38 @@ async def test_cancel_a_running_run(store: WorkflowStore, new_flow: NewFlow) -> 
     assert stored.status == RunStatus.CANCELLED
 
 
+async def test_cancel_stops_a_chain_of_steps_that_never_await(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """A chain runs in one task: its store calls must still let a cancel in between steps."""
+    flow = new_flow()
+    reached = anyio.Event()
+    previous: list[str] = []
+    for index in range(200):
+        name = f"s{index:03d}"
+
+        async def body(ctx: StepContext) -> dict[str, int]:
+            if ctx.step_id == "s003":
+                reached.set()
+            return {ctx.step_id: 1}
+
+        flow.step(name, after=previous)(body)
+        previous = [name]
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as engine:
+            run_id = await engine.start(flow)
+            await reached.wait()
+            cancelled = await engine.cancel(run_id)
+
+    assert cancelled.status == RunStatus.CANCELLED
+    steps = await steps_by_name(store, run_id)
+    done = [name for name, step in steps.items() if step.status == StepStatus.COMPLETED]
+    assert "s003" in done
+    assert len(done) < 50, "the chain ran on as if nobody had cancelled it"
+    assert steps["s199"].status == StepStatus.CANCELLED
+
+
 async def test_cancel_right_after_start(store: WorkflowStore, new_flow: NewFlow) -> None:
     flow = new_flow()
 

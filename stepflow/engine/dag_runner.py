@@ -184,11 +184,6 @@ class DagRunner:
         try:
             ready, claimed = await self._step(tg, name, None)
             while ready:
-                try:
-                    await self._yield_before(ready)
-                except BaseException:
-                    await self._hand_back(claimed)
-                    raise
                 self._launch(tg, ready[1:])
                 self.started.add(ready[0])
                 ready, claimed = await self._step(tg, ready[0], claimed)
@@ -203,20 +198,6 @@ class DagRunner:
             self.keeper.drop(claimed)
             with anyio.CancelScope(shield=True):
                 await release(self.store, claimed.lease)
-
-    async def _yield_before(self, ready: list[str]) -> None:
-        """Let the tasks already queued run before the ``ready`` steps start.
-
-        Tasks started for them would have queued there too, in this order, so
-        the steps start when they used to. A cancel arriving meanwhile finds
-        them interrupted, as it would have found their tasks.
-        """
-        try:
-            await anyio.lowlevel.checkpoint()
-        except BaseException:
-            self.started.update(ready)
-            self.interrupted.update(ready)
-            raise
 
     async def _step(
         self, tg: TaskGroup, name: str, claimed: Hold | None

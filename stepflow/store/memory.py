@@ -2,7 +2,10 @@
 
 Every method does all its work without awaiting in between, so on one event
 loop each is atomic with respect to every other task, just as a Lua script
-is on Redis. Payloads are encoded to JSON on the way in and decoded on the
+is on Redis. The step writes (claim, complete, fail) first let the other
+tasks run once, as a round trip to Redis does: the engine runs a chain of
+steps in one task and counts on its store calls to be where others get their
+turn. Payloads are encoded to JSON on the way in and decoded on the
 way out: the same values are refused as on Redis, and a caller mutating a
 dict after handing it over changes nothing stored.
 
@@ -18,6 +21,8 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import anyio.lowlevel
 
 from stepflow import _json
 from stepflow.errors import (
@@ -328,6 +333,7 @@ class MemoryStore(MemoryAdmin):
         execution_id: int = 1,
         input: Any = None,
     ) -> Lease:
+        await anyio.lowlevel.checkpoint()  # where other tasks run (see above)
         validate_run_id(run_id)
         validate_step_id(step_id)
         input_json = self._codec.encode(input, "step input")
@@ -412,6 +418,7 @@ class MemoryStore(MemoryAdmin):
         context_patch: Mapping[str, Any] | None = None,
         event: NewEvent | None = None,
     ) -> Event | None:
+        await anyio.lowlevel.checkpoint()  # where other tasks run (see above)
         validate_run_id(lease.run_id)
         output_json = self._codec.encode(output, "step output")
         patch = self._codec.encode_context(context_patch or {}, "context patch")
@@ -473,6 +480,7 @@ class MemoryStore(MemoryAdmin):
         final: bool,
         event: NewEvent | None = None,
     ) -> None:
+        await anyio.lowlevel.checkpoint()  # where other tasks run (see above)
         validate_run_id(lease.run_id)
         error_json = self._codec.encode(error, "step error")
         event_json = self._codec.encode_event(event) if event is not None else None
