@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import signal
 
+import anyio
 import pytest
 from conftest import RedisServer
 from redis.asyncio import Redis
-from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
-from redis.exceptions import DataError
+from redis.asyncio.connection import (
+    Connection,
+    ConnectionPool,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
+from redis.credentials import UsernamePasswordCredentialProvider
+from redis.exceptions import DataError, MaxConnectionsError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stepflow import RedisStore
@@ -16,6 +23,8 @@ from stepflow.store.connection import (
     FastConnection,
     FastSSLConnection,
     FastUnixConnection,
+    LeanConnectionPool,
+    fast_client,
 )
 
 pytestmark = pytest.mark.anyio
@@ -76,6 +85,69 @@ def test_from_url_keeps_the_kind_of_connection_the_url_asks_for(
 def test_from_url_keeps_a_connection_class_the_caller_gives() -> None:
     store = RedisStore.from_url("redis://127.0.0.1:6379/0", connection_class=Connection)
     assert store.client.connection_pool.connection_class is Connection
+
+
+def test_from_url_keeps_redis_pys_pool_for_a_credential_provider() -> None:
+    """The lean pool skips the after-release event that re-authenticates connections."""
+    plain = RedisStore.from_url("redis://127.0.0.1:6379/0")
+    assert type(plain.client.connection_pool) is LeanConnectionPool
+    provider = UsernamePasswordCredentialProvider("user", "secret")
+    with_provider = RedisStore.from_url("redis://127.0.0.1:6379/0", credential_provider=provider)
+    assert type(with_provider.client.connection_pool) is ConnectionPool
+    assert with_provider.client.connection_pool.connection_class is FastConnection
+
+
+async def test_the_lean_pool_shares_connections_among_concurrent_callers(redis_url: str) -> None:
+    client = fast_client(redis_url)
+    pool = client.connection_pool
+    key = "stepflow-test:lean-pool"
+    try:
+        for _ in range(20):  # one caller at a time: one connection, reused
+            await client.incr(key)
+        assert len(pool._available_connections) == 1
+        assert not pool._in_use_connections
+
+        async def caller() -> None:
+            for _ in range(20):
+                await client.incr(key)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(30):
+                tg.start_soon(caller)
+        assert await client.get(key) == b"620"
+        assert not pool._in_use_connections, "every connection went back to the pool"
+        assert 1 < len(pool._available_connections) <= 30
+    finally:
+        await client.delete(key)
+        await client.aclose()
+
+
+async def test_the_lean_pool_keeps_to_max_connections(redis_url: str) -> None:
+    pool = LeanConnectionPool.from_url(redis_url, max_connections=2)
+    try:
+        first, second = await pool.get_connection(), await pool.get_connection()
+        with pytest.raises(MaxConnectionsError):
+            await pool.get_connection()
+        await pool.release(first)
+        assert await pool.get_connection() is first
+        await pool.release(first)
+        await pool.release(second)
+    finally:
+        await pool.disconnect()
+
+
+async def test_a_command_cancelled_mid_reply_leaves_no_reply_behind(redis_url: str) -> None:
+    """The next command on a pooled connection must read its own reply, not the cancelled one's."""
+    client = fast_client(redis_url, max_connections=1)
+    try:
+        with anyio.move_on_after(0.1):
+            await client.blpop(["stepflow-test:never-filled"], timeout=0.3)
+        await client.set("stepflow-test:after-cancel", "mine")
+        assert await client.get("stepflow-test:after-cancel") == b"mine"
+        assert await client.ping() is True
+    finally:
+        await client.delete("stepflow-test:after-cancel")
+        await client.aclose()
 
 
 async def test_commands_and_pipelines_round_trip_on_a_real_server(redis_url: str) -> None:

@@ -1,19 +1,23 @@
-"""redis-py asyncio connections with a cheaper write path, for `RedisStore.from_url`.
+"""A cheaper redis-py asyncio client for `RedisStore.from_url`: connections and pool.
 
 A step costs one EVALSHA with some twenty arguments, so the fixed cost of
-sending a command is a large part of a step. Two parts of redis-py's
-asyncio `Connection` are costlier than they need to be:
+sending a command is a large part of a step. Three parts of redis-py's
+asyncio client cost more than they need to:
 
-- it packs commands in Python, argument by argument (its sync client packs
-  with ``hiredis.pack_command``, in C);
+- its `Connection` packs commands in Python, argument by argument (its sync
+  client packs with ``hiredis.pack_command``, in C);
 - with a ``socket_timeout`` (5 s by default since redis-py 6) it bounds each
-  write with ``asyncio.wait_for``, which creates a task per command.
+  write with ``asyncio.wait_for``, which creates a task per command;
+- its `ConnectionPool`, for every command, takes an asyncio lock, records
+  OpenTelemetry connection counts (four awaits) and dispatches an
+  after-release event; together about a tenth of a step's client time.
 
 `FastSendMixin` packs with hiredis and bounds a write with ``asyncio.timeout``
 (a timer on the loop, no task; reliable from Python 3.11.3, which stepflow
-requires). Everything else (connecting, health checks, reading, retries,
-errors) is redis-py's own: the fast path hands over to it for anything it
-does not handle.
+requires). `LeanConnectionPool` hands connections out and takes them back
+without the extras. Everything else (connecting, health checks, reading,
+retries, errors) is redis-py's own: the fast path hands over to it for
+anything it does not handle. `fast_client` puts the parts together.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import hiredis
+from redis.asyncio import Redis
 from redis.asyncio.connection import (
     AbstractConnection,
     Connection,
@@ -108,9 +113,52 @@ _FAST = {
 }
 
 
-def make_fast(pool: ConnectionPool) -> None:
-    """Have ``pool`` open fast connections of the kind it was set up for (before it opens any).
+class LeanConnectionPool(ConnectionPool):
+    """A `ConnectionPool` that hands out and takes back connections without per-command extras.
 
-    A class redis-py does not ship (the caller's own) is left as it is.
+    It does what redis-py's pool does minus the lock, the connection-count
+    metrics and the after-release event. No lock is needed on one event loop:
+    nothing awaits between taking a connection off the idle list and marking
+    it in use. The event only matters to a streaming credential provider
+    (it re-authenticates released connections), so `fast_client` uses this
+    pool only without a credential provider; redis-py's OpenTelemetry pool
+    metrics are not recorded for it.
     """
-    pool.connection_class = _FAST.get(pool.connection_class, pool.connection_class)
+
+    async def get_connection(self, *_deprecated: Any, **_options: Any) -> AbstractConnection:
+        connection: AbstractConnection = self.get_available_connection()  # type: ignore[no-untyped-call]
+        try:
+            await self.ensure_connection(connection)
+        except BaseException:
+            await self.release(connection)
+            raise
+        return connection
+
+    async def release(self, connection: AbstractConnection) -> None:
+        self._in_use_connections.remove(connection)
+        if connection.should_reconnect():  # type: ignore[no-untyped-call]
+            await connection.disconnect()
+        self._available_connections.append(connection)
+
+
+_FAST = {
+    Connection: FastConnection,
+    SSLConnection: FastSSLConnection,
+    UnixDomainSocketConnection: FastUnixConnection,
+}
+
+
+def fast_client(url: str, **options: Any) -> Redis:
+    """``Redis.from_url(url, **options)``, with fast connections and the lean pool.
+
+    A ``connection_class`` the caller gives is kept, and with a
+    ``credential_provider`` redis-py's own pool is kept (see `LeanConnectionPool`).
+    """
+    single_connection_client = options.pop("single_connection_client", False)
+    pool_class = ConnectionPool if "credential_provider" in options else LeanConnectionPool
+    pool = pool_class.from_url(url, **options)
+    if "connection_class" not in options:
+        pool.connection_class = _FAST.get(pool.connection_class, pool.connection_class)
+    client = Redis(connection_pool=pool, single_connection_client=single_connection_client)
+    client.auto_close_connection_pool = True  # as Redis.from_url: closing the client closes it
+    return client

@@ -31,7 +31,7 @@ from stepflow.errors import ConflictError, StoreLayoutError
 from stepflow.models import RunRecord, RunStatus, now_ms
 from stepflow.store import scripts
 from stepflow.store.codec import Codec
-from stepflow.store.connection import make_fast
+from stepflow.store.connection import fast_client
 from stepflow.store.keys import Keys, RunKeys
 
 logger = logging.getLogger("stepflow.store.redis")
@@ -146,16 +146,15 @@ class RedisCore:
         ``ssl_ca_certs``, ``retry``...). Unless given, commands are retried three
         times with jittered backoff after a connection error; every script is
         safe to run twice for one call, so a retry never applies a change twice.
-        Connections pack and send commands the cheaper way of
-        `stepflow.store.connection` unless ``connection_class`` is given.
+        The client is `stepflow.store.connection.fast_client`'s: connections
+        that pack and send commands the cheaper way (unless ``connection_class``
+        is given) in a pool without per-command extras (unless a
+        ``credential_provider`` is given).
         """
         client_options.setdefault("retry", Retry(ExponentialWithJitterBackoff(), 3))
         client_options.setdefault("retry_on_error", [RedisConnectionError, RedisTimeoutError])
-        client = Redis.from_url(url, **client_options)
-        if "connection_class" not in client_options:
-            make_fast(client.connection_pool)
         return cls(
-            client,
+            fast_client(url, **client_options),
             prefix=prefix,
             max_payload_bytes=max_payload_bytes,
             check_durability=check_durability,
