@@ -584,6 +584,31 @@ async def test_idempotency_key_differs_between_runs(
     assert len(set(keys)) == 2
 
 
+async def test_a_run_output_too_large_to_store_still_keeps_every_step_completed(
+    new_flow: NewFlow,
+) -> None:
+    """Each sink's output fits; together they do not: the last step is still recorded."""
+    flow = new_flow()
+
+    @flow.step()
+    async def left(ctx: StepContext) -> str:
+        return "x" * 60
+
+    @flow.step()
+    async def right(ctx: StepContext) -> str:
+        return "y" * 60
+
+    store = stepflow.MemoryStore(max_payload_bytes=100)
+    with pytest.raises(stepflow.PayloadTooLargeError, match="run output"):
+        await Engine(store).run(flow, run_id="too-big")
+    steps = await steps_by_name(store, "too-big")
+    assert {name: step.status for name, step in steps.items()} == {
+        "left": StepStatus.COMPLETED,
+        "right": StepStatus.COMPLETED,
+    }
+    assert (await history_kinds(store, "too-big")).count(EventKind.STEP_COMPLETED) == 2
+
+
 # --- cancel -------------------------------------------------------------------------------
 
 

@@ -679,6 +679,99 @@ async def test_complete_and_claim_with_a_stale_lease_changes_nothing(store: Work
     assert await snapshot(store) == before
 
 
+def _timeless(value: Any) -> Any:
+    """``value`` with every timestamp blanked: two runs written moments apart compare equal."""
+    if isinstance(value, dict):
+        return {
+            key: None if str(key).endswith("_at") or key == "timestamp" else _timeless(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_timeless(item) for item in value]
+    return value
+
+
+async def test_complete_and_finish_does_what_complete_step_then_set_run_status_do(
+    store: WorkflowStore,
+) -> None:
+    step_done = event(EventKind.STEP_COMPLETED, {"step": "s1"})
+    run_done = event(EventKind.RUN_COMPLETED, {"sum": 3})
+    for run_id in ("two-calls", "one-call"):
+        await new_run(store, run_id, status=RunStatus.RUNNING, context={"keep": 1})
+    lease = await claim(store, run_id="two-calls")
+    await store.complete_step(lease, output={"rows": 3}, context_patch={"n": 2}, event=step_done)
+    expected = await store.set_run_status(
+        "two-calls", RunStatus.COMPLETED, execution_id=1, output={"s1": 3}, event=run_done
+    )
+    counted = (await store.get_metrics()).total_events
+
+    lease = await claim(store, run_id="one-call")
+    recorded, finished = await store.complete_and_finish(
+        lease,
+        output={"rows": 3},
+        context_patch={"n": 2},
+        event=step_done,
+        run_output={"s1": 3},
+        run_event=run_done,
+    )
+    assert recorded is not None
+    assert (recorded.event_id, recorded.kind, recorded.payload) == (
+        1,
+        step_done.kind,
+        {"step": "s1"},
+    )
+    assert finished is not None
+    assert finished.completed_at is not None
+    assert _timeless(finished.model_dump(exclude={"run_id"})) == _timeless(
+        expected.model_dump(exclude={"run_id"})
+    )
+    one, two = await snapshot(store, "one-call"), await snapshot(store, "two-calls")
+    for state in (one, two):
+        del state["run"]["run_id"]
+    assert _timeless(one) == _timeless(two)
+    assert await kinds(store, "one-call") == ["step_completed", "run_completed"]
+    completed = [r.run_id for r in await store.list_runs_by_status(RunStatus.COMPLETED)]
+    assert sorted(completed) == ["one-call", "two-calls"]
+    assert await store.list_runs_by_status(RunStatus.RUNNING) == []
+    assert (await store.get_metrics()).total_events == 2 * counted  # both runs' events, once
+
+
+async def test_complete_and_finish_leaves_a_cancelled_run_cancelled(store: WorkflowStore) -> None:
+    await new_run(store, status=RunStatus.RUNNING)
+    lease = await claim(store)
+    await store.set_run_status("r1", RunStatus.CANCELLED, execution_id=1)
+    recorded, finished = await store.complete_and_finish(
+        lease,
+        output=1,
+        event=event(),
+        run_output={"s1": 1},
+        run_event=event(EventKind.RUN_COMPLETED),
+    )
+    assert recorded is not None
+    assert finished is None
+    assert (await step_of(store)).status == StepStatus.COMPLETED  # the step's work is kept
+    run = await store.get_run("r1")
+    assert run is not None
+    assert (run.status, run.output) == (RunStatus.CANCELLED, None)
+    assert await kinds(store) == ["step_completed"]
+    assert [r.run_id for r in await store.list_runs_by_status(RunStatus.CANCELLED)] == ["r1"]
+    assert await store.list_runs_by_status(RunStatus.COMPLETED) == []
+
+
+async def test_complete_and_finish_refused_changes_nothing(store: WorkflowStore) -> None:
+    await new_run(store, status=RunStatus.RUNNING)
+    old = await claim(store, owner="worker-a", lease_ms=50)
+    current = await claim_when_free(store, owner="worker-b", lease_ms=10_000)
+    before = await snapshot(store)
+    with pytest.raises(StaleLeaseError):
+        await store.complete_and_finish(old, output="late", run_output={"s1": "late"})
+    with pytest.raises(InvalidPayloadError):
+        await store.complete_and_finish(current, output=1, run_output={"x": math.nan})
+    assert await snapshot(store) == before
+    assert [r.run_id for r in await store.list_runs_by_status(RunStatus.RUNNING)] == ["r1"]
+    assert await store.list_runs_by_status(RunStatus.COMPLETED) == []
+
+
 async def test_fail_step_final_marks_the_step_failed(store: WorkflowStore) -> None:
     await new_run(store)
     lease = await claim(store)

@@ -406,6 +406,31 @@ async def test_complete_and_claim_replayed_claims_once_and_returns_the_same_leas
         await redis_store.complete_step(lease, output="again")
 
 
+async def test_complete_and_finish_replayed_completes_once_with_the_same_answer(
+    redis_store: RedisStore,
+) -> None:
+    """Its script runs in a pipeline: a re-sent one must answer as the first (same count)."""
+    await redis_store.create_run(RunRecord(run_id="r1", workflow="wf", status=RunStatus.RUNNING))
+    lease = await redis_store.claim_step("r1", "s1", name="s1", owner="w")
+    keys, args, _ = redis_store._complete_call(
+        lease,
+        None,
+        "once",
+        {"n": 1},
+        NewEvent(kind=EventKind.STEP_COMPLETED),
+        finish=["1", b'{"s1":"once"}', "run_completed", b"null"],
+    )
+    first = await redis_store._call("complete_step", keys, args, run_id="r1")
+    again = await redis_store._call("complete_step", keys, args, run_id="r1")
+    assert again == first
+    assert first[0].endswith(b"!2")  # both events counted by the settle, once
+    history = await redis_store.read_history("r1")
+    assert [e.kind for e in history] == [EventKind.STEP_COMPLETED, EventKind.RUN_COMPLETED]
+    run = await redis_store.get_run("r1")
+    assert run is not None
+    assert (run.status, run.output, run.context) == (RunStatus.COMPLETED, {"s1": "once"}, {"n": 1})
+
+
 async def test_remembered_request_ids_stay_bounded(redis_store: RedisStore) -> None:
     await redis_store.create_run(RunRecord(run_id="r1", workflow="wf"))
     for i in range(300):

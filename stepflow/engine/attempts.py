@@ -27,7 +27,7 @@ from stepflow.errors import (
     StepflowError,
     StepTimeoutError,
 )
-from stepflow.models import Event, EventKind, Lease, NewEvent, StepClaim, StepStatus
+from stepflow.models import Event, EventKind, Lease, NewEvent, RunRecord, StepClaim, StepStatus
 from stepflow.retry import RetryPolicy
 from stepflow.store.base import WorkflowStore
 
@@ -91,6 +91,8 @@ class StepOutcome:
     """The completion event as recorded (its timestamp is the store's clock)."""
     next_hold: Hold | None = None
     """The lease on the step asked for with ``then_claim``, kept by the keeper, if claimed."""
+    finished: RunRecord | None = None
+    """The run completed with the step (asked for with ``then_finish``), if it was."""
 
 
 @dataclass(eq=False, slots=True)
@@ -247,6 +249,7 @@ async def execute_step(
     keeper: LeaseKeeper,
     claimed: Hold | None = None,
     then_claim: StepClaim | None = None,
+    then_finish: Callable[[Any], Any] | None = None,
 ) -> StepOutcome:
     """Run ``call`` until it succeeds or fails for good; record every attempt.
 
@@ -261,6 +264,9 @@ async def execute_step(
     the completion also claims that step, in the same store call, and the
     outcome carries its lease (``next_hold``, kept by the keeper) for the
     caller to run next: a chain of steps costs one store call per step.
+    With ``then_finish`` (for a run's last step; it maps the step's output to
+    the run's) the completion also completes the run, and the outcome carries
+    the run as completed (``finished``) unless the store left the run as it was.
     """
     hold = claimed
     while True:
@@ -286,8 +292,16 @@ async def execute_step(
                 await release(store, hold.lease)
             raise
         try:
-            recorded, next_lease = await _commit(
-                store, call, hold.lease, result, attempt, owner, keeper.lease_ms, then_claim
+            committed = await _commit(
+                store,
+                call,
+                hold.lease,
+                result,
+                attempt,
+                owner,
+                keeper.lease_ms,
+                then_claim,
+                then_finish,
             )
         except InvalidPayloadError as exc:
             # Not storable (a set, NaN, too large...): the store refused it before
@@ -295,8 +309,9 @@ async def execute_step(
             await _failed_attempt(store, call, hold.lease, exc, attempt)
             hold = None
             continue
+        recorded, next_lease, finished = committed
         next_hold = keeper.hold(next_lease) if next_lease is not None else None
-        return StepOutcome(output=result, event=recorded, next_hold=next_hold)
+        return StepOutcome(output=result, event=recorded, next_hold=next_hold, finished=finished)
 
 
 def _result(call: StepCall, hold: Hold) -> Any:
@@ -323,9 +338,11 @@ async def _commit(
     owner: str,
     lease_ms: int,
     then_claim: StepClaim | None,
-) -> tuple[Event | None, Lease | None]:
-    """Record the step completed (claiming ``then_claim`` with it); the event and that lease.
+    then_finish: Callable[[Any], Any] | None,
+) -> tuple[Event | None, Lease | None, RunRecord | None]:
+    """Record the step completed, with ``then_claim`` or ``then_finish`` (see `execute_step`).
 
+    Returns the event, the lease claimed and the run completed (each or None).
     `InvalidPayloadError` if the result is not storable.
     """
     patch = result if call.merge_mapping and isinstance(result, Mapping) else None
@@ -335,20 +352,56 @@ async def _commit(
             # The step has run: record it even if a cancel arrives meanwhile, so a
             # finished side effect is not done again (and the lease is not left held).
             with anyio.CancelScope(shield=True):
-                if then_claim is None:
-                    recorded = await store.complete_step(
-                        lease, output=result, context_patch=patch, event=event
+                if then_claim is not None:
+                    recorded, claimed = await store.complete_and_claim(
+                        lease, then_claim, output=result, context_patch=patch, event=event
                     )
-                    return recorded, None
-                return await store.complete_and_claim(
-                    lease, then_claim, output=result, context_patch=patch, event=event
+                    return recorded, claimed, None
+                if then_finish is not None:
+                    recorded, finished = await _complete_and_finish(
+                        store, lease, result, patch, event, then_finish
+                    )
+                    return recorded, None, finished
+                recorded = await store.complete_step(
+                    lease, output=result, context_patch=patch, event=event
                 )
+                return recorded, None, None
         except StaleLeaseError as exc:
             if not await _lapsed_unclaimed(store, call, owner):
                 raise LeaseLost(str(exc)) from exc
             # Our lease ran out but nobody claimed the step: take a fresh lease and
             # record the result we have, rather than run the step again.
             lease = await _claim(store, call, owner, lease_ms)
+
+
+async def _complete_and_finish(
+    store: WorkflowStore,
+    lease: Lease,
+    result: Any,
+    patch: Mapping[str, Any] | None,
+    event: NewEvent,
+    then_finish: Callable[[Any], Any],
+) -> tuple[Event | None, RunRecord | None]:
+    """Complete the step and its run; a run output the store refuses leaves the run to the caller.
+
+    The run's output holds other steps' outputs too, so it can be refused
+    (too large) where the step's own is not: the step is then completed
+    alone, and finishing the run raises the refusal where it always has.
+    """
+    completed = NewEvent(kind=EventKind.RUN_COMPLETED, payload=None)
+    try:
+        recorded, finished = await store.complete_and_finish(
+            lease,
+            output=result,
+            context_patch=patch,
+            event=event,
+            run_output=then_finish(result),
+            run_event=completed,
+        )
+    except InvalidPayloadError:
+        recorded = await store.complete_step(lease, output=result, context_patch=patch, event=event)
+        return recorded, None
+    return recorded, finished
 
 
 async def _lapsed_unclaimed(store: WorkflowStore, call: StepCall, owner: str) -> bool:

@@ -81,6 +81,8 @@ class DagRunner:
         self.attempts: dict[str, int] = {}
         self.failure: StepFailedError | None = None
         self.lost_lease = False
+        self.finished: RunRecord | None = None
+        """The run as completed by its last step's completion (see `_finish_with`)."""
         self.keeper = LeaseKeeper(store, lease_ms)
         self._waiting: dict[str, int] = {}
         """Per step not done when the run started: how many of its dependencies are not done."""
@@ -116,18 +118,19 @@ class DagRunner:
                 if self.stop_reason() == "cancel":
                     await self._finish_cancelled()
             raise
+        if self.finished is not None:
+            return self.finished
         try:
             if self.failure is not None:
                 return await self._finish_failed(self.failure)
             if self.lost_lease:
                 # Another owner runs this run now, or it was cancelled: report the store's view.
                 return await self._reload()
-            sinks = [name for name in self.flow.steps if not self.flow.dependents(name)]
             return await self.store.set_run_status(
                 self.run_id,
                 RunStatus.COMPLETED,
                 execution_id=self.execution_id,
-                output={name: self.outputs.get(name) for name in sinks},
+                output=self._run_output(self.outputs),
                 event=NewEvent(kind=EventKind.RUN_COMPLETED, payload=None),
             )
         except RunCancelledError:
@@ -236,10 +239,12 @@ class DagRunner:
                     keeper=self.keeper,
                     claimed=claimed,
                     then_claim=self._claim_ahead(name),
+                    then_finish=self._finish_with(name),
                 )
             finally:
                 self.limiter.release()
             output, next_hold = outcome.output, outcome.next_hold
+            self.finished = self.finished or outcome.finished
         except StepAlreadyCompletedError:
             step = await self.store.get_step(self.run_id, name)
             output = step.output if step is not None else None  # merged by _finished
@@ -277,6 +282,24 @@ class DagRunner:
             ):
                 return StepClaim(step_id=dependent, name=dependent, lease_ms=self.lease_ms)
         return None
+
+    def _finish_with(self, name: str) -> Callable[[Any], Any] | None:
+        """For the run's last step: its output -> the run's, so its completion completes the run.
+
+        The last step is the one every other step is done before; only while
+        the run goes on normally (else the run ends another way).
+        """
+        if self.failure is not None or self.stop_reason() is not None or self.lost_lease:
+            return None
+        if len(self.outputs) != len(self.flow.steps) - 1 or name in self.outputs:
+            return None
+        return lambda output: self._run_output({**self.outputs, name: output})
+
+    def _run_output(self, outputs: Mapping[str, Any]) -> dict[str, Any]:
+        """The run's output: each sink step's (a step nothing depends on)."""
+        return {
+            name: outputs.get(name) for name in self.flow.steps if not self.flow.dependents(name)
+        }
 
     async def _take_slot(self) -> None:
         """Acquire the limiter, without its extra yield when a slot is free.

@@ -242,6 +242,31 @@ class WorkflowStore(Protocol):
         appended event (or None) and the new lease (or None).
         """
 
+    async def complete_and_finish(
+        self,
+        lease: Lease,
+        *,
+        output: Any = None,
+        context_patch: Mapping[str, Any] | None = None,
+        event: NewEvent | None = None,
+        run_output: Any = None,
+        run_event: NewEvent | None = None,
+    ) -> tuple[Event | None, RunRecord | None]:
+        """`complete_step`, then complete the run with ``run_output``, atomically.
+
+        For a run's last step: one operation (one round trip on Redis) where an
+        engine would otherwise complete the step and then the run. The
+        completion behaves and is refused exactly as by `complete_step` (then
+        the run is not touched). The run then goes as by `set_run_status` to
+        ``completed`` in the lease's execution, with ``run_event`` appended
+        after the step's event; where `set_run_status` would refuse (the run
+        was cancelled, or is at another execution) the run is left as it is,
+        the second item is None, and the caller finishes the usual way to learn
+        why. `InvalidPayloadError` for an unstorable ``run_output`` comes
+        before anything is written. Returns the step's appended event (or
+        None) and the completed run (or None).
+        """
+
     async def fail_step(
         self,
         lease: Lease,

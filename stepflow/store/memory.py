@@ -221,6 +221,20 @@ class MemoryStore(MemoryAdmin):
                 f"run {run_id!r} is at execution {run.record.current_execution_id}, "
                 f"not {execution_id}"
             )
+        self._set_status(run, status, output_json, error_json, event, event_json)
+        return await self._get_existing(run_id)
+
+    def _set_status(
+        self,
+        run: _Run,
+        status: RunStatus,
+        output_json: bytes,
+        error_json: bytes,
+        event: NewEvent | None,
+        event_json: bytes | None,
+    ) -> None:
+        """Move a run checked by the caller, and its current execution, to ``status``."""
+        execution_id = run.record.current_execution_id
         now = now_ms()
         completed_at = now if status.is_terminal else None
         self._set_record(
@@ -244,7 +258,6 @@ class MemoryStore(MemoryAdmin):
             self._append(execution, event.kind, event_json, now)
         if status.is_terminal:
             self._settle(run)
-        return await self._get_existing(run_id)
 
     async def _get_existing(self, run_id: str) -> RunRecord:
         record = await self.get_run(run_id)
@@ -471,6 +484,33 @@ class MemoryStore(MemoryAdmin):
         except (StepAlreadyCompletedError, LeaseHeldError):
             return recorded, None
         return recorded, claimed
+
+    async def complete_and_finish(
+        self,
+        lease: Lease,
+        *,
+        output: Any = None,
+        context_patch: Mapping[str, Any] | None = None,
+        event: NewEvent | None = None,
+        run_output: Any = None,
+        run_event: NewEvent | None = None,
+    ) -> tuple[Event | None, RunRecord | None]:
+        run_output_json = self._codec.encode(run_output, "run output")
+        run_event_json = self._codec.encode_event(run_event) if run_event is not None else None
+        # No await suspends in between (complete_step's only one comes first): atomic.
+        recorded = await self.complete_step(
+            lease, output=output, context_patch=context_patch, event=event
+        )
+        run = self._runs[lease.run_id]
+        if (
+            run.record.status == RunStatus.CANCELLED
+            or run.record.current_execution_id != lease.execution_id
+        ):
+            return recorded, None
+        self._set_status(
+            run, RunStatus.COMPLETED, run_output_json, b"null", run_event, run_event_json
+        )
+        return recorded, await self._get_existing(lease.run_id)
 
     async def fail_step(
         self,

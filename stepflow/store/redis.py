@@ -457,8 +457,9 @@ class RedisStore(RedisAdmin):
         context_patch: Mapping[str, Any] | None = None,
         event: NewEvent | None = None,
     ) -> Event | None:
-        recorded, _ = await self._complete(lease, None, output, context_patch, event)
-        return recorded
+        keys, args, payload = self._complete_call(lease, None, output, context_patch, event)
+        reply = await self._call_complete(lease, keys, args)
+        return _completion_event(text(reply).partition("#")[0], event, payload)
 
     async def complete_and_claim(
         self,
@@ -470,28 +471,102 @@ class RedisStore(RedisAdmin):
         event: NewEvent | None = None,
     ) -> tuple[Event | None, Lease | None]:
         validate_step_id(next_step.step_id)
-        return await self._complete(lease, next_step, output, context_patch, event)
+        token = new_token()
+        keys, args, payload = self._complete_call(
+            lease, (next_step, token), output, context_patch, event
+        )
+        reply = await self._call_complete(lease, keys, args)
+        completion, _, claimed = text(reply).partition("#")
+        recorded = _completion_event(completion, event, payload)
+        if not claimed:
+            return recorded, None
+        next_lease = _lease_from_reply(
+            claimed, lease.run_id, next_step.step_id, lease.owner, token, lease.execution_id
+        )
+        return recorded, next_lease
 
-    async def _complete(
+    async def complete_and_finish(
         self,
         lease: Lease,
-        next_step: StepClaim | None,
+        *,
+        output: Any = None,
+        context_patch: Mapping[str, Any] | None = None,
+        event: NewEvent | None = None,
+        run_output: Any = None,
+        run_event: NewEvent | None = None,
+    ) -> tuple[Event | None, RunRecord | None]:
+        """The step's script completes the run too; the status index rides in the same pipeline.
+
+        As in `set_run_status`, the index is set to completed ahead and set
+        back to the run's own status when the run was not completed.
+        """
+        run_id = lease.run_id
+        finish = ["1", self._codec.encode(run_output, "run output"), *self._event_args(run_event)]
+        keys, args, payload = self._complete_call(
+            lease, None, output, context_patch, event, finish=finish
+        )
+        index_keys, index_args = self._index_call(run_id, RunStatus.COMPLETED)
+        await self._ready()
+        async with self.client.pipeline(transaction=False) as pipe:
+            self._queue(pipe, "complete_step", keys, args)
+            self._queue(pipe, "index_run", index_keys, index_args)
+            raw, indexed = await pipe.execute(raise_on_error=False)
+        await self._resolve(indexed, "index_run", index_keys, index_args, run_id=run_id)
+        try:
+            result, run_flat, ctx_flat = await self._resolve(
+                raw,
+                "complete_step",
+                keys,
+                args,
+                run_id=run_id,
+                step_id=lease.step_id,
+                execution_id=lease.execution_id,
+            )
+        except StepflowError:
+            await self._reindex(run_id)
+            raise
+        completion, _, settled = text(result).partition("!")
+        recorded = _completion_event(completion, event, payload)
+        if not settled:  # the run was not completed (cancelled, or at another execution)
+            await self._reindex(run_id)
+            return recorded, None
+        await self._bump(args[0], {"events": int(settled)})
+        record = self._decode_run((run_flat, ctx_flat))
+        assert record is not None, "the script refuses a run that does not exist"
+        if record.status != RunStatus.COMPLETED:  # a replayed request found a later status
+            await self._index_status(run_id, record.status)
+        return recorded, record
+
+    def _complete_call(
+        self,
+        lease: Lease,
+        claim: tuple[StepClaim, str] | None,
         output: Any,
         context_patch: Mapping[str, Any] | None,
         event: NewEvent | None,
-    ) -> tuple[Event | None, Lease | None]:
+        *,
+        finish: Sequence[Any] = ("", "", "", ""),
+    ) -> tuple[list[str], list[Any], bytes]:
+        """KEYS and ARGV of ``complete_step.lua``, and the event's payload as sent.
+
+        ``claim`` is the step to claim with its new lease token; ``finish`` the
+        script's four run-completion arguments.
+        """
         keys = self.keys.run(lease.run_id)
         output_json = self._codec.encode(output, "step output")
         patch = self._codec.encode_context(context_patch or {}, "context patch")
         kind, payload = self._event_args(event)
-        token = new_token() if next_step is not None else ""
-        claim_args = (
-            [next_step.step_id, _json.dumps(next_step.name), _json.dumps(lease.owner)]
-            if next_step is not None
-            else ["", "", ""]
-        )
-        reply = await self._call(
-            "complete_step",
+        claim_args: list[Any] = ["", "", "", "", 0]
+        if claim is not None:
+            next_step, token = claim
+            claim_args = [
+                next_step.step_id,
+                _json.dumps(next_step.name),
+                _json.dumps(lease.owner),
+                token,
+                int(next_step.lease_ms),
+            ]
+        return (
             [
                 keys.run,
                 keys.steps,
@@ -510,22 +585,21 @@ class RedisStore(RedisAdmin):
                 kind,
                 payload,
                 *claim_args,
-                token,
-                int(next_step.lease_ms) if next_step is not None else 0,
+                *finish,
                 *(item for pair in patch.items() for item in pair),
             ],
+            payload,
+        )
+
+    async def _call_complete(self, lease: Lease, keys: list[str], args: list[Any]) -> Any:
+        return await self._call(
+            "complete_step",
+            keys,
+            args,
             run_id=lease.run_id,
             step_id=lease.step_id,
             execution_id=lease.execution_id,
         )
-        completion, _, claimed = text(reply).partition("#")
-        recorded = None if event is None else _event_from_reply(completion, event.kind, payload)
-        if next_step is None or not claimed:
-            return recorded, None
-        next_lease = _lease_from_reply(
-            claimed, lease.run_id, next_step.step_id, lease.owner, token, lease.execution_id
-        )
-        return recorded, next_lease
 
     async def fail_step(
         self,
@@ -686,6 +760,11 @@ def _prune_args(options: PruneOptions | None) -> list[Any]:
         "" if options.keep_last is None else options.keep_last,
         "" if options.completed_before is None else options.completed_before,
     ]
+
+
+def _completion_event(completion: str, event: NewEvent | None, payload: bytes) -> Event | None:
+    """The step's event as ``complete_step.lua`` appended it (None when none was given)."""
+    return None if event is None else _event_from_reply(completion, event.kind, payload)
 
 
 def _event_from_reply(reply: bytes | str, kind: EventKind, payload: bytes) -> Event:

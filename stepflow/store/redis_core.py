@@ -240,11 +240,26 @@ class RedisCore:
     ) -> Any:
         script = (await self._ready())[name]
         try:
-            return await script(keys=list(keys), args=list(args))
+            return await self._run_script(script, keys, args)
         except ResponseError as exc:
             scripts.raise_for_script_error(
                 exc, run_id=run_id, step_id=step_id, execution_id=execution_id
             )
+
+    async def _run_script(
+        self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]
+    ) -> Any:
+        """EVALSHA ``script``; after NOSCRIPT (a flush, a failover) load it and send it again.
+
+        What calling the ``AsyncScript`` does, without its copies of the
+        arguments and its wrapper call: a step runs one script, so this is on
+        every step's path.
+        """
+        try:
+            return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            script.sha = await self.client.script_load(script.script)
+            return await self.client.evalsha(script.sha, len(keys), *keys, *args)
 
     def _queue(self, pipe: Pipeline, name: str, keys: Sequence[str], args: Sequence[Any]) -> None:
         """Queue script ``name`` on ``pipe`` (scripts must be loaded: `_ready` first)."""
@@ -261,7 +276,7 @@ class RedisCore:
         if not isinstance(reply, NoScriptError):
             return reply
         try:
-            return await (await self._ready())[name](keys=list(keys), args=list(args))
+            return await self._run_script((await self._ready())[name], keys, args)
         except ResponseError as exc:
             return exc
 

@@ -99,6 +99,25 @@ local function sf_settle(execs)
   return delta
 end
 
+-- Move the run and its execution xid to status (JSON) with output and err
+-- (JSON), appending the event kind/payload to the execution's history
+-- (kind '' for none). A terminal status (terminal true) sets completed_at
+-- and settles the run's events. Writes only: the caller checked the run.
+-- Returns the change of the global event count (see sf_settle).
+local function sf_set_status(run, execs, events, xid, status, output, err, terminal,
+                             kind, payload, now)
+  local completed = 'null'
+  if terminal then completed = now end
+  redis.call('HSET', run, 'status', status, 'output', output, 'error', err,
+    'updated_at', now, 'completed_at', completed)
+  local x = xid .. '|'
+  redis.call('HSET', execs, x .. 'status', status, x .. 'output', output,
+    x .. 'error', err, x .. 'completed_at', completed)
+  if kind ~= '' then sf_append_event(events, execs, xid, kind, payload, now) end
+  if terminal then return sf_settle(execs) end
+  return 0
+end
+
 -- A step is at most four fields of the run's steps hash. Few fields keep the
 -- hash small and each script's reads and writes short (a small hash is a
 -- list Redis scans field by field):

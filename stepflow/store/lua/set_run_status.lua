@@ -28,18 +28,7 @@ if current ~= ARGV[2] then
     ', not ' .. ARGV[2])
 end
 
-local now = sf_now_ms()
-local completed = 'null'
-if ARGV[4] == '1' then completed = now end
-redis.call('HSET', KEYS[1], 'status', ARGV[3], 'output', ARGV[5], 'error', ARGV[6],
-  'updated_at', now, 'completed_at', completed)
-local x = ARGV[2] .. '|'
-redis.call('HSET', KEYS[4], x .. 'status', ARGV[3], x .. 'output', ARGV[5],
-  x .. 'error', ARGV[6], x .. 'completed_at', completed)
-if ARGV[7] ~= '' then
-  sf_append_event(KEYS[5], KEYS[4], ARGV[2], ARGV[7], ARGV[8], now)
-end
-local delta = 0
-if ARGV[4] == '1' then delta = sf_settle(KEYS[4]) end
+local delta = sf_set_status(KEYS[1], KEYS[4], KEYS[5], ARGV[2], ARGV[3], ARGV[5], ARGV[6],
+  ARGV[4] == '1', ARGV[7], ARGV[8], sf_now_ms())
 sf_remember(KEYS[2], KEYS[3], ARGV[1], tostring(delta))
 return snapshot(delta)
