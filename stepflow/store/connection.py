@@ -14,10 +14,12 @@ asyncio client cost more than they need to:
 
 `FastSendMixin` packs with hiredis and bounds a write with ``asyncio.timeout``
 (a timer on the loop, no task; reliable from Python 3.11.3, which stepflow
-requires). `LeanConnectionPool` hands connections out and takes them back
-without the extras. Everything else (connecting, health checks, reading,
-retries, errors) is redis-py's own: the fast path hands over to it for
-anything it does not handle. `fast_client` puts the parts together.
+requires), and only a write that has to wait: a command the socket takes at
+once, as a step's does, sets no timer at all. `LeanConnectionPool` hands
+connections out and takes them back without the extras. Everything else
+(connecting, health checks, reading, retries, errors) is redis-py's own: the
+fast path hands over to it for anything it does not handle. `fast_client`
+puts the parts together.
 """
 
 from __future__ import annotations
@@ -79,8 +81,11 @@ class FastSendMixin(AbstractConnection):
         writer = self._writer
         assert writer is not None  # is_connected
         try:
+            writer.writelines(command)
+            transport = writer.transport
+            if not transport.get_write_buffer_size() and not transport.is_closing():
+                return  # all of it is with the kernel: nothing to wait for, nothing to bound
             async with asyncio.timeout(self.socket_timeout):
-                writer.writelines(command)
                 await writer.drain()
         except TimeoutError:  # before OSError: TimeoutError is one
             await self.disconnect(nowait=True)
