@@ -95,6 +95,10 @@ def test_from_url_keeps_redis_pys_pool_for_a_credential_provider() -> None:
     with_provider = RedisStore.from_url("redis://127.0.0.1:6379/0", credential_provider=provider)
     assert type(with_provider.client.connection_pool) is ConnectionPool
     assert with_provider.client.connection_pool.connection_class is FastConnection
+    # RESP3 brings maintenance notifications, which redis-py handles under its pool's lock.
+    for resp3 in (fast_client("redis://127.0.0.1:6379/0?protocol=3"),
+                  fast_client("redis://127.0.0.1:6379/0", protocol=3)):  # fmt: skip
+        assert type(resp3.connection_pool) is ConnectionPool
 
 
 async def test_the_lean_pool_shares_connections_among_concurrent_callers(redis_url: str) -> None:
@@ -147,6 +151,14 @@ async def test_a_command_cancelled_mid_reply_leaves_no_reply_behind(redis_url: s
         assert await client.ping() is True
     finally:
         await client.delete("stepflow-test:after-cancel")
+        await client.aclose()
+
+
+async def test_fast_client_takes_the_options_redis_from_url_takes(redis_url: str) -> None:
+    client = fast_client(redis_url, auto_close_connection_pool=True, single_connection_client=True)
+    try:
+        assert await client.ping() is True
+    finally:
         await client.aclose()
 
 

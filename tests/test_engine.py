@@ -687,6 +687,44 @@ async def test_cancel_stops_a_chain_of_steps_that_never_await(
     assert steps["s199"].status == StepStatus.CANCELLED
 
 
+async def test_a_cancel_during_the_last_steps_commit_leaves_the_run_completed(
+    new_flow: NewFlow,
+) -> None:
+    """The last step's commit completes the run (shielded); a cancel meanwhile must not undo it."""
+
+    class SlowFinish(stepflow.MemoryStore):
+        entered = anyio.Event()
+        finishes = 0
+
+        async def complete_and_finish(self, lease: Any, **options: Any) -> Any:
+            type(self).finishes += 1
+            self.entered.set()
+            await anyio.sleep(0.05)  # a round trip, during which the cancel lands
+            return await super().complete_and_finish(lease, **options)
+
+    flow = new_flow()
+
+    @flow.step()
+    async def first(ctx: StepContext) -> dict[str, int]:
+        return {"a": 1}
+
+    @flow.step(after=[first])
+    async def last(ctx: StepContext) -> dict[str, int]:
+        return {"b": 2}
+
+    store = SlowFinish()
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as engine:
+            run_id = await engine.start(flow)
+            await store.entered.wait()
+            answer = await engine.cancel(run_id)
+    assert SlowFinish.finishes == 1, "the last step completes the run in its own store call"
+    assert (answer.status, answer.output) == (RunStatus.COMPLETED, {"last": {"b": 2}})
+    kinds = await history_kinds(store, run_id)
+    assert kinds[-1] == EventKind.RUN_COMPLETED
+    assert EventKind.RUN_CANCELLED not in kinds
+
+
 async def test_cancel_right_after_start(store: WorkflowStore, new_flow: NewFlow) -> None:
     flow = new_flow()
 

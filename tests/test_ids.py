@@ -17,9 +17,11 @@ def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
     before = new_request_id()
     read_end, write_end = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: report its next id and leave at once
-        os.write(write_end, new_request_id().encode())
-        os._exit(0)
+    if pid == 0:  # the child: report its next id and leave at once, whatever happens
+        try:
+            os.write(write_end, new_request_id().encode())
+        finally:
+            os._exit(0)
     os.close(write_end)
     child_id = os.read(read_end, 100).decode()
     os.close(read_end)

@@ -115,7 +115,8 @@ class DagRunner:
                     self.keeper.stop()
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
-                if self.stop_reason() == "cancel":
+                # A run its last step completed meanwhile stays completed.
+                if self.stop_reason() == "cancel" and self.finished is None:
                     await self._finish_cancelled()
             raise
         if self.finished is not None:

@@ -36,6 +36,7 @@ from redis.asyncio.connection import (
     ConnectionPool,
     SSLConnection,
     UnixDomainSocketConnection,
+    parse_url,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -140,10 +141,12 @@ class LeanConnectionPool(ConnectionPool):
         return connection
 
     async def release(self, connection: AbstractConnection) -> None:
-        self._in_use_connections.remove(connection)
-        if connection.should_reconnect():  # type: ignore[no-untyped-call]
-            await connection.disconnect()
-        self._available_connections.append(connection)
+        try:
+            if connection.should_reconnect():  # type: ignore[no-untyped-call]
+                await connection.disconnect()
+        finally:  # both at once: a connection is always in one of the two sets
+            self._in_use_connections.remove(connection)
+            self._available_connections.append(connection)
 
 
 _FAST = {
@@ -160,7 +163,13 @@ def fast_client(url: str, **options: Any) -> Redis:
     ``credential_provider`` redis-py's own pool is kept (see `LeanConnectionPool`).
     """
     single_connection_client = options.pop("single_connection_client", False)
-    pool_class = ConnectionPool if "credential_provider" in options else LeanConnectionPool
+    options.pop("auto_close_connection_pool", None)  # as Redis.from_url: the client closes it
+    # redis-py's own pool where it does more per command than hand connections
+    # out: re-authentication, and maintenance notifications (RESP3) under its lock.
+    settings = {**options, **parse_url(url)}  # the URL's query string wins, as in from_url
+    stock = {"credential_provider", "maint_notifications_config"} & settings.keys()
+    resp3 = str(settings.get("protocol")) == "3"
+    pool_class = ConnectionPool if stock or resp3 else LeanConnectionPool
     pool = pool_class.from_url(url, **options)
     if "connection_class" not in options:
         pool.connection_class = _FAST.get(pool.connection_class, pool.connection_class)
