@@ -725,6 +725,42 @@ async def test_a_cancel_during_the_last_steps_commit_leaves_the_run_completed(
     assert EventKind.RUN_CANCELLED not in kinds
 
 
+async def test_a_cancel_while_a_skipped_step_is_recorded_leaves_it_cancelled(
+    new_flow: NewFlow,
+) -> None:
+    """A step cut short while its condition's skip was being written still gets its row."""
+
+    class SlowSkip(stepflow.MemoryStore):
+        entered = anyio.Event()
+
+        async def upsert_step(self, run_id: str, step: Any, **options: Any) -> bool:
+            if not self.entered.is_set():  # the skip; the cancel's own marking goes through
+                self.entered.set()
+                await anyio.sleep(0.05)
+            return await super().upsert_step(run_id, step, **options)
+
+    flow = new_flow()
+
+    @flow.step()
+    async def first(ctx: StepContext) -> dict[str, int]:
+        return {"a": 1}
+
+    @flow.step(after=[first], when=lambda ctx: False)
+    async def maybe(ctx: StepContext) -> None:
+        raise AssertionError("its condition said no")
+
+    store = SlowSkip()
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as engine:
+            run_id = await engine.start(flow)
+            await store.entered.wait()
+            cancelled = await engine.cancel(run_id)
+    assert cancelled.status == RunStatus.CANCELLED
+    steps = await steps_by_name(store, run_id)
+    assert steps["first"].status == StepStatus.COMPLETED
+    assert steps["maybe"].status == StepStatus.CANCELLED
+
+
 async def test_cancel_right_after_start(store: WorkflowStore, new_flow: NewFlow) -> None:
     flow = new_flow()
 

@@ -212,21 +212,21 @@ class DagRunner:
         this task first, with the lease claimed for that one, if any.
         """
         spec = self.flow.steps[name]
-        first_attempt = self.attempts.get(name, 0) + 1
-        if spec.when is not None:  # never claimed ahead (see _claim_ahead)
-            try:
-                wanted = spec.when(self._context(name, first_attempt))
-            except Exception as exc:  # the step fails, not the whole runner
-                error = describe_error(exc, step=name, attempt=first_attempt, phase="when")
-                await self._record(name, StepStatus.FAILED, error=error)
-                self.failure = self.failure or StepFailedError(name, error)
-                tg.cancel_scope.cancel()
-                return [], None
-            if not wanted:
-                await self._record(name, StepStatus.SKIPPED, error=None)
-                return self._finished(name, None), None
         next_hold: Hold | None = None
         try:
+            if spec.when is not None:  # never claimed ahead (see _claim_ahead)
+                first_attempt = self.attempts.get(name, 0) + 1
+                try:
+                    wanted = spec.when(self._context(name, first_attempt))
+                except Exception as exc:  # the step fails, not the whole runner
+                    error = describe_error(exc, step=name, attempt=first_attempt, phase="when")
+                    await self._record(name, StepStatus.FAILED, error=error)
+                    self.failure = self.failure or StepFailedError(name, error)
+                    tg.cancel_scope.cancel()
+                    return [], None
+                if not wanted:
+                    await self._record(name, StepStatus.SKIPPED, error=None)
+                    return self._finished(name, None), None
             try:
                 await self._take_slot()
             except BaseException:
