@@ -126,9 +126,10 @@ class LeanConnectionPool(ConnectionPool):
     metrics and the after-release event. No lock is needed on one event loop:
     nothing awaits between taking a connection off the idle list and marking
     it in use. The event only matters to a streaming credential provider
-    (it re-authenticates released connections), so `fast_client` uses this
-    pool only without a credential provider; redis-py's OpenTelemetry pool
-    metrics are not recorded for it.
+    (it re-authenticates released connections), and RESP3's maintenance
+    notifications are handled under the lock, so `fast_client` uses this pool
+    only without either. redis-py's OpenTelemetry pool metrics are not
+    recorded for it.
     """
 
     async def get_connection(self, *_deprecated: Any, **_options: Any) -> AbstractConnection:
@@ -160,7 +161,8 @@ def fast_client(url: str, **options: Any) -> Redis:
     """``Redis.from_url(url, **options)``, with fast connections and the lean pool.
 
     A ``connection_class`` the caller gives is kept, and with a
-    ``credential_provider`` redis-py's own pool is kept (see `LeanConnectionPool`).
+    ``credential_provider`` or RESP3 redis-py's own pool is kept (see
+    `LeanConnectionPool`).
     """
     single_connection_client = options.pop("single_connection_client", False)
     options.pop("auto_close_connection_pool", None)  # as Redis.from_url: the client closes it

@@ -240,9 +240,8 @@ class RedisStore(RedisAdmin):
     ) -> RunRecord:
         """The run's script and its index update travel in one pipeline (one round trip).
 
-        The index is set to the status asked for; when the script refuses, it
-        is set to the status the run really has. A terminal status settles
-        the run's events, which takes a second round trip for the counter.
+        A terminal status settles the run's events, which takes a second round
+        trip for the counter.
         """
         status = RunStatus(status)
         keys = self.keys.run(run_id)
@@ -262,20 +261,52 @@ class RedisStore(RedisAdmin):
             kind,
             payload,
         ]
+        run_flat, ctx_flat, settled = await self._run_and_index(
+            "set_run_status", run_keys, run_args, status, run_id=run_id
+        )
+        return await self._changed_run(run_id, status, request_id, settled, run_flat, ctx_flat)
+
+    async def _run_and_index(
+        self,
+        name: str,
+        keys: list[str],
+        args: list[Any],
+        status: RunStatus,
+        *,
+        run_id: str,
+        step_id: str = "",
+        execution_id: int = 0,
+    ) -> Any:
+        """Script ``name`` changing the run's status, and the status index, in one pipeline.
+
+        The index is set to ``status`` ahead of the script's answer; when the
+        script refuses, the run is indexed under the status it really has.
+        """
         index_keys, index_args = self._index_call(run_id, status)
         await self._ready()
         async with self.client.pipeline(transaction=False) as pipe:
-            self._queue(pipe, "set_run_status", run_keys, run_args)
+            self._queue(pipe, name, keys, args)
             self._queue(pipe, "index_run", index_keys, index_args)
             raw, indexed = await pipe.execute(raise_on_error=False)
         await self._resolve(indexed, "index_run", index_keys, index_args, run_id=run_id)
         try:
-            run_flat, ctx_flat, settled = await self._resolve(
-                raw, "set_run_status", run_keys, run_args, run_id=run_id
+            return await self._resolve(
+                raw, name, keys, args, run_id=run_id, step_id=step_id, execution_id=execution_id
             )
         except StepflowError:
             await self._reindex(run_id)
             raise
+
+    async def _changed_run(
+        self,
+        run_id: str,
+        status: RunStatus,
+        request_id: str,
+        settled: int | str | bytes,
+        run_flat: Sequence[Any],
+        ctx_flat: Sequence[Any],
+    ) -> RunRecord:
+        """The run a status change returned, its settled events counted, its index right."""
         await self._bump(request_id, {"events": int(settled)})
         record = self._decode_run((run_flat, ctx_flat))
         assert record is not None, "the script refuses a run that does not exist"
@@ -497,45 +528,31 @@ class RedisStore(RedisAdmin):
     ) -> tuple[Event | None, RunRecord | None]:
         """The step's script completes the run too; the status index rides in the same pipeline.
 
-        As in `set_run_status`, the index is set to completed ahead and set
-        back to the run's own status when the run was not completed.
+        When the run was not completed, it is indexed under its own status again.
         """
         run_id = lease.run_id
         finish = ["1", self._codec.encode(run_output, "run output"), *self._event_args(run_event)]
         keys, args, payload = self._complete_call(
             lease, None, output, context_patch, event, finish=finish
         )
-        index_keys, index_args = self._index_call(run_id, RunStatus.COMPLETED)
-        await self._ready()
-        async with self.client.pipeline(transaction=False) as pipe:
-            self._queue(pipe, "complete_step", keys, args)
-            self._queue(pipe, "index_run", index_keys, index_args)
-            raw, indexed = await pipe.execute(raise_on_error=False)
-        await self._resolve(indexed, "index_run", index_keys, index_args, run_id=run_id)
-        try:
-            result, run_flat, ctx_flat = await self._resolve(
-                raw,
-                "complete_step",
-                keys,
-                args,
-                run_id=run_id,
-                step_id=lease.step_id,
-                execution_id=lease.execution_id,
-            )
-        except StepflowError:
-            await self._reindex(run_id)
-            raise
+        result, run_flat, ctx_flat = await self._run_and_index(
+            "complete_step",
+            keys,
+            args,
+            RunStatus.COMPLETED,
+            run_id=run_id,
+            step_id=lease.step_id,
+            execution_id=lease.execution_id,
+        )
         completion, _, settled = text(result).partition("!")
         recorded = _completion_event(completion, event, payload)
         if not settled:  # the run was not completed (cancelled, or at another execution)
             await self._reindex(run_id)
             return recorded, None
-        await self._bump(args[0], {"events": int(settled)})
-        record = self._decode_run((run_flat, ctx_flat))
-        assert record is not None, "the script refuses a run that does not exist"
-        if record.status != RunStatus.COMPLETED:  # a replayed request found a later status
-            await self._index_status(run_id, record.status)
-        return recorded, record
+        changed = await self._changed_run(
+            run_id, RunStatus.COMPLETED, args[0], settled, run_flat, ctx_flat
+        )
+        return recorded, changed
 
     def _complete_call(
         self,

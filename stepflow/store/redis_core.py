@@ -148,8 +148,8 @@ class RedisCore:
         safe to run twice for one call, so a retry never applies a change twice.
         The client is `stepflow.store.connection.fast_client`'s: connections
         that pack and send commands the cheaper way (unless ``connection_class``
-        is given) in a pool without per-command extras (unless a
-        ``credential_provider`` is given).
+        is given) in a pool without per-command extras (unless redis-py's own
+        pool does more than hand out connections: a ``credential_provider``, RESP3).
         """
         client_options.setdefault("retry", Retry(ExponentialWithJitterBackoff(), 3))
         client_options.setdefault("retry_on_error", [RedisConnectionError, RedisTimeoutError])
