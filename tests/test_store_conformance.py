@@ -758,6 +758,44 @@ async def test_complete_and_finish_leaves_a_cancelled_run_cancelled(store: Workf
     assert await store.list_runs_by_status(RunStatus.COMPLETED) == []
 
 
+async def test_complete_and_finish_leaves_a_run_at_another_execution_as_it_is(
+    store: WorkflowStore,
+) -> None:
+    """A late step of an execution that continued as new records its result, not the run's end."""
+    await new_run(store, status=RunStatus.RUNNING)
+    lease = await claim(store)
+    assert await store.continue_as_new("r1", "next", execution_id=1) == 2
+    recorded, finished = await store.complete_and_finish(
+        lease,
+        output=1,
+        event=event(),
+        run_output={"s1": 1},
+        run_event=event(EventKind.RUN_COMPLETED),
+    )
+    assert recorded is not None
+    assert finished is None
+    run = await store.get_run("r1")
+    assert run is not None
+    assert (run.status, run.current_execution_id, run.output) == (RunStatus.RUNNING, 2, None)
+    assert await kinds(store, execution_id=2) == ["run_started"]
+    assert [r.run_id for r in await store.list_runs_by_status(RunStatus.RUNNING)] == ["r1"]
+    assert await store.list_runs_by_status(RunStatus.COMPLETED) == []
+
+
+async def test_complete_and_finish_of_a_completed_step_is_refused_and_indexes_nothing(
+    store: WorkflowStore,
+) -> None:
+    await new_run(store, status=RunStatus.RUNNING)
+    lease = await claim(store)
+    await store.complete_step(lease, output=1)
+    before = await snapshot(store)
+    with pytest.raises(StepAlreadyCompletedError):
+        await store.complete_and_finish(lease, output=2, run_output={"s1": 2})
+    assert await snapshot(store) == before
+    assert [r.run_id for r in await store.list_runs_by_status(RunStatus.RUNNING)] == ["r1"]
+    assert await store.list_runs_by_status(RunStatus.COMPLETED) == []
+
+
 async def test_complete_and_finish_refused_changes_nothing(store: WorkflowStore) -> None:
     await new_run(store, status=RunStatus.RUNNING)
     old = await claim(store, owner="worker-a", lease_ms=50)
