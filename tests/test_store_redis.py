@@ -38,6 +38,7 @@ from stepflow import (
     WorkflowStore,
 )
 from stepflow.models import now_ms
+from stepflow.store import scripts
 from stepflow.store.redis_core import LAYOUT
 
 pytestmark = pytest.mark.anyio
@@ -204,6 +205,28 @@ def key_violations(sources: dict[str, str]) -> list[str]:
                     if not re.fullmatch(r"KEYS\[\w+\]", args[i])
                 ]
     return found
+
+
+_LUA_DEFINITION = re.compile(r"^local (?:function )?((?:sf|SF)_\w+)", re.M)
+
+
+@pytest.mark.parametrize("name", scripts.SCRIPT_NAMES)
+def test_each_script_carries_exactly_the_prelude_helpers_it_uses(name: str) -> None:
+    """Redis builds every helper a script defines on every call: none may be
+    missing (a Lua error at run time) and none unused (time wasted per call)."""
+    source = scripts.script_source(name, shebang=True)
+    code = re.sub(r"--[^\n]*", "", source)
+    defined = _LUA_DEFINITION.findall(source)
+    assert len(defined) == len(set(defined))
+    for helper in defined:  # each is used outside its own definition line
+        assert len(re.findall(rf"\b{helper}\b", code)) > 1, f"{name}: {helper} unused"
+    used = set(re.findall(r"\b(?:sf|SF)_\w+", code))
+    assert used <= set(defined), f"{name}: {sorted(used - set(defined))} not defined"
+
+
+def test_a_script_using_an_unknown_helper_is_refused() -> None:
+    with pytest.raises(ValueError, match="sf_nonexistent is not defined"):
+        scripts._helpers_for("return sf_nonexistent()")
 
 
 def test_scripts_only_touch_keys_they_are_given() -> None:

@@ -1,8 +1,8 @@
 """The Lua scripts of `RedisStore`: loading, registration and error mapping.
 
 Each atomic operation is one ``.lua`` file in ``stepflow/store/lua``, shipped
-as package data. ``_prelude.lua`` holds helpers every script uses; it is
-placed after a script's ``#!lua`` line. redis-py's ``register_script`` does
+as package data. ``_prelude.lua`` holds helpers the scripts share; the ones
+a script uses are placed after its ``#!lua`` line. redis-py's ``register_script`` does
 EVALSHA and reloads a script on NOSCRIPT (after ``SCRIPT FLUSH`` or a
 failover), so there is no SHA cache here.
 
@@ -16,6 +16,7 @@ is the one place that turns them into `StepflowError` subclasses.
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from importlib import resources
 from typing import Any, NoReturn
@@ -67,13 +68,64 @@ def _read(name: str) -> str:
     return resources.files("stepflow.store").joinpath("lua", f"{name}.lua").read_text("utf-8")
 
 
+_DEFINITION = re.compile(r"local (?:function )?((?:sf|SF)_\w+)")
+_REFERENCE = re.compile(r"\b(?:sf|SF)_\w+")
+_COMMENT = re.compile(r"--[^\n]*")
+
+
+def _names_used(lua: str) -> set[str]:
+    """The prelude names (``sf_...``, ``SF_...``) that Lua code refers to, comments aside."""
+    return set(_REFERENCE.findall(_COMMENT.sub("", lua)))
+
+
+@cache
+def _prelude() -> dict[str, tuple[str, set[str]]]:
+    """The prelude's definitions in file order: name -> (its text with the comment
+    above it, the other prelude names it uses)."""
+    lines = _read("_prelude").splitlines(keepends=True)
+    firsts: list[int] = []  # where each definition's comment (or the definition) starts
+    names: list[str] = []
+    for i, line in enumerate(lines):
+        if defined := _DEFINITION.match(line):
+            first = i
+            while first > 0 and lines[first - 1].startswith("--"):
+                first -= 1
+            firsts.append(first)
+            names.append(defined.group(1))
+    blocks: dict[str, tuple[str, set[str]]] = {}
+    for name, first, end in zip(names, firsts, [*firsts[1:], len(lines)], strict=True):
+        text = "".join(lines[first:end])
+        blocks[name] = (text, _names_used(text) - {name})
+    return blocks
+
+
+def _helpers_for(body: str) -> str:
+    """The prelude definitions ``body`` needs, directly or through each other, in file order.
+
+    Only those: Redis runs a script's whole text on every call, and each
+    helper defined is a closure built again each time (all of them cost
+    about as much as a few ``redis.call``s).
+    """
+    prelude = _prelude()
+    needed: set[str] = set()
+    wanted = _names_used(body)
+    while wanted:
+        name = wanted.pop()
+        if name not in prelude:
+            raise ValueError(f"{name} is not defined in _prelude.lua")
+        if name not in needed:
+            needed.add(name)
+            wanted |= prelude[name][1]
+    return "".join(text for name, (text, _) in prelude.items() if name in needed)
+
+
 @cache
 def script_source(name: str, *, shebang: bool) -> str:
-    """The full text of script ``name``: its ``#!lua`` line, the prelude, its body."""
+    """The text of script ``name``: its ``#!lua`` line, the prelude helpers it uses, its body."""
     first, _, body = _read(name).partition("\n")
     if not first.startswith("#!lua"):
         raise ValueError(f"{name}.lua must start with a #!lua line")
-    text = f"{_read('_prelude')}\n{body}"
+    text = f"{_helpers_for(body)}\n{body}"
     return f"{first}\n{text}" if shebang else text
 
 
