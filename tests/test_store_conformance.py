@@ -866,6 +866,34 @@ async def test_step_events_go_to_the_lease_execution(store: WorkflowStore) -> No
     assert (await step_of(store)).execution_id == 2
 
 
+@pytest.mark.parametrize("write", ["complete", "complete_and_claim", "fail", "renew"])
+async def test_a_lease_naming_another_execution_changes_nothing(
+    store: WorkflowStore, write: str
+) -> None:
+    """A lease is for the execution its step was claimed in; one that names
+    another (a bug, or a forged lease) must not write there, even if it exists."""
+    await new_run(store)
+    lease = await claim(store)
+    await store.continue_as_new("r1", None, execution_id=1)
+    forged = lease.model_copy(update={"execution_id": 2})
+    before = await snapshot(store)
+    writes = {
+        "complete": lambda: store.complete_step(
+            forged, output=1, context_patch={"k": 1}, event=event()
+        ),
+        "complete_and_claim": lambda: store.complete_and_claim(
+            forged, next_claim(), output=1, event=event()
+        ),
+        "fail": lambda: store.fail_step(forged, error="x", final=True, event=event()),
+        "renew": lambda: store.renew_lease(forged, lease_ms=60_000),
+    }
+    with pytest.raises(StaleLeaseError, match="another execution"):
+        await writes[write]()
+    assert await snapshot(store) == before
+    await store.complete_step(lease, output=1, event=event())  # the true lease still holds
+    assert await kinds(store, execution_id=1) == ["continued_as_new", "step_completed"]
+
+
 @pytest.mark.parametrize(
     ("case", "arguments"),
     [

@@ -415,6 +415,8 @@ class MemoryStore(MemoryAdmin):
             raise StaleLeaseError(lease.run_id, lease.step_id, "the lease was taken over")
         if not allow_expired and held.expires_at <= now_ms():
             raise StaleLeaseError(lease.run_id, lease.step_id, "the lease expired")
+        if run.steps[lease.step_id].execution_id != lease.execution_id:
+            raise StaleLeaseError(lease.run_id, lease.step_id, "the lease is for another execution")
         return run, held
 
     async def renew_lease(self, lease: Lease, *, lease_ms: int = DEFAULT_LEASE_MS) -> Lease:

@@ -474,7 +474,14 @@ class RedisStore(RedisAdmin):
         expires = await self._call(
             "renew_lease",
             [keys.run, keys.reqs, keys.reqlog, keys.steps],
-            [new_request_id(), lease.step_id, lease.token, lease.epoch, int(lease_ms)],
+            [
+                new_request_id(),
+                lease.step_id,
+                lease.token,
+                lease.epoch,
+                int(lease_ms),
+                lease.execution_id,
+            ],
             run_id=lease.run_id,
             step_id=lease.step_id,
         )

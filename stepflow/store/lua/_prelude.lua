@@ -150,13 +150,17 @@ local function sf_step_line(state)
     '|' .. state.xid .. '|' .. state.token .. '|' .. state.worker
 end
 
--- Nil when the lease (token, epoch) is the step's current live lease (or,
+-- Nil when the lease (token, epoch, execution xid) is the step's current live lease (or,
 -- with allow_expired, its current lease even past expiry: nobody claimed the
 -- step since), otherwise the error code and detail to refuse the write with.
 -- ``held`` is the step's parsed state (nil: no such step). The third value
--- is the run's status (JSON) when the lease is good.
-local function sf_check_lease(run, held, sid, token, epoch, now, allow_expired)
-  local state = redis.call('HMGET', run, 'status', '~del')
+-- is the run's status (JSON) when the lease is good, the fourth its current
+-- execution id, read in the same call.
+--
+-- A lease that matches also proves its execution exists: a prune deletes
+-- the step rows of the executions it deletes, so the row would be gone.
+local function sf_check_lease(run, held, sid, token, epoch, xid, now, allow_expired)
+  local state = redis.call('HMGET', run, 'status', '~del', 'current_execution_id')
   if not state[1] then
     return 'STALE', 'the run no longer exists'
   end
@@ -170,17 +174,19 @@ local function sf_check_lease(run, held, sid, token, epoch, now, allow_expired)
   if not allow_expired and held.expires <= now then
     return 'STALE', 'the lease expired'
   end
-  return nil, nil, state[1]
+  if held.xid ~= xid then return 'STALE', 'the lease is for another execution' end
+  return nil, nil, state[1], state[3]
 end
 
 -- Start an attempt of step sid under a fresh lease (the caller checked the
--- run and the execution). Writes only a new step's place at the end of
--- ``order``; returns the lease as '<epoch>|<expires>|<attempt>' and appends
--- the steps-hash field/value pairs for the caller to write to ``fields``; or
--- nil, a code and a detail when the step completed ('DONE') or another live
--- lease holds it ('HELD', detail '<owner JSON>|<expires_at>').
-local function sf_claim(steps, order, sid, name, owner, token, lease_ms, xid, input, now, fields)
-  local current = sf_step_state(redis.call('HGET', steps, sid .. '|l'))
+-- run and the execution, and read the step's state line ``line``, false or
+-- nil for none, in a call of its own). Writes only a new step's place at the
+-- end of ``order``; returns the lease as '<epoch>|<expires>|<attempt>' and
+-- appends the steps-hash field/value pairs for the caller to write to
+-- ``fields``; or nil, a code and a detail when the step completed ('DONE') or
+-- another live lease holds it ('HELD', detail '<owner JSON>|<expires_at>').
+local function sf_claim(order, sid, line, name, owner, token, lease_ms, xid, input, now, fields)
+  local current = sf_step_state(line)
   if not current then
     redis.call('RPUSH', order, sid)
     current = {epoch = 0, attempt = 0}

@@ -17,7 +17,8 @@ if redis.call('HEXISTS', KEYS[6], ARGV[7] .. '|status') == 0 then
   return sf_fail('NOEXEC', ARGV[7])
 end
 local fields = {}
-local lease, code, detail = sf_claim(KEYS[4], KEYS[5], ARGV[2], ARGV[3], ARGV[4],
+local line = redis.call('HGET', KEYS[4], ARGV[2] .. '|l')
+local lease, code, detail = sf_claim(KEYS[5], ARGV[2], line, ARGV[3], ARGV[4],
   ARGV[5], ARGV[6], ARGV[7], ARGV[8], sf_now_ms(), fields)
 if not lease then return sf_fail(code, detail) end
 redis.call('HSET', KEYS[4], unpack(fields))

@@ -20,8 +20,8 @@
 -- Completing the run, the reply is {that text followed by '!<change of the global
 -- event count>', or by '!' alone when the run was not completed (cancelled, or at
 -- another execution), run fields flat, ctx fields flat}.
--- Errors: SF_STALE (lease expired, taken over, run deleted or being deleted), SF_DONE,
--- SF_NOEXEC (the lease's execution is gone).
+-- Errors: SF_STALE (lease expired, taken over, for another execution, run deleted or
+-- being deleted), SF_DONE.
 --
 -- This runs once per step, so it keeps to few commands. A re-sent request is
 -- recognised by the request id the completion leaves in the step's '|d'
@@ -32,27 +32,25 @@ local function reply(result)
 end
 
 local sid = ARGV[2]
-local row = redis.call('HMGET', KEYS[2], sid .. '|l', sid .. '|d')
+-- The next step's state line comes in the same read (a field '|l' never exists).
+local row = redis.call('HMGET', KEYS[2], sid .. '|l', sid .. '|d', ARGV[9] .. '|l')
 local replay = row[2] and ARGV[1] .. '#'
 if replay and string.sub(row[2], 1, #replay) == replay then
   return reply(string.sub(row[2], #replay + 1))
 end
 local held = sf_step_state(row[1])
 local now = sf_now_ms()
-local code, detail, status = sf_check_lease(KEYS[1], held, sid, ARGV[3], ARGV[4], now)
+local code, detail, status, current = sf_check_lease(KEYS[1], held, sid, ARGV[3], ARGV[4],
+  ARGV[5], now)
 if code then return sf_fail(code, detail) end
-if redis.call('HEXISTS', KEYS[4], ARGV[5] .. '|status') == 0 then
-  return sf_fail('NOEXEC', ARGV[5])
-end
-local finishing = ARGV[14] == '1' and status ~= '"cancelled"' and
-  redis.call('HGET', KEYS[1], 'current_execution_id') == ARGV[5]
+local finishing = ARGV[14] == '1' and status ~= '"cancelled"' and current == ARGV[5]
 
 local fields = {}
 local claimed
 if ARGV[9] ~= '' then
   claimed = ''
   if status ~= '"cancelled"' then
-    claimed = sf_claim(KEYS[2], KEYS[6], ARGV[9], ARGV[10], ARGV[11], ARGV[12],
+    claimed = sf_claim(KEYS[6], ARGV[9], row[3], ARGV[10], ARGV[11], ARGV[12],
       ARGV[13], ARGV[5], 'null', now, fields) or ''
   end
 end

@@ -6,16 +6,13 @@
 -- ARGV[5] execution id  ARGV[6] error (JSON)  ARGV[7] '1' if final (status
 -- failed) else '0' (status pending, ready for the next attempt)
 -- ARGV[8] event kind ('' for none)  ARGV[9] event payload (JSON)
--- Returns 'OK'. Errors: SF_STALE, SF_DONE, SF_NOEXEC (the lease's execution is gone).
+-- Returns 'OK'. Errors: SF_STALE, SF_DONE.
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return done end
 local now = sf_now_ms()
 local held = sf_step_state(redis.call('HGET', KEYS[4], ARGV[2] .. '|l'))
-local code, detail = sf_check_lease(KEYS[1], held, ARGV[2], ARGV[3], ARGV[4], now)
+local code, detail = sf_check_lease(KEYS[1], held, ARGV[2], ARGV[3], ARGV[4], ARGV[5], now)
 if code then return sf_fail(code, detail) end
-if redis.call('HEXISTS', KEYS[5], ARGV[5] .. '|status') == 0 then
-  return sf_fail('NOEXEC', ARGV[5])
-end
 
 held.status, held.token, held.expires = 'pending', '', 0
 if ARGV[7] == '1' then held.status = 'failed' end

@@ -5,13 +5,14 @@
 -- Writes (complete, fail) still refuse an expired lease.
 -- KEYS[1] run hash  KEYS[2] reqs hash  KEYS[3] reqlog list  KEYS[4] steps hash
 -- ARGV[1] request id  ARGV[2] step id  ARGV[3] token  ARGV[4] epoch
--- ARGV[5] lease duration (ms)
+-- ARGV[5] lease duration (ms)  ARGV[6] the lease's execution id
 -- Returns the new expires_at (ms). Errors: SF_STALE, SF_DONE.
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return tonumber(done) end
 local now = sf_now_ms()
 local held = sf_step_state(redis.call('HGET', KEYS[4], ARGV[2] .. '|l'))
-local code, detail = sf_check_lease(KEYS[1], held, ARGV[2], ARGV[3], ARGV[4], now, true)
+local code, detail = sf_check_lease(KEYS[1], held, ARGV[2], ARGV[3], ARGV[4], ARGV[6], now,
+  true)
 if code then return sf_fail(code, detail) end
 held.expires = now + tonumber(ARGV[5])
 redis.call('HSET', KEYS[4], ARGV[2] .. '|l', sf_step_line(held))
