@@ -134,15 +134,18 @@ def key_prefix() -> str:
     return f"t-{uuid.uuid4().hex[:12]}"
 
 
-async def make_store(kind: str, prefix: str, request: pytest.FixtureRequest) -> WorkflowStore:
-    """A fresh store of ``kind``; on Redis, isolated by ``prefix``."""
+async def make_store(
+    kind: str, prefix: str, request: pytest.FixtureRequest, **options: Any
+) -> WorkflowStore:
+    """A fresh store of ``kind`` with ``options`` (``max_payload_bytes``); on Redis,
+    isolated by ``prefix``."""
     if kind == "memory":
-        return MemoryStore()
+        return MemoryStore(**options)
     if kind == "fakeredis":
         client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-        return RedisStore(client, prefix=prefix)
+        return RedisStore(client, prefix=prefix, **options)
     server: RedisServer = request.getfixturevalue("redis_server")
-    return RedisStore.from_url(server.url, prefix=prefix)
+    return RedisStore.from_url(server.url, prefix=prefix, **options)
 
 
 REAL_REDIS_FIXTURES = frozenset({"redis_server", "redis_url", "own_server"})

@@ -14,6 +14,7 @@ import anyio
 import anyio.lowlevel
 import pydantic
 import pytest
+from conftest import make_store
 
 import stepflow
 from stepflow import (
@@ -584,29 +585,43 @@ async def test_idempotency_key_differs_between_runs(
     assert len(set(keys)) == 2
 
 
-async def test_a_run_output_too_large_to_store_still_keeps_every_step_completed(
-    new_flow: NewFlow,
+async def test_a_run_output_too_large_to_store_fails_the_run_and_keeps_every_step(
+    store_kind: str, key_prefix: str, request: pytest.FixtureRequest, new_flow: NewFlow
 ) -> None:
-    """Each sink's output fits; together they do not: the last step is still recorded."""
+    """Each sink's output fits; together they do not: the run fails with that
+    error instead of staying running, and both steps stay completed."""
     flow = new_flow()
 
     @flow.step()
     async def left(ctx: StepContext) -> str:
-        return "x" * 60
+        return "x" * 600
 
     @flow.step()
     async def right(ctx: StepContext) -> str:
-        return "y" * 60
+        return "y" * 600
 
-    store = stepflow.MemoryStore(max_payload_bytes=100)
-    with pytest.raises(stepflow.PayloadTooLargeError, match="run output"):
-        await Engine(store).run(flow, run_id="too-big")
-    steps = await steps_by_name(store, "too-big")
-    assert {name: step.status for name, step in steps.items()} == {
-        "left": StepStatus.COMPLETED,
-        "right": StepStatus.COMPLETED,
-    }
-    assert (await history_kinds(store, "too-big")).count(EventKind.STEP_COMPLETED) == 2
+    store = await make_store(store_kind, key_prefix, request, max_payload_bytes=1000)
+    try:
+        record = await Engine(store).run(flow, run_id="too-big")
+        assert record.status == RunStatus.FAILED
+        assert record.output is None
+        assert record.error is not None
+        assert (record.error["type"], record.error["phase"]) == (
+            "PayloadTooLargeError",
+            "run output",
+        )
+        assert await store.get_run("too-big") == record
+        steps = await steps_by_name(store, "too-big")
+        assert {name: step.status for name, step in steps.items()} == {
+            "left": StepStatus.COMPLETED,
+            "right": StepStatus.COMPLETED,
+        }
+        kinds = await history_kinds(store, "too-big")
+        assert kinds.count(EventKind.STEP_COMPLETED) == 2
+        assert kinds[-1] == EventKind.RUN_FAILED
+        assert EventKind.RUN_COMPLETED not in kinds
+    finally:
+        await store.aclose()
 
 
 # --- cancel -------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import make_store
 
 from stepflow import (
     ConflictError,
@@ -22,11 +23,9 @@ from stepflow import (
     InvalidRunIdError,
     Lease,
     LeaseHeldError,
-    MemoryStore,
     NewEvent,
     PayloadTooLargeError,
     PruneOptions,
-    RedisStore,
     RunNotFoundError,
     RunRecord,
     RunStatus,
@@ -120,17 +119,7 @@ async def small_store(
     store_kind: str, key_prefix: str, request: pytest.FixtureRequest
 ) -> AsyncIterator[WorkflowStore]:
     """A store of the same kind whose payload limit is only ``LIMIT`` bytes."""
-    store: WorkflowStore
-    if store_kind == "memory":
-        store = MemoryStore(max_payload_bytes=LIMIT)
-    elif store_kind == "fakeredis":
-        import fakeredis
-
-        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-        store = RedisStore(client, prefix=key_prefix, max_payload_bytes=LIMIT)
-    else:
-        url = request.getfixturevalue("redis_url")
-        store = RedisStore.from_url(url, prefix=key_prefix, max_payload_bytes=LIMIT)
+    store = await make_store(store_kind, key_prefix, request, max_payload_bytes=LIMIT)
     yield store
     await store.aclose()
 

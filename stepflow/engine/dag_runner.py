@@ -32,7 +32,12 @@ from stepflow.engine.attempts import (
     release,
 )
 from stepflow.engine.context import StepContext
-from stepflow.errors import RunCancelledError, StepAlreadyCompletedError, StepFailedError
+from stepflow.errors import (
+    InvalidPayloadError,
+    RunCancelledError,
+    StepAlreadyCompletedError,
+    StepFailedError,
+)
 from stepflow.models import (
     EventKind,
     NewEvent,
@@ -127,6 +132,19 @@ class DagRunner:
             if self.lost_lease:
                 # Another owner runs this run now, or it was cancelled: report the store's view.
                 return await self._reload()
+            return await self._complete()
+        except RunCancelledError:
+            return await self._reload()  # another process cancelled it: that stands
+
+    async def _complete(self) -> RunRecord:
+        """Complete the run with its output; an output the store refuses fails the run.
+
+        Each step's output was stored, but the run's holds every sink's
+        together and can be too large where each alone was not: the run
+        then fails with that error (every step stays completed), rather
+        than stay running with nothing left to run.
+        """
+        try:
             return await self.store.set_run_status(
                 self.run_id,
                 RunStatus.COMPLETED,
@@ -134,8 +152,15 @@ class DagRunner:
                 output=self._run_output(self.outputs),
                 event=NewEvent(kind=EventKind.RUN_COMPLETED, payload=None),
             )
-        except RunCancelledError:
-            return await self._reload()  # another process cancelled it: that stands
+        except InvalidPayloadError as exc:  # no traceback: it would only show the engine
+            error = {"type": type(exc).__name__, "message": str(exc), "phase": "run output"}
+            return await self.store.set_run_status(
+                self.run_id,
+                RunStatus.FAILED,
+                execution_id=self.execution_id,
+                error=error,
+                event=NewEvent(kind=EventKind.RUN_FAILED, payload=error),
+            )
 
     async def _load_steps(self) -> None:
         for step in await self.store.list_steps(self.run_id):
