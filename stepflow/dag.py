@@ -353,6 +353,18 @@ class Workflow:
         """Names the step ``name`` runs after; KeyError for an undefined step."""
         return self._spec(name).after
 
+    def opening_step(self) -> str | None:
+        """The step a new run starts with: the first without dependencies or a condition.
+
+        The engine claims it with the run's creation, in the same store call
+        (None when every step without dependencies has a condition: such a
+        step may be skipped, so it is not claimed ahead).
+        """
+        for name, spec in self._steps.items():
+            if not spec.after and spec.when is None:
+                return name
+        return None
+
     def dependents(self, name: str) -> tuple[str, ...]:
         """Names of the steps that run after ``name``, in definition order."""
         self._spec(name)

@@ -819,6 +819,71 @@ async def test_cancel_while_the_run_is_being_set_up(
                 assert waited.status == RunStatus.CANCELLED, f"after {delay} checkpoints"
 
 
+async def test_a_run_cancelled_during_set_up_leaves_its_first_step_free(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """The opening step is claimed with the run's creation; a cancel before it runs
+    hands the lease back, so a resume need not wait out a long lease."""
+    flow = new_flow()
+    resumed = False
+
+    @flow.step()
+    async def first(ctx: StepContext) -> str:
+        if not resumed:
+            await anyio.sleep(10)
+        return "ran"
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store, lease_ms=600_000) as engine:
+            run_ids = []
+            for delay in (0, 1, 2, 3, 4, 6, 8):
+                run_id = await engine.start(flow)
+                for _ in range(delay):
+                    await anyio.lowlevel.checkpoint()
+                await engine.cancel(run_id)
+                step = await store.get_step(run_id, "first")
+                assert step is None or step.status != StepStatus.RUNNING, f"after {delay}"
+                run_ids.append(run_id)
+            resumed = True
+            with anyio.fail_after(5):  # far less than the lease
+                for run_id in run_ids:
+                    await engine.resume(run_id)
+                    record = await engine.wait(run_id)
+                    assert (record.status, record.output) == (RunStatus.COMPLETED, {"first": "ran"})
+
+
+class CountingStore(stepflow.MemoryStore):
+    """A MemoryStore that counts the calls the engine makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __getattribute__(self, name: str) -> Any:
+        if not name.startswith("_") and name != "calls":
+            self.calls[name] += 1
+        return super().__getattribute__(name)
+
+
+async def test_a_new_run_claims_its_opening_step_with_its_creation(new_flow: NewFlow) -> None:
+    flow = new_flow()
+
+    @flow.step()
+    async def first(ctx: StepContext) -> int:
+        return ctx.attempt
+
+    @flow.step(after=[first])
+    async def second(ctx: StepContext) -> int:
+        return ctx.attempt
+
+    store = CountingStore()
+    record = await Engine(store).run(flow)
+    assert (record.status, record.output) == (RunStatus.COMPLETED, {"second": 1})
+    assert store.calls["create_and_claim"] == 1
+    assert store.calls["claim_step"] == 0  # the first with the create, the second with the first
+    assert (await store.get_step(record.run_id, "first")).attempt == 1  # type: ignore[union-attr]
+
+
 async def test_cancel_a_run_this_engine_does_not_drive(
     store: WorkflowStore, new_flow: NewFlow
 ) -> None:

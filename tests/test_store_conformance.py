@@ -589,6 +589,78 @@ def next_claim(step_id: str = "s2", lease_ms: int = 10_000) -> StepClaim:
     return StepClaim(step_id=step_id, name=step_id, lease_ms=lease_ms)
 
 
+@pytest.mark.parametrize("parent", [None, "p1"])
+async def test_create_and_claim_creates_the_run_and_leases_its_first_step(
+    store: WorkflowStore, parent: str | None
+) -> None:
+    if parent is not None:
+        await new_run(store, parent)
+    run = record(status=RunStatus.RUNNING, input={"q": 1}, parent_run_id=parent)
+    before = await store.time_ms()
+    created, lease = await store.create_and_claim(
+        run, next_claim("s1", lease_ms=10_000), owner="worker-a", event=event(EventKind.RUN_STARTED)
+    )
+    assert created
+    assert lease is not None
+    assert (lease.run_id, lease.step_id, lease.owner, lease.epoch, lease.attempt) == (
+        "r1",
+        "s1",
+        "worker-a",
+        1,
+        1,
+    )
+    assert (lease.execution_id, before + 10_000 <= lease.expires_at <= before + 15_000) == (1, True)
+    stored = await store.get_run("r1")
+    assert stored is not None
+    assert (stored.status, stored.input, stored.parent_run_id) == (
+        RunStatus.RUNNING,
+        {"q": 1},
+        parent,
+    )
+    assert [r.run_id for r in await store.list_runs_by_status(RunStatus.RUNNING)] == ["r1"]
+    assert (await store.get_metrics()).total_executions == (1 if parent is None else 2)
+    assert await kinds(store) == ["run_started"]
+    step = await step_of(store)
+    assert (step.status, step.attempt, step.worker_id) == (StepStatus.RUNNING, 1, "worker-a")
+    with pytest.raises(LeaseHeldError):  # the lease is live: nobody else may claim s1
+        await claim(store, owner="worker-b")
+    await store.complete_step(lease, output="done")
+    assert (await step_of(store)).status == StepStatus.COMPLETED
+
+
+async def test_create_and_claim_of_an_existing_run_changes_and_claims_nothing(
+    store: WorkflowStore,
+) -> None:
+    await new_run(store, status=RunStatus.FAILED, context={"keep": 1})
+    await store.complete_step(await claim(store, "s0"), output=0)
+    before = await snapshot(store)
+    created, lease = await store.create_and_claim(
+        record(status=RunStatus.RUNNING), next_claim("s1"), owner="worker-a"
+    )
+    assert (created, lease) == (False, None)
+    assert await snapshot(store) == before
+    assert (await store.get_metrics()).total_executions == 1
+    assert [r.run_id for r in await store.list_runs_by_status(RunStatus.FAILED)] == ["r1"]
+
+
+async def test_create_and_claim_of_a_run_created_cancelled_claims_nothing(
+    store: WorkflowStore,
+) -> None:
+    created, lease = await store.create_and_claim(
+        record(status=RunStatus.CANCELLED), next_claim("s1"), owner="worker-a"
+    )
+    assert (created, lease) == (True, None)
+    assert await store.get_run("r1") is not None
+    assert await store.list_steps("r1") == []
+
+
+async def test_create_and_claim_with_a_bad_step_id_stores_nothing(store: WorkflowStore) -> None:
+    with pytest.raises(InvalidRunIdError):
+        await store.create_and_claim(record(), next_claim("bad|id"), owner="worker-a")
+    assert await store.get_run("r1") is None
+    assert await store.list_runs() == []
+
+
 async def test_complete_and_claim_records_the_completion_and_leases_the_next_step(
     store: WorkflowStore,
 ) -> None:

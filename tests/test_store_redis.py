@@ -334,6 +334,40 @@ async def test_store_keeps_working_after_script_flush(redis_store: RedisStore) -
     assert run.context == {"after": "flush"}
 
 
+async def test_create_and_claim_after_script_flush_creates_then_claims(
+    redis_store: RedisStore,
+) -> None:
+    """NOSCRIPT refuses the whole pipeline: the create runs again first, then the claim."""
+    await redis_store.get_run("warm-up")
+    await redis_store.client.script_flush()
+    created, lease = await redis_store.create_and_claim(
+        RunRecord(run_id="r1", workflow="wf", status=RunStatus.RUNNING),
+        StepClaim(step_id="s1", name="s1", lease_ms=10_000),
+        owner="w",
+    )
+    assert created
+    assert lease is not None
+    assert lease.attempt == 1
+    step = await redis_store.get_step("r1", "s1")
+    assert step is not None
+    assert (step.status, step.worker_id) == (StepStatus.RUNNING, "w")
+    assert (await redis_store.get_metrics()).total_executions == 1
+
+
+async def test_a_claim_riding_with_a_create_that_made_nothing_claims_nothing(
+    redis_store: RedisStore,
+) -> None:
+    """The claim names its create's request: a create refused (the run existed) or
+    never applied leaves the claim undone, whatever order the scripts ran in."""
+    await redis_store.create_run(RunRecord(run_id="r1", workflow="wf"))
+    keys = redis_store.keys.run("r1")
+    claim = redis_store._scripts["claim_step"]
+    claim_keys = [keys.run, keys.reqs, keys.reqlog, keys.steps, keys.order, keys.execs]
+    claim_args = ["req-c", "s1", '"s1"', '"w"', "tok", 10_000, 1, "null"]
+    assert await claim(keys=claim_keys, args=[*claim_args, "no-such-create"]) == b""
+    assert await redis_store.list_steps("r1") == []
+
+
 @contextmanager
 def every_script_sent_twice(store: RedisStore) -> Iterator[None]:
     """Run each script twice per call, as redis-py does when a reply is lost and it retries."""

@@ -36,6 +36,10 @@ class DurableWorkflow:
     def validate(self) -> None:
         """Nothing to check after definition; present so engines treat definitions alike."""
 
+    def opening_step(self) -> None:
+        """None: a durable run claims each step as its code reaches it."""
+        return None
+
     def validate_input(self, value: Any) -> Any:
         return value
 

@@ -40,6 +40,7 @@ from stepflow.errors import (
 )
 from stepflow.models import (
     EventKind,
+    Lease,
     NewEvent,
     RunRecord,
     RunStatus,
@@ -66,6 +67,7 @@ class DagRunner:
         limiter: anyio.CapacityLimiter,
         stop_reason: Callable[[], StopReason | None],
         fresh: bool = False,
+        first_lease: Lease | None = None,
     ) -> None:
         self.store = store
         self.flow = flow
@@ -76,6 +78,8 @@ class DagRunner:
         self.stop_reason = stop_reason
         self.fresh = fresh
         """Created just now: no step rows to load."""
+        self.first_lease = first_lease
+        """A lease on the opening step claimed with the run's creation, until a task takes it."""
         # Replaced, never mutated: a step's context is a read-only view of the bag
         # as it was, while the loop may merge another step's output meanwhile.
         self.bag: dict[str, Any] = dict(record.context)
@@ -103,6 +107,14 @@ class DagRunner:
         return self.record.current_execution_id
 
     async def execute(self) -> RunRecord:
+        try:
+            return await self._execute()
+        finally:
+            if self.first_lease is not None:  # no task took it: hand it back
+                with anyio.CancelScope(shield=True):
+                    await release(self.store, self.first_lease)
+
+    async def _execute(self) -> RunRecord:
         if not self.fresh:
             await self._load_steps()
         if self.record.status != RunStatus.RUNNING:
@@ -190,7 +202,10 @@ class DagRunner:
         for name in names:
             self.started.add(name)
             self._in_flight += 1
-            tg.start_soon(self._run_step, tg, name, name=f"stepflow step {name}")
+            claimed = None
+            if self.first_lease is not None and self.first_lease.step_id == name:
+                claimed, self.first_lease = self.keeper.hold(self.first_lease), None
+            tg.start_soon(self._run_step, tg, name, claimed, name=f"stepflow step {name}")
 
     def _context(self, name: str, attempt: int) -> StepContext:
         return StepContext.for_attempt(
@@ -202,7 +217,7 @@ class DagRunner:
             execution_id=self.execution_id,
         )
 
-    async def _run_step(self, tg: TaskGroup, name: str) -> None:
+    async def _run_step(self, tg: TaskGroup, name: str, claimed: Hold | None) -> None:
         """Run ``name``, then in this same task the first of the steps it unblocked, and so on.
 
         A chain of steps so costs one task, not one per step; the other
@@ -211,7 +226,7 @@ class DagRunner:
         store call.
         """
         try:
-            ready, claimed = await self._step(tg, name, None)
+            ready, claimed = await self._step(tg, name, claimed)
             while ready:
                 self._launch(tg, ready[1:])
                 self.started.add(ready[0])

@@ -36,7 +36,15 @@ from stepflow.errors import (
     WaitTimeoutError,
     WorkflowNotFoundError,
 )
-from stepflow.models import EventKind, NewEvent, PruneOptions, RunRecord, RunStatus
+from stepflow.models import (
+    EventKind,
+    Lease,
+    NewEvent,
+    PruneOptions,
+    RunRecord,
+    RunStatus,
+    StepClaim,
+)
 from stepflow.store.base import DEFAULT_LEASE_MS, WorkflowStore, validate_run_id
 
 _POLL_START = 0.02
@@ -47,6 +55,14 @@ _RAISE_ATTEMPTS = 10
 def default_owner() -> str:
     """A lease owner id that tells an operator which process held a step."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Created:
+    """A run this engine has just created, with the lease on its opening step (if claimed)."""
+
+    record: RunRecord
+    first_lease: Lease | None
 
 
 @dataclass
@@ -164,7 +180,7 @@ class Engine:
         run_id: str,
         *,
         rerun_finished: bool,
-        created: RunRecord | None = None,
+        created: _Created | None = None,
     ) -> None:
         """Drive the run in the background, at most once per engine.
 
@@ -196,11 +212,12 @@ class Engine:
         flow: Definition,
         input: Any,
         run_id: str | None,
-    ) -> tuple[str, RunRecord | None]:
+    ) -> tuple[str, _Created | None]:
         """Validate, then store the new run (nothing is stored when validation fails).
 
-        Returns the run id and the record as created, or None when a run of
-        that id existed already (it is resumed, not replaced).
+        Returns the run id and the run as created, or None when a run of
+        that id existed already (it is resumed, not replaced). The definition's
+        opening step is claimed in the same store call as the create.
         """
         flow.validate()
         self.workflow(flow.name)  # one this engine cannot drive is refused before it is stored
@@ -219,8 +236,17 @@ class Engine:
         started = NewEvent(kind=EventKind.RUN_STARTED, payload=value)
         # Only if absent: a second start of the same id (a retry, another
         # process) resumes the run rather than wiping what it did.
-        if await self.store.create_run(record, only_if_absent=True, event=started):
-            return run_id, record
+        opening = flow.opening_step()
+        if opening is None:
+            made = await self.store.create_run(record, only_if_absent=True, event=started)
+            lease = None
+        else:
+            first = StepClaim(step_id=opening, name=opening, lease_ms=self.lease_ms)
+            made, lease = await self.store.create_and_claim(
+                record, first, owner=self.owner, event=started
+            )
+        if made:
+            return run_id, _Created(record, lease)
         existing = await self._existing(run_id)
         if existing.workflow != flow.name:
             raise ConflictError(
@@ -234,19 +260,19 @@ class Engine:
         run_id: str,
         rerun_finished: bool = False,
         parent: _ActiveRun | None = None,
-        created: RunRecord | None = None,
+        created: _Created | None = None,
     ) -> RunRecord:
         """Execute a stored run in this task, tracked so `wait` and `cancel` can find it.
 
         A child run driven inside its parent's task stops for the parent's
         reason too: cancelling the parent cancels the child it is awaiting.
-        ``created`` is the record of a run this engine has just created,
-        which need not be read back.
+        ``created`` is a run this engine has just created: its record need
+        not be read back, and the lease on its opening step goes to the runner.
         """
         active = self._active.setdefault(run_id, _ActiveRun())
         try:
             with active.scope:
-                record = created if created is not None else await self._existing(run_id)
+                record = created.record if created is not None else await self._existing(run_id)
                 # A completed run is never run again; failed and cancelled ones on resume.
                 if record.status == RunStatus.COMPLETED or (
                     record.status.is_terminal and not rerun_finished
@@ -261,6 +287,7 @@ class Engine:
                     wait_for_news=self._wait_for_news,
                     stop_reason=lambda: active.stop or (parent.stop if parent else None),
                     fresh=created is not None,
+                    first_lease=created.first_lease if created is not None else None,
                 )
                 runner = make_runner(self.store, self.workflow(record.workflow), record, services)
                 return await runner.execute()

@@ -15,7 +15,7 @@ import anyio
 
 from stepflow.dag import Workflow
 from stepflow.engine.dag_runner import DagRunner
-from stepflow.models import PruneOptions, RunRecord
+from stepflow.models import Lease, PruneOptions, RunRecord
 from stepflow.store.base import WorkflowStore
 
 
@@ -31,6 +31,9 @@ class Definition(Protocol):
     def validate(self) -> None: ...
 
     def validate_input(self, value: Any) -> Any: ...
+
+    def opening_step(self) -> str | None:
+        """The step the engine claims with a new run's creation (None for none)."""
 
 
 class Runner(Protocol):
@@ -53,6 +56,9 @@ class RunnerServices:
     """"cancel" or "shutdown" once the engine stops the run, else None."""
     fresh: bool = False
     """The run was created just now by this engine: it has no steps to load yet."""
+    first_lease: Lease | None = None
+    """The lease on the definition's opening step, claimed with the run's creation;
+    the runner runs that step under it or hands it back."""
 
 
 RunnerFactory = Callable[[WorkflowStore, Any, RunRecord, RunnerServices], Runner]
@@ -87,6 +93,7 @@ def _dag_runner(
         limiter=services.limiter,
         stop_reason=services.stop_reason,  # type: ignore[arg-type]
         fresh=services.fresh,
+        first_lease=services.first_lease,
     )
 
 

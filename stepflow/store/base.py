@@ -105,6 +105,25 @@ class WorkflowStore(Protocol):
         True when the record was written.
         """
 
+    async def create_and_claim(
+        self,
+        record: RunRecord,
+        first: StepClaim,
+        *,
+        owner: str,
+        event: NewEvent | None = None,
+    ) -> tuple[bool, Lease | None]:
+        """`create_run` with ``only_if_absent``, then claim step ``first`` for ``owner``.
+
+        One operation (one round trip on Redis) where an engine would
+        otherwise create a run and claim the step it starts with. The claim
+        is made only when this call created the run, in its current
+        execution, as by `claim_step`; a claim the store refuses (the record
+        was created cancelled) is not raised, the lease is then None. Returns
+        whether the run was created (False: it existed, nothing was written
+        or claimed) and the lease (or None).
+        """
+
     async def get_run(self, run_id: str) -> RunRecord | None:
         """The run with its context bag, or None when absent."""
 

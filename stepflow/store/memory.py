@@ -181,6 +181,32 @@ class MemoryStore(MemoryAdmin):
             self._append(execution, event.kind, event_json, now_ms())
         return True
 
+    async def create_and_claim(
+        self,
+        record: RunRecord,
+        first: StepClaim,
+        *,
+        owner: str,
+        event: NewEvent | None = None,
+    ) -> tuple[bool, Lease | None]:
+        validate_step_id(first.step_id)
+        # create_run never yields, so nothing runs between the create and the claim.
+        if not await self.create_run(record, only_if_absent=True, event=event):
+            return False, None
+        run = self._runs[record.run_id]
+        if run.record.status == RunStatus.CANCELLED:
+            return True, None
+        lease = self._claim(
+            run,
+            first.step_id,
+            first.name,
+            owner,
+            first.lease_ms,
+            record.current_execution_id,
+            b"null",
+        )
+        return True, lease
+
     async def get_run(self, run_id: str) -> RunRecord | None:
         validate_run_id(run_id)
         run = self._runs.get(run_id)

@@ -23,7 +23,8 @@ a delete takes back what was counted.
 Round trips on the hot path: one script per step. Completing a step
 (output, context patch and history event together) also claims the step
 it unblocked (`complete_and_claim`); a run's start and end are one
-pipeline each (its script and its status index), plus the counter at the end.
+pipeline each (its script and its status index; the start also claims the
+run's first step, `create_and_claim`), plus the counter at the end.
 
 The admin operations (`AdminStore`: trees, multi-run deletes, metrics) are
 in `stepflow.store.redis_admin`.
@@ -132,6 +133,58 @@ class RedisStore(RedisAdmin):
         did not add an execution (the run existed), the count is taken back
         and the status index set to the run's own status.
         """
+        created, _ = await self._create(record, only_if_absent=only_if_absent, event=event)
+        return created
+
+    async def create_and_claim(
+        self,
+        record: RunRecord,
+        first: StepClaim,
+        *,
+        owner: str,
+        event: NewEvent | None = None,
+    ) -> tuple[bool, Lease | None]:
+        """The claim rides in the create's pipeline; ``claim_step.lua`` makes it only
+        if the create's request made the run. A child run (indexed under its
+        parent first) creates, then claims."""
+        validate_step_id(first.step_id)
+        token = new_token()
+        keys = self.keys.run(record.run_id)
+        claim_keys = [keys.run, keys.reqs, keys.reqlog, keys.steps, keys.order, keys.execs]
+        claim_args = [
+            new_request_id(),
+            first.step_id,
+            _json.dumps(first.name),
+            _json.dumps(owner),
+            token,
+            int(first.lease_ms),
+            record.current_execution_id,
+            b"null",
+        ]
+        created, claimed = await self._create(
+            record, only_if_absent=True, event=event, claim=(claim_keys, claim_args)
+        )
+        if not claimed:
+            return created, None
+        lease = _lease_from_reply(
+            claimed, record.run_id, first.step_id, owner, token, record.current_execution_id
+        )
+        return created, lease
+
+    async def _create(
+        self,
+        record: RunRecord,
+        *,
+        only_if_absent: bool,
+        event: NewEvent | None,
+        claim: tuple[list[str], list[Any]] | None = None,
+    ) -> tuple[bool, str]:
+        """Create the run (see `create_run`), with the claim ``claim`` (``claim_step.lua``'s
+        KEYS and ARGV) made only if this create made the run.
+
+        Returns whether the record was written and the claim's reply ('' for
+        no claim: none asked for, the run existed, or the store refused it).
+        """
         keys, args = self._create_run_call(record, only_if_absent=only_if_absent, event=event)
         run_id = record.run_id
         if record.parent_run_id is not None:
@@ -140,7 +193,9 @@ class RedisStore(RedisAdmin):
             if created >= 0:
                 count = (args[0], {"executions": created})
                 await self._index_status(run_id, record.status, count=count)
-            return created >= 0
+            if created < 0 or claim is None:
+                return created >= 0, ""
+            return True, await self._claim_if_made(claim[0], [*claim[1], args[0]], run_id)
         count = (args[0], {"executions": 1})
         index_keys, index_args = self._index_call(run_id, record.status, count)
         await self._ready()
@@ -148,7 +203,10 @@ class RedisStore(RedisAdmin):
             pipe.zadd(self.keys.runs_by_time, {run_id: record.created_at}, nx=only_if_absent)
             self._queue(pipe, "create_run", keys, args)
             self._queue(pipe, "index_run", index_keys, index_args)
-            timed, created, indexed = await pipe.execute(raise_on_error=False)
+            if claim is not None:  # made only if this create (request args[0]) made the run
+                claim = (claim[0], [*claim[1], args[0]])
+                self._queue(pipe, "claim_step", *claim)
+            timed, created, indexed, *claimed = await pipe.execute(raise_on_error=False)
         if isinstance(timed, Exception):
             raise timed
         await self._resolve(indexed, "index_run", index_keys, index_args, run_id=run_id)
@@ -163,7 +221,26 @@ class RedisStore(RedisAdmin):
             await self._bump(*undo)
         if created < 0:  # and was left as it is, maybe in another status
             await self._reindex(run_id)
-        return created >= 0
+            return False, ""
+        if claim is None:
+            return True, ""
+        return True, await self._claim_if_made(*claim, run_id, claimed[0])
+
+    async def _claim_if_made(
+        self, claim_keys: list[str], claim_args: list[Any], run_id: str, reply: Any = None
+    ) -> str:
+        """The reply of a ``claim_step.lua`` that names the create it depends on: sent
+        now, or the reply it got in a pipeline; '' when not made or refused."""
+        try:
+            if reply is None:
+                reply = await self._call("claim_step", claim_keys, claim_args, run_id=run_id)
+            else:
+                reply = await self._resolve(
+                    reply, "claim_step", claim_keys, claim_args, run_id=run_id
+                )
+        except StepflowError:  # refused (the run was created cancelled): claim the usual way
+            return ""
+        return text(reply)
 
     def _create_run_call(
         self, record: RunRecord, *, only_if_absent: bool = False, event: NewEvent | None = None

@@ -5,11 +5,14 @@
 -- ARGV[1] request id  ARGV[2] step id  ARGV[3] name (JSON)  ARGV[4] owner (JSON)
 -- ARGV[5] lease token  ARGV[6] lease duration (ms)  ARGV[7] execution id
 -- ARGV[8] step input (JSON)
+-- ARGV[9] request id of the create_run this claim rides with (optional): the claim is
+-- made only if that request created the run with its execution, else the reply is ''.
 -- Returns '<epoch>|<expires_at ms>|<attempt>'. Errors: SF_NOTFOUND, SF_DELETING, SF_CANCELLED
 -- (the run was cancelled: no new work starts), SF_NOEXEC (no such execution),
 -- SF_DONE (step completed), SF_HELD '<owner JSON>|<expires_at>' (a live lease).
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return done end
+if ARGV[9] and redis.call('HGET', KEYS[2], ARGV[9]) ~= '1' then return '' end
 local refused, run = sf_writable(KEYS[1])
 if refused then return refused end
 if run[1] == '"cancelled"' then return sf_fail('CANCELLED', 'run') end
