@@ -179,12 +179,12 @@ local function sf_check_lease(run, held, sid, token, epoch, xid, now, allow_expi
 end
 
 -- Start an attempt of step sid under a fresh lease (the caller checked the
--- run and the execution, and read the step's state line ``line``, false or
--- nil for none, in a call of its own). Writes only a new step's place at the
--- end of ``order``; returns the lease as '<epoch>|<expires>|<attempt>' and
--- appends the steps-hash field/value pairs for the caller to write to
--- ``fields``; or nil, a code and a detail when the step completed ('DONE') or
--- another live lease holds it ('HELD', detail '<owner JSON>|<expires_at>').
+-- run and the execution, and read the step's state line ``line``: false or
+-- nil for none). Writes only a new step's place at the end of ``order``;
+-- returns the lease as '<epoch>|<expires>|<attempt>' and appends the
+-- steps-hash field/value pairs for the caller to write to ``fields``; or nil,
+-- a code and a detail when the step completed ('DONE') or another live lease
+-- holds it ('HELD', detail '<owner JSON>|<expires_at>').
 local function sf_claim(order, sid, line, name, owner, token, lease_ms, xid, input, now, fields)
   local current = sf_step_state(line)
   if not current then
