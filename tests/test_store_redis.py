@@ -158,6 +158,17 @@ async def test_a_prefix_in_another_storage_layout_is_refused_before_any_write(
     assert await keys_matching(redis_store, f"{key_prefix}:*") == {redis_store.keys.layout}
 
 
+async def test_data_from_before_the_layout_marker_is_refused_as_layout_1(
+    redis_store: RedisStore, key_prefix: str
+) -> None:
+    """Layout 1 wrote no marker: a prefix with runs but no marker is not claimed as layout 2."""
+    await redis_store.client.zadd(redis_store.keys.runs_by_time, {"old-run": 1})
+    with pytest.raises(StoreLayoutError) as refused:
+        await redis_store.create_run(RunRecord(run_id="r1", workflow="wf"))
+    assert (refused.value.found, refused.value.expected) == ("1", LAYOUT)
+    assert await keys_matching(redis_store, f"{key_prefix}:*") == {redis_store.keys.runs_by_time}
+
+
 async def test_a_new_prefix_is_marked_with_the_layout_and_reused_as_is(
     redis_store: RedisStore, key_prefix: str
 ) -> None:

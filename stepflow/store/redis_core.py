@@ -77,9 +77,20 @@ LAYOUT = "2"
 
 Layout 2: a step is four fields of its run's steps hash (``lua/_prelude.lua``).
 A store refuses, before writing, a prefix whose data is in another layout.
-Data written before this marker existed (layout 1) is caught later, by the
-scripts refusing a step row they cannot read.
+Data written before this marker existed (layout 1) has runs but no marker:
+it is refused as layout "1" (its step rows would read as absent, and a
+completed step would run again).
 """
+
+_CLAIM_LAYOUT = """
+local found = redis.call('GET', KEYS[1])
+if found then return found end
+if redis.call('EXISTS', KEYS[2]) == 1 then return '1' end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
+"""
+"""Mark a prefix with the layout unless it holds data already: the layout it is in.
+KEYS[1] the layout marker  KEYS[2] the runs-by-time index  ARGV[1] this layout."""
 
 INDEX_GRACE_MS = 60_000
 """How long an index entry may wait for its run to be written before readers drop it."""
@@ -192,8 +203,7 @@ class RedisCore:
                 async with self.client.pipeline(transaction=False) as pipe:
                     for script in registered.values():
                         pipe.script_load(script.script)
-                    pipe.set(self.keys.layout, LAYOUT, nx=True)
-                    pipe.get(self.keys.layout)
+                    pipe.eval(_CLAIM_LAYOUT, 2, self.keys.layout, self.keys.runs_by_time, LAYOUT)
                     *_, found = await pipe.execute()
                 if text(found) != LAYOUT:
                     raise StoreLayoutError(text(found), LAYOUT)
