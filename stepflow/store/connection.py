@@ -47,11 +47,11 @@ _UTF8 = frozenset({"utf-8", "utf8", "utf_8"})
 def _split_command_name(args: tuple[Any, ...]) -> tuple[Any, ...]:
     """``("SCRIPT LOAD", src)`` -> ``("SCRIPT", "LOAD", src)``, as redis-py's packer does."""
     first = args[0]
-    if isinstance(first, str):
+    if isinstance(first, str) and " " in first:
         return (*first.split(), *args[1:])
     if isinstance(first, bytes) and b" " in first:
         return (*first.split(), *args[1:])
-    return args
+    return args  # as is: a step's EVALSHA is not copied
 
 
 class FastSendMixin(AbstractConnection):
@@ -148,13 +148,6 @@ class LeanConnectionPool(ConnectionPool):
         finally:  # both at once: a connection is always in one of the two sets
             self._in_use_connections.remove(connection)
             self._available_connections.append(connection)
-
-
-_FAST = {
-    Connection: FastConnection,
-    SSLConnection: FastSSLConnection,
-    UnixDomainSocketConnection: FastUnixConnection,
-}
 
 
 def fast_client(url: str, **options: Any) -> Redis:

@@ -149,21 +149,10 @@ class RedisStore(RedisAdmin):
         parent first) creates, then claims."""
         validate_step_id(first.step_id)
         token = new_token()
-        keys = self.keys.run(record.run_id)
-        claim_keys = [keys.run, keys.reqs, keys.reqlog, keys.steps, keys.order, keys.execs]
-        claim_args = [
-            new_request_id(),
-            first.step_id,
-            _json.dumps(first.name),
-            _json.dumps(owner),
-            token,
-            int(first.lease_ms),
-            record.current_execution_id,
-            b"null",
-        ]
-        created, claimed = await self._create(
-            record, only_if_absent=True, event=event, claim=(claim_keys, claim_args)
+        claim = self._claim_call(
+            record.run_id, first, owner, token, record.current_execution_id, b"null"
         )
+        created, claimed = await self._create(record, only_if_absent=True, event=event, claim=claim)
         if not claimed:
             return created, None
         lease = _lease_from_reply(
@@ -187,60 +176,51 @@ class RedisStore(RedisAdmin):
         """
         keys, args = self._create_run_call(record, only_if_absent=only_if_absent, event=event)
         run_id = record.run_id
+        if claim is not None:  # made only if this create (request args[0]) made the run
+            claim = (claim[0], [*claim[1], args[0]])
         if record.parent_run_id is not None:
             await self._index_child(record, keep_score=only_if_absent)
             created = int(await self._call("create_run", keys, args, run_id=run_id))
             if created >= 0:
                 count = (args[0], {"executions": created})
                 await self._index_status(run_id, record.status, count=count)
-            if created < 0 or claim is None:
-                return created >= 0, ""
-            return True, await self._claim_if_made(claim[0], [*claim[1], args[0]], run_id)
-        count = (args[0], {"executions": 1})
-        index_keys, index_args = self._index_call(run_id, record.status, count)
-        await self._ready()
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.zadd(self.keys.runs_by_time, {run_id: record.created_at}, nx=only_if_absent)
-            self._queue(pipe, "create_run", keys, args)
-            self._queue(pipe, "index_run", index_keys, index_args)
-            if claim is not None:  # made only if this create (request args[0]) made the run
-                claim = (claim[0], [*claim[1], args[0]])
-                self._queue(pipe, "claim_step", *claim)
-            timed, created, indexed, *claimed = await pipe.execute(raise_on_error=False)
-        if isinstance(timed, Exception):
-            raise timed
-        await self._resolve(indexed, "index_run", index_keys, index_args, run_id=run_id)
-        undo = (f"{args[0]}:undo", {"executions": -1})
-        try:
-            created = int(await self._resolve(created, "create_run", keys, args, run_id=run_id))
-        except StepflowError:
-            await self._bump(*undo)
-            await self._reindex(run_id)
-            raise
-        if created != 1:  # no new execution: the run existed
-            await self._bump(*undo)
-        if created < 0:  # and was left as it is, maybe in another status
-            await self._reindex(run_id)
-            return False, ""
-        if claim is None:
-            return True, ""
-        return True, await self._claim_if_made(*claim, run_id, claimed[0])
-
-    async def _claim_if_made(
-        self, claim_keys: list[str], claim_args: list[Any], run_id: str, reply: Any = None
-    ) -> str:
-        """The reply of a ``claim_step.lua`` that names the create it depends on: sent
-        now, or the reply it got in a pipeline; '' when not made or refused."""
-        try:
-            if reply is None:
-                reply = await self._call("claim_step", claim_keys, claim_args, run_id=run_id)
+            claimed = None
+        else:
+            count = (args[0], {"executions": 1})
+            index_keys, index_args = self._index_call(run_id, record.status, count)
+            await self._ready()
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.zadd(self.keys.runs_by_time, {run_id: record.created_at}, nx=only_if_absent)
+                self._queue(pipe, "create_run", keys, args)
+                self._queue(pipe, "index_run", index_keys, index_args)
+                if claim is not None:
+                    self._queue(pipe, "claim_step", *claim)
+                timed, created, indexed, *pipelined = await pipe.execute(raise_on_error=False)
+            if isinstance(timed, Exception):
+                raise timed
+            await self._resolve(indexed, "index_run", index_keys, index_args, run_id=run_id)
+            undo = (f"{args[0]}:undo", {"executions": -1})
+            try:
+                created = int(await self._resolve(created, "create_run", keys, args, run_id=run_id))
+            except StepflowError:
+                await self._bump(*undo)
+                await self._reindex(run_id)
+                raise
+            if created != 1:  # no new execution: the run existed
+                await self._bump(*undo)
+            if created < 0:  # and was left as it is, maybe in another status
+                await self._reindex(run_id)
+            claimed = pipelined[0] if pipelined else None
+        if created < 0 or claim is None:
+            return created >= 0, ""
+        try:  # sent now for a child run; a pipelined reply NOSCRIPT refused is sent again
+            if claimed is None:
+                claimed = await self._call("claim_step", *claim, run_id=run_id)
             else:
-                reply = await self._resolve(
-                    reply, "claim_step", claim_keys, claim_args, run_id=run_id
-                )
+                claimed = await self._resolve(claimed, "claim_step", *claim, run_id=run_id)
         except StepflowError:  # refused (the run was created cancelled): claim the usual way
-            return ""
-        return text(reply)
+            return True, ""
+        return True, text(claimed)
 
     def _create_run_call(
         self, record: RunRecord, *, only_if_absent: bool = False, event: NewEvent | None = None
@@ -523,28 +503,46 @@ class RedisStore(RedisAdmin):
         execution_id: int = 1,
         input: Any = None,
     ) -> Lease:
-        keys = self.keys.run(run_id)
         validate_step_id(step_id)
         input_json = self._codec.encode(input, "step input")
         token = new_token()
+        keys, args = self._claim_call(
+            run_id, StepClaim(step_id, name, lease_ms), owner, token, execution_id, input_json
+        )
         reply = await self._call(
             "claim_step",
-            [keys.run, keys.reqs, keys.reqlog, keys.steps, keys.order, keys.execs],
-            [
-                new_request_id(),
-                step_id,
-                _json.dumps(name),
-                _json.dumps(owner),
-                token,
-                int(lease_ms),
-                execution_id,
-                input_json,
-            ],
+            keys,
+            args,
             run_id=run_id,
             step_id=step_id,
             execution_id=execution_id,
         )
         return _lease_from_reply(text(reply), run_id, step_id, owner, token, execution_id)
+
+    def _claim_call(
+        self,
+        run_id: str,
+        claim: StepClaim,
+        owner: str,
+        token: str,
+        execution_id: int,
+        input_json: bytes,
+    ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of ``claim_step.lua`` (ids and input validated and encoded)."""
+        keys = self.keys.run(run_id)
+        return (
+            [keys.run, keys.reqs, keys.reqlog, keys.steps, keys.order, keys.execs],
+            [
+                new_request_id(),
+                claim.step_id,
+                _json.dumps(claim.name),
+                _json.dumps(owner),
+                token,
+                int(claim.lease_ms),
+                execution_id,
+                input_json,
+            ],
+        )
 
     async def renew_lease(self, lease: Lease, *, lease_ms: int = DEFAULT_LEASE_MS) -> Lease:
         keys = self.keys.run(lease.run_id)
