@@ -76,6 +76,13 @@ class WorkflowStore(Protocol):
     in one order on every backend, so a call with several faults gets the
     same error everywhere: ids (`InvalidRunIdError`), then payloads
     (`InvalidPayloadError`), then the stored state (not found, lease, conflict).
+
+    `claim_step`, `complete_step`, `complete_and_claim`, `complete_and_finish`
+    and `fail_step` must let other tasks run once per call (a store over a
+    network does; `MemoryStore` checkpoints before it reads anything): the
+    engine runs a chain of steps in one task without a yield of its own, so a
+    store that never suspends would let a chain starve every other task and
+    ignore a cancel.
     """
 
     max_payload_bytes: int

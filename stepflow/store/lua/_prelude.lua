@@ -1,5 +1,5 @@
--- Helpers shared by every stepflow script; scripts.py places this text
--- after each script's "#!lua" line and before its body.
+-- Helpers the stepflow scripts share; scripts.py places the ones a script
+-- uses (with the comment above each) after its "#!lua" line, before its body.
 --
 -- Conventions: every value in the run, steps and execs hashes is JSON;
 -- errors are error_reply('SF_<CODE> <detail>') and mapped to Python
