@@ -852,6 +852,30 @@ async def test_a_run_cancelled_during_set_up_leaves_its_first_step_free(
                     assert (record.status, record.output) == (RunStatus.COMPLETED, {"first": "ran"})
 
 
+async def test_the_step_claimed_with_the_create_is_one_of_the_definition_the_engine_runs(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """A definition handed to ``run`` may not be the one the engine runs under that
+    name (``workflows=``, or a later definition of the same name): the step claimed
+    with the create must be the opening step of the one that runs."""
+    given = new_flow()
+    driven = Workflow(given.name)
+
+    @given.step()
+    async def a(ctx: StepContext) -> int:
+        return 1
+
+    @driven.step()
+    async def x(ctx: StepContext) -> int:
+        return 2
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store, workflows=[driven]).run(given)
+    assert (record.status, record.output) == (RunStatus.COMPLETED, {"x": 2})
+    steps = await steps_by_name(store, record.run_id)
+    assert {name: step.status for name, step in steps.items()} == {"x": StepStatus.COMPLETED}
+
+
 class CountingStore(stepflow.MemoryStore):
     """A MemoryStore that counts the calls the engine makes."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import traceback
+import traceback as _traceback
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -36,15 +36,17 @@ _TRACEBACK_LIMIT = 4000
 T = TypeVar("T")
 
 
-def describe_error(exc: BaseException, **extra: Any) -> dict[str, Any]:
-    """A JSON record of an exception: what operators see in ``RunRecord.error``."""
-    trace = "".join(traceback.format_exception(exc))
-    return {
-        "type": type(exc).__name__,
-        "message": str(exc),
-        "traceback": trace[-_TRACEBACK_LIMIT:],
-        **extra,
-    }
+def describe_error(exc: BaseException, *, traceback: bool = True, **extra: Any) -> dict[str, Any]:
+    """A JSON record of an exception: what operators see in ``RunRecord.error``.
+
+    ``traceback=False`` leaves the traceback out, for an error raised by
+    stepflow itself whose traceback would show only the engine.
+    """
+    record: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+    if traceback:
+        trace = "".join(_traceback.format_exception(exc))
+        record["traceback"] = trace[-_TRACEBACK_LIMIT:]
+    return {**record, **extra}
 
 
 class LeaseLost(StepflowError):
@@ -398,7 +400,9 @@ async def _complete_and_finish(
             run_output=then_finish(result),
             run_event=completed,
         )
-    except InvalidPayloadError:
+    except InvalidPayloadError as exc:
+        if exc.what != "run output":  # the step's own result: the attempt fails
+            raise
         recorded = await store.complete_step(lease, output=result, context_patch=patch, event=event)
         return recorded, None
     return recorded, finished

@@ -79,7 +79,8 @@ class DagRunner:
         self.fresh = fresh
         """Created just now: no step rows to load."""
         self.first_lease = first_lease
-        """A lease on the opening step claimed with the run's creation, until a task takes it."""
+        """A lease on the opening step claimed with the run's creation, until its task takes
+        it (a fresh run's opening step is always among the steps it launches first)."""
         # Replaced, never mutated: a step's context is a read-only view of the bag
         # as it was, while the loop may merge another step's output meanwhile.
         self.bag: dict[str, Any] = dict(record.context)
@@ -107,14 +108,6 @@ class DagRunner:
         return self.record.current_execution_id
 
     async def execute(self) -> RunRecord:
-        try:
-            return await self._execute()
-        finally:
-            if self.first_lease is not None:  # no task took it: hand it back
-                with anyio.CancelScope(shield=True):
-                    await release(self.store, self.first_lease)
-
-    async def _execute(self) -> RunRecord:
         if not self.fresh:
             await self._load_steps()
         if self.record.status != RunStatus.RUNNING:
@@ -165,14 +158,16 @@ class DagRunner:
                 event=NewEvent(kind=EventKind.RUN_COMPLETED, payload=None),
             )
         except InvalidPayloadError as exc:  # no traceback: it would only show the engine
-            error = {"type": type(exc).__name__, "message": str(exc), "phase": "run output"}
-            return await self.store.set_run_status(
-                self.run_id,
-                RunStatus.FAILED,
-                execution_id=self.execution_id,
-                error=error,
-                event=NewEvent(kind=EventKind.RUN_FAILED, payload=error),
-            )
+            return await self._fail_run(describe_error(exc, traceback=False, phase="run output"))
+
+    async def _fail_run(self, error: dict[str, Any]) -> RunRecord:
+        return await self.store.set_run_status(
+            self.run_id,
+            RunStatus.FAILED,
+            execution_id=self.execution_id,
+            error=error,
+            event=NewEvent(kind=EventKind.RUN_FAILED, payload=error),
+        )
 
     async def _load_steps(self) -> None:
         for step in await self.store.list_steps(self.run_id):
@@ -272,6 +267,7 @@ class DagRunner:
             except BaseException:
                 await self._hand_back(claimed)
                 raise
+            then_claim = self._claim_ahead(name)
             try:
                 outcome = await execute_step(
                     self.store,
@@ -279,8 +275,8 @@ class DagRunner:
                     owner=self.owner,
                     keeper=self.keeper,
                     claimed=claimed,
-                    then_claim=self._claim_ahead(name),
-                    then_finish=self._finish_with(name),
+                    then_claim=then_claim,
+                    then_finish=None if then_claim is not None else self._finish_with(name),
                 )
             finally:
                 self.limiter.release()
@@ -313,7 +309,7 @@ class DagRunner:
         Not a step with a ``when`` condition (it may be skipped), and only
         while the run goes on normally.
         """
-        if self.failure is not None or self.stop_reason() is not None:
+        if not self._going_on():
             return None
         for dependent in self.flow.dependents(name):
             if (
@@ -330,11 +326,13 @@ class DagRunner:
         The last step is the one every other step is done before; only while
         the run goes on normally (else the run ends another way).
         """
-        if self.failure is not None or self.stop_reason() is not None or self.lost_lease:
-            return None
-        if len(self.outputs) != len(self.flow.steps) - 1 or name in self.outputs:
+        if not self._going_on() or len(self.outputs) != len(self.flow.steps) - 1:
             return None
         return lambda output: self._run_output({**self.outputs, name: output})
+
+    def _going_on(self) -> bool:
+        """No step failed for good, no lease was lost, and the engine has not stopped the run."""
+        return self.failure is None and not self.lost_lease and self.stop_reason() is None
 
     def _run_output(self, outputs: Mapping[str, Any]) -> dict[str, Any]:
         """The run's output: each sink step's (a step nothing depends on)."""
@@ -410,13 +408,7 @@ class DagRunner:
         await self._mark_unfinished(
             interrupted=StepStatus.CANCELLED, unstarted=StepStatus.SKIPPED, reason=reason
         )
-        return await self.store.set_run_status(
-            self.run_id,
-            RunStatus.FAILED,
-            execution_id=self.execution_id,
-            error=failure.error,
-            event=NewEvent(kind=EventKind.RUN_FAILED, payload=failure.error),
-        )
+        return await self._fail_run(failure.error)
 
     async def _finish_cancelled(self) -> None:
         reason = {"type": "Cancelled", "message": "the run was cancelled"}

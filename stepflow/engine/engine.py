@@ -220,7 +220,9 @@ class Engine:
         opening step is claimed in the same store call as the create.
         """
         flow.validate()
-        self.workflow(flow.name)  # one this engine cannot drive is refused before it is stored
+        # One this engine cannot drive is refused before it is stored; the one it
+        # drives under that name says which step to claim with the create.
+        definition = self.workflow(flow.name)
         value = flow.validate_input(input)
         run_id = validate_run_id(run_id) if run_id is not None else uuid.uuid4().hex
         # Created running, with its run_started, in one write: this engine
@@ -236,7 +238,7 @@ class Engine:
         started = NewEvent(kind=EventKind.RUN_STARTED, payload=value)
         # Only if absent: a second start of the same id (a retry, another
         # process) resumes the run rather than wiping what it did.
-        opening = flow.opening_step()
+        opening = definition.opening_step()
         if opening is None:
             made = await self.store.create_run(record, only_if_absent=True, event=started)
             lease = None
