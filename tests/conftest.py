@@ -16,6 +16,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import fakeredis
 import pytest
 
 from stepflow import MemoryStore, RedisStore, WorkflowStore
+from stepflow.store import connection
 
 STORE_KINDS = ("memory", "fakeredis", "redis")
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
@@ -185,3 +187,23 @@ async def redis_store(request: pytest.FixtureRequest, key_prefix: str) -> AsyncI
     assert isinstance(instance, RedisStore)
     yield instance
     await instance.aclose()
+
+
+@contextmanager
+def every_script_sent_twice() -> Iterator[None]:
+    """Send each script a `RedisStore` runs on its own twice, as a retry after a lost reply does."""
+    send = connection.evalsha
+    doubled = 0
+
+    async def twice(*args: Any) -> Any:
+        nonlocal doubled
+        doubled += 1
+        await send(*args)
+        return await send(*args)
+
+    connection.evalsha = twice
+    try:
+        yield
+    finally:
+        connection.evalsha = send
+    assert doubled, "no script went through connection.evalsha: the test doubled nothing"

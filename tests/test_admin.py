@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import anyio
 import pytest
+from conftest import every_script_sent_twice
 from redis.asyncio.client import Pipeline
 from redis.crc import key_slot
 
@@ -1010,25 +1011,19 @@ async def test_children_are_indexed_in_the_parent_slot(redis_store: RedisStore) 
 
 
 @contextmanager
-def everything_sent_twice(store: RedisStore) -> Iterator[None]:
+def everything_sent_twice() -> Iterator[None]:
     """Send every script and every pipeline twice, as redis-py does when a reply is lost."""
-    evalsha = store.client.evalsha
     execute = Pipeline._execute_pipeline
-
-    async def evalsha_twice(*args: Any, **kwargs: Any) -> Any:
-        await evalsha(*args, **kwargs)
-        return await evalsha(*args, **kwargs)
 
     async def execute_twice(self: Pipeline, *args: Any, **kwargs: Any) -> Any:
         await execute(self, *args, **kwargs)
         return await execute(self, *args, **kwargs)
 
-    store.client.evalsha = evalsha_twice  # type: ignore[method-assign]
     Pipeline._execute_pipeline = execute_twice  # type: ignore[method-assign]
     try:
-        yield
+        with every_script_sent_twice():
+            yield
     finally:
-        del store.client.evalsha
         Pipeline._execute_pipeline = execute  # type: ignore[method-assign]
 
 
@@ -1049,7 +1044,7 @@ async def test_counters_stay_exact_when_every_request_is_sent_twice(
     reference = MemoryStore()
     await workload(reference)
     await redis_store.get_run("warm-up")  # scripts loaded: no NOSCRIPT in between
-    with everything_sent_twice(redis_store):
+    with everything_sent_twice():
         await workload(redis_store)
     expected = await reference.get_metrics()
     assert await redis_store.get_metrics() == expected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from typing import Any
 
 import anyio
 import pytest
@@ -15,7 +16,7 @@ from redis.asyncio.connection import (
     UnixDomainSocketConnection,
 )
 from redis.credentials import UsernamePasswordCredentialProvider
-from redis.exceptions import DataError, MaxConnectionsError
+from redis.exceptions import DataError, MaxConnectionsError, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stepflow import RedisStore
@@ -24,6 +25,7 @@ from stepflow.store.connection import (
     FastSSLConnection,
     FastUnixConnection,
     LeanConnectionPool,
+    evalsha,
     fast_client,
 )
 
@@ -193,3 +195,103 @@ async def test_a_write_that_cannot_finish_times_out_and_drops_the_connection(
     finally:
         own_server.process.send_signal(signal.SIGCONT)
         writer.transport.abort()  # closing, with megabytes unsent: drop them now
+
+
+COUNTING_SCRIPT = "return {KEYS[1], ARGV[1], redis.call('INCR', KEYS[1])}"
+"""Replies with its key, its argument and how often it ran on that key."""
+
+
+async def test_a_script_sent_on_the_lean_pool_replies_and_fails_as_redis_py_does(
+    redis_url: str,
+) -> None:
+    fast, stock = fast_client(redis_url), Redis.from_url(redis_url)
+    key = "stepflow-test:evalsha"
+    try:
+        sha = await stock.script_load(COUNTING_SCRIPT)
+        assert await evalsha(fast, sha, [key], ["réponse"]) == [
+            key.encode(),
+            "réponse".encode(),
+            1,
+        ]
+        assert await stock.evalsha(sha, 1, key, "réponse") == [key.encode(), "réponse".encode(), 2]
+        with pytest.raises(NoScriptError):
+            await evalsha(fast, "0" * 40, [key], [])
+        failing = await stock.script_load("return redis.error_reply('SF_TEST refused')")
+        with pytest.raises(ResponseError, match="SF_TEST refused"):
+            await evalsha(fast, failing, [], [])
+        # Error replies leave the connection in step: the next reply is its own.
+        assert await evalsha(fast, sha, [key], ["next"]) == [key.encode(), b"next", 3]
+        pool = fast.connection_pool
+        assert len(pool._available_connections) == 1
+        assert not pool._in_use_connections
+    finally:
+        await stock.delete(key)
+        await stock.aclose()
+        await fast.aclose()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"single_connection_client": True}, {"credential_provider": None, "protocol": 2}],
+    ids=["single connection", "redis-py's pool"],
+)
+async def test_a_script_on_another_client_goes_through_redis_py(
+    redis_url: str, options: dict[str, object]
+) -> None:
+    """Its own connection handling stays in charge: a single connection, or redis-py's pool."""
+    client = fast_client(redis_url, **options)
+    key = "stepflow-test:evalsha-other"
+    sent = []
+    plain = client.evalsha
+
+    async def recorded(*args: Any) -> Any:
+        sent.append(args)
+        return await plain(*args)
+
+    client.evalsha = recorded  # type: ignore[method-assign]
+    try:
+        sha = await client.script_load(COUNTING_SCRIPT)
+        assert await evalsha(client, sha, [key], ["a"]) == [key.encode(), b"a", 1]
+        assert sent == [(sha, 1, key, "a")]
+    finally:
+        await client.delete(key)
+        await client.aclose()
+
+
+async def test_a_script_on_a_dropped_connection_is_sent_again_on_a_new_one(
+    redis_url: str,
+) -> None:
+    """The server closed the pooled connection: the call reconnects and the script runs once."""
+    client, admin = fast_client(redis_url), Redis.from_url(redis_url)
+    key = "stepflow-test:evalsha-dropped"
+    try:
+        sha = await client.script_load(COUNTING_SCRIPT)
+        await evalsha(client, sha, [key], ["first"])
+        dropped = await client.client_id()  # the pool's one connection
+        assert await admin.client_kill_filter(_id=dropped) == 1
+        assert await evalsha(client, sha, [key], ["again"]) == [key.encode(), b"again", 2]
+        assert await client.client_id() != dropped
+    finally:
+        await admin.delete(key)
+        await admin.aclose()
+        await client.aclose()
+
+
+async def test_a_script_cancelled_before_its_reply_leaves_no_reply_behind(
+    own_server: RedisServer,
+) -> None:
+    """The next script on the pool's one connection must read its own reply."""
+    client = fast_client(own_server.url, max_connections=1)
+    assert own_server.process is not None
+    try:
+        sha = await client.script_load("return ARGV[1]")
+        own_server.process.send_signal(signal.SIGSTOP)  # the reply will come late
+        try:
+            with anyio.move_on_after(0.2):
+                await evalsha(client, sha, [], ["cancelled"])
+                pytest.fail("a stopped server answered")
+        finally:
+            own_server.process.send_signal(signal.SIGCONT)
+        assert await evalsha(client, sha, [], ["mine"]) == b"mine"
+    finally:
+        await client.aclose()

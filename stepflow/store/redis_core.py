@@ -29,7 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from stepflow import _json
 from stepflow.errors import ConflictError, StoreLayoutError
 from stepflow.models import RunRecord, RunStatus, now_ms
-from stepflow.store import scripts
+from stepflow.store import connection, scripts
 from stepflow.store.codec import Codec
 from stepflow.store.connection import fast_client
 from stepflow.store.keys import Keys, RunKeys
@@ -262,14 +262,14 @@ class RedisCore:
         """EVALSHA ``script``; after NOSCRIPT (a flush, a failover) load it and send it again.
 
         What calling the ``AsyncScript`` does, without its copies of the
-        arguments and its wrapper call: a step runs one script, so this is on
-        every step's path.
+        arguments and its wrapper call, sent by `connection.evalsha`: a step
+        runs one script, so this is on every step's path.
         """
         try:
-            return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+            return await connection.evalsha(self.client, script.sha, keys, args)
         except NoScriptError:
             script.sha = await self.client.script_load(script.script)
-            return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+            return await connection.evalsha(self.client, script.sha, keys, args)
 
     def _queue(self, pipe: Pipeline, name: str, keys: Sequence[str], args: Sequence[Any]) -> None:
         """Queue script ``name`` on ``pipe`` (scripts must be loaded: `_ready` first)."""
