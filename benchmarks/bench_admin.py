@@ -75,9 +75,12 @@ async def load(store: RedisStore, runs: int) -> float:
                 )
                 keys, args = store._create_run_call(record)
                 pipe.zadd(store.keys.runs_by_time, {record.run_id: record.created_at})
-                store._queue(pipe, "create_run", keys, args)
+                pipe.execute_command(*store._script_command("create_run", keys, args))
                 pipe.zadd(store.keys.runs_by_status(status), {record.run_id: record.created_at})
-                store._queue(pipe, "bump_metrics", store._metric_keys, [args[0], "executions", 1])
+                bump = store._script_command(
+                    "bump_metrics", store._metric_keys, [args[0], "executions", 1]
+                )
+                pipe.execute_command(*bump)
             await pipe.execute()
     return time.perf_counter() - started
 

@@ -36,7 +36,7 @@ import sys
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,7 +45,6 @@ from typing import Any
 import anyio
 from environment import environment, versions_line, write_results
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis_server import redis_server
 
 from stepflow import Engine, MemoryStore, RedisStore, RunStatus, StepContext, Workflow
@@ -277,7 +276,7 @@ class RoundTrips:
         send = connection_class.send_packed_command
         execute = Redis.execute_command
         send_script = connection.evalsha
-        pipeline_execute = Pipeline.execute
+        send_pipeline = connection.pipelined
 
         async def counted_send(conn: Any, *args: Any, **kwargs: Any) -> Any:
             counter.packets += 1
@@ -293,18 +292,18 @@ class RoundTrips:
                 counter.commands[name] += 1
             return await execute(client, *args, **options)
 
-        async def counted_pipeline(pipe: Pipeline, *args: Any, **kwargs: Any) -> Any:
-            names = Counter(str(c[0][0]).upper() for c in pipe.command_stack)
+        async def counted_pipeline(client: Redis, commands: Sequence[Sequence[Any]]) -> Any:
+            names = Counter(str(command[0]).upper() for command in commands)
             if names:
                 shape = " + ".join(f"{n}x{k}" for k, n in sorted(names.items()))
                 counter.pipelines[f"PIPELINE [{shape}]"] += 1
-            return await pipeline_execute(pipe, *args, **kwargs)
+            return await send_pipeline(client, commands)
 
         patches = [
             (connection_class, "send_packed_command", counted_send),
             (Redis, "execute_command", counted_execute),
             (connection, "evalsha", counted_script),
-            (Pipeline, "execute", counted_pipeline),
+            (connection, "pipelined", counted_pipeline),
         ]
         for owner, attr, replacement in patches:
             self._saved.append((owner, attr, owner.__dict__.get(attr)))

@@ -190,20 +190,26 @@ async def redis_store(request: pytest.FixtureRequest, key_prefix: str) -> AsyncI
 
 
 @contextmanager
-def every_script_sent_twice() -> Iterator[None]:
-    """Send each script a `RedisStore` runs on its own twice, as a retry after a lost reply does."""
-    send = connection.evalsha
+def everything_sent_twice() -> Iterator[None]:
+    """Send each script and pipeline of a `RedisStore` twice, as a retry after a lost reply does."""
+    send, send_all = connection.evalsha, connection.pipelined
     doubled = 0
 
-    async def twice(*args: Any) -> Any:
+    async def script_twice(*args: Any) -> Any:
         nonlocal doubled
         doubled += 1
         await send(*args)
         return await send(*args)
 
-    connection.evalsha = twice
+    async def pipeline_twice(*args: Any) -> Any:
+        nonlocal doubled
+        doubled += 1
+        await send_all(*args)
+        return await send_all(*args)
+
+    connection.evalsha, connection.pipelined = script_twice, pipeline_twice
     try:
         yield
     finally:
-        connection.evalsha = send
-    assert doubled, "no script went through connection.evalsha: the test doubled nothing"
+        connection.evalsha, connection.pipelined = send, send_all
+    assert doubled, "nothing went through connection.evalsha or .pipelined: nothing was doubled"

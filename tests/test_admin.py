@@ -9,14 +9,11 @@ the counters (exact under replays, refusals and ``SCRIPT FLUSH``).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, cast
 
 import anyio
 import pytest
-from conftest import every_script_sent_twice
-from redis.asyncio.client import Pipeline
+from conftest import everything_sent_twice
 from redis.crc import key_slot
 
 import stepflow
@@ -1008,23 +1005,6 @@ async def test_children_are_indexed_in_the_parent_slot(redis_store: RedisStore) 
 
 
 # -- Redis: counters ---------------------------------------------------------------------------
-
-
-@contextmanager
-def everything_sent_twice() -> Iterator[None]:
-    """Send every script and every pipeline twice, as redis-py does when a reply is lost."""
-    execute = Pipeline._execute_pipeline
-
-    async def execute_twice(self: Pipeline, *args: Any, **kwargs: Any) -> Any:
-        await execute(self, *args, **kwargs)
-        return await execute(self, *args, **kwargs)
-
-    Pipeline._execute_pipeline = execute_twice  # type: ignore[method-assign]
-    try:
-        with every_script_sent_twice():
-            yield
-    finally:
-        Pipeline._execute_pipeline = execute  # type: ignore[method-assign]
 
 
 async def workload(store: WorkflowStore) -> None:

@@ -15,7 +15,10 @@ from redis.asyncio.connection import (
     SSLConnection,
     UnixDomainSocketConnection,
 )
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.credentials import UsernamePasswordCredentialProvider
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, MaxConnectionsError, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -27,6 +30,7 @@ from stepflow.store.connection import (
     LeanConnectionPool,
     evalsha,
     fast_client,
+    pipelined,
 )
 
 pytestmark = pytest.mark.anyio
@@ -201,6 +205,27 @@ COUNTING_SCRIPT = "return {KEYS[1], ARGV[1], redis.call('INCR', KEYS[1])}"
 """Replies with its key, its argument and how often it ran on that key."""
 
 
+async def send_alone(client: Redis, sha: str, key: str, arg: str) -> Any:
+    return await evalsha(client, sha, [key] if key else [], [arg])
+
+
+async def send_pipelined(client: Redis, sha: str, key: str, arg: str) -> Any:
+    """The script second in a pipeline, after a command of another kind."""
+    keys = [key] if key else []
+    removed, reply = await pipelined(
+        client, [("ZREM", "stepflow-test:none", "m"), ("EVALSHA", sha, len(keys), *keys, arg)]
+    )
+    assert removed == 0
+    return reply
+
+
+SENDERS = pytest.mark.parametrize(
+    ("send", "redis_py_call"),
+    [(send_alone, "evalsha"), (send_pipelined, "pipeline")],
+    ids=["evalsha", "pipelined"],
+)
+
+
 async def test_a_script_sent_on_the_lean_pool_replies_and_fails_as_redis_py_does(
     redis_url: str,
 ) -> None:
@@ -230,55 +255,110 @@ async def test_a_script_sent_on_the_lean_pool_replies_and_fails_as_redis_py_does
         await fast.aclose()
 
 
+async def test_a_pipeline_on_the_lean_pool_replies_as_redis_pys_does(redis_url: str) -> None:
+    """Replies in order, each error reply in its command's place, the connection still in step."""
+    fast, stock = fast_client(redis_url), Redis.from_url(redis_url)
+    try:
+        sha = await stock.script_load(COUNTING_SCRIPT)
+        failing = await stock.script_load("return redis.error_reply('SF_TEST refused')")
+
+        def batch(key: str) -> list[tuple[Any, ...]]:
+            return [
+                ("ZADD", f"{key}:z", "NX", 5, "member"),
+                ("EVALSHA", sha, 1, key, "réponse"),
+                ("EVALSHA", failing, 0),
+                ("EVALSHA", "0" * 40, 0),
+                ("EVALSHA", sha, 1, key, "after"),
+            ]
+
+        lean = await pipelined(fast, batch("stepflow-test:lean"))
+        async with stock.pipeline(transaction=False) as pipe:
+            for command in batch("stepflow-test:stock"):
+                pipe.execute_command(*command)
+            stocked = await pipe.execute(raise_on_error=False)
+
+        def shown(replies: list[Any], key: str) -> list[Any]:
+            return [
+                (type(r).__name__, str(r)) if isinstance(r, Exception) else r
+                for r in (r if not isinstance(r, list) else [x for x in r if x != key.encode()]
+                          for r in replies)
+            ]  # fmt: skip
+
+        assert shown(lean, "stepflow-test:lean") == shown(stocked, "stepflow-test:stock")
+        assert isinstance(lean[2], ResponseError)
+        assert isinstance(lean[3], NoScriptError)
+        assert lean[4] == [b"stepflow-test:lean", b"after", 2]
+        assert await pipelined(fast, [("ECHO", "mine")]) == [b"mine"]
+        assert len(fast.connection_pool._available_connections) == 1
+    finally:
+        keys = ("stepflow-test:lean", "stepflow-test:stock")
+        await stock.delete(*keys, *(f"{key}:z" for key in keys))
+        await stock.aclose()
+        await fast.aclose()
+
+
+@SENDERS
 @pytest.mark.parametrize(
     "options",
     [{"single_connection_client": True}, {"credential_provider": None, "protocol": 2}],
     ids=["single connection", "redis-py's pool"],
 )
 async def test_a_script_on_another_client_goes_through_redis_py(
-    redis_url: str, options: dict[str, object]
+    redis_url: str, options: dict[str, object], send: Any, redis_py_call: str
 ) -> None:
     """Its own connection handling stays in charge: a single connection, or redis-py's pool."""
     client = fast_client(redis_url, **options)
     key = "stepflow-test:evalsha-other"
-    sent = []
-    plain = client.evalsha
+    calls = []
+    plain = getattr(client, redis_py_call)
 
-    async def recorded(*args: Any) -> Any:
-        sent.append(args)
-        return await plain(*args)
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        return plain(*args, **kwargs)
 
-    client.evalsha = recorded  # type: ignore[method-assign]
+    setattr(client, redis_py_call, recorded)
     try:
         sha = await client.script_load(COUNTING_SCRIPT)
-        assert await evalsha(client, sha, [key], ["a"]) == [key.encode(), b"a", 1]
-        assert sent == [(sha, 1, key, "a")]
+        assert await send(client, sha, key, "a") == [key.encode(), b"a", 1]
+        assert len(calls) == 1
     finally:
         await client.delete(key)
         await client.aclose()
 
 
-async def test_a_script_on_a_dropped_connection_is_sent_again_on_a_new_one(
-    redis_url: str,
+@SENDERS
+@pytest.mark.parametrize("retries", [1, 0])
+async def test_a_script_on_a_dropped_connection_is_retried_as_the_client_says(
+    redis_url: str, send: Any, redis_py_call: str, retries: int
 ) -> None:
-    """The server closed the pooled connection: the call reconnects and the script runs once."""
-    client, admin = fast_client(redis_url), Redis.from_url(redis_url)
+    """The server closed the pooled connection: a retry reconnects and the script runs once.
+
+    Without retries the connection error reaches the caller, as from redis-py's own call.
+    """
+    client = fast_client(redis_url, retry=Retry(NoBackoff(), retries))
+    admin = Redis.from_url(redis_url)
     key = "stepflow-test:evalsha-dropped"
     try:
         sha = await client.script_load(COUNTING_SCRIPT)
-        await evalsha(client, sha, [key], ["first"])
+        await send(client, sha, key, "first")
         dropped = await client.client_id()  # the pool's one connection
         assert await admin.client_kill_filter(_id=dropped) == 1
-        assert await evalsha(client, sha, [key], ["again"]) == [key.encode(), b"again", 2]
-        assert await client.client_id() != dropped
+        if retries:
+            assert await send(client, sha, key, "again") == [key.encode(), b"again", 2]
+            assert await client.client_id() != dropped
+        else:
+            with pytest.raises(RedisConnectionError):
+                await send(client, sha, key, "again")
+            assert await admin.get(key) == b"1"
     finally:
         await admin.delete(key)
         await admin.aclose()
         await client.aclose()
 
 
+@SENDERS
 async def test_a_script_cancelled_before_its_reply_leaves_no_reply_behind(
-    own_server: RedisServer,
+    own_server: RedisServer, send: Any, redis_py_call: str
 ) -> None:
     """The next script on the pool's one connection must read its own reply."""
     client = fast_client(own_server.url, max_connections=1)
@@ -288,10 +368,10 @@ async def test_a_script_cancelled_before_its_reply_leaves_no_reply_behind(
         own_server.process.send_signal(signal.SIGSTOP)  # the reply will come late
         try:
             with anyio.move_on_after(0.2):
-                await evalsha(client, sha, [], ["cancelled"])
+                await send(client, sha, "", "cancelled")
                 pytest.fail("a stopped server answered")
         finally:
             own_server.process.send_signal(signal.SIGCONT)
-        assert await evalsha(client, sha, [], ["mine"]) == b"mine"
+        assert await send(client, sha, "", "mine") == b"mine"
     finally:
         await client.aclose()

@@ -15,7 +15,7 @@ from typing import Any
 
 import fakeredis
 import pytest
-from conftest import RedisServer, every_script_sent_twice
+from conftest import RedisServer, everything_sent_twice
 from redis.crc import key_slot
 from redis.exceptions import AuthenticationError
 
@@ -381,7 +381,7 @@ async def test_a_claim_riding_with_a_create_that_made_nothing_claims_nothing(
 async def test_a_script_run_twice_for_one_call_applies_once(redis_store: RedisStore) -> None:
     reference = MemoryStore()
     await redis_store.get_run("warm-up")  # scripts loaded, so no NOSCRIPT in between
-    with every_script_sent_twice():
+    with everything_sent_twice():
         for store in (reference, redis_store):
             await populate(store)
             await populate(store, "doomed")
@@ -417,7 +417,7 @@ async def test_a_late_replay_does_not_undo_a_newer_change(redis_store: RedisStor
 async def test_complete_step_replayed_records_one_completion(redis_store: RedisStore) -> None:
     await redis_store.create_run(RunRecord(run_id="r1", workflow="wf"))
     lease = await redis_store.claim_step("r1", "s1", name="s1", owner="w")
-    with every_script_sent_twice():
+    with everything_sent_twice():
         await redis_store.complete_step(
             lease,
             output="once",
@@ -436,7 +436,7 @@ async def test_complete_and_claim_replayed_claims_once_and_returns_the_same_leas
 ) -> None:
     await redis_store.create_run(RunRecord(run_id="r1", workflow="wf"))
     lease = await redis_store.claim_step("r1", "s1", name="s1", owner="w")
-    with every_script_sent_twice():
+    with everything_sent_twice():
         recorded, claimed = await redis_store.complete_and_claim(
             lease,
             StepClaim(step_id="s2", name="s2", lease_ms=10_000),

@@ -19,15 +19,16 @@ once, as a step's does, sets no timer at all. `LeanConnectionPool` hands
 connections out and takes them back without the extras. Everything else
 (connecting, health checks, reading, retries, errors) is redis-py's own: the
 fast path hands over to it for anything it does not handle. `fast_client`
-puts the parts together, and `evalsha` sends a script on its connections
-without the layers redis-py's command call wraps around the send and read.
+puts the parts together; `evalsha` and `pipelined` send a script, or a
+batch of commands, on its connections without the layers redis-py's
+command and pipeline calls wrap around the send and the reads.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import hiredis
 from redis.asyncio import Redis
@@ -40,7 +41,10 @@ from redis.asyncio.connection import (
     parse_url,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+T = TypeVar("T")
 
 _UTF8 = frozenset({"utf-8", "utf8", "utf_8"})
 
@@ -174,34 +178,107 @@ def fast_client(url: str, **options: Any) -> Redis:
     return client
 
 
+def _lean_pool(client: Redis) -> LeanConnectionPool | None:
+    """The `LeanConnectionPool` ``client`` takes its connections from, if it does."""
+    pool = client.connection_pool
+    if client.connection is None and isinstance(pool, LeanConnectionPool):
+        return pool
+    return None
+
+
+async def _with_retries(connection: AbstractConnection, attempt: Callable[[], Awaitable[T]]) -> T:
+    """``attempt()`` under the connection's retry policy, as redis-py runs a command on it.
+
+    The first attempt runs before the policy is involved, as it nearly always
+    succeeds (this is every step's path); its failure is handed to the
+    policy's loop as the loop's own first one, so it is judged (retry or
+    raise), counted and backed off from as in redis-py. A failed send or read
+    has closed the connection already (redis-py's connection does, and
+    `FastSendMixin`), so nothing needs undoing before the next attempt,
+    whose send connects again.
+    """
+    try:
+        return await attempt()
+    except Exception as error:
+        failed: Exception | None = error
+
+    async def again() -> T:
+        nonlocal failed
+        if failed is not None:
+            first, failed = failed, None
+            raise first
+        return await attempt()
+
+    return await connection.retry.call_with_retry(again, _closed_already)
+
+
+async def _closed_already(error: Exception) -> None:
+    """Nothing to do after a failed attempt (see `_with_retries`)."""
+
+
 async def evalsha(client: Redis, sha: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
     """``client.evalsha(sha, len(keys), *keys, *args)``, sent and read on a pooled connection.
 
     A step costs one script call. redis-py's call wraps the send and the read
-    in a retry closure, timing, metrics and response callbacks (EVALSHA has
-    none): together about a tenth of the client's instructions per step. On
-    `fast_client`'s lean pool this takes a connection, sends and reads
-    itself: the same send, the same read (with its timeout) and the same
-    errors, a `ResponseError` such as NOSCRIPT included.
-
-    A connection error or timeout (redis-py has dropped the connection by then)
-    hands the call over to ``client.evalsha``, which sends it again under the
-    client's retry policy. The script may so run twice for one call, as it
-    may under redis-py's own retries: every stepflow script is written to give
-    the same result when replayed. Any other client (a single connection,
-    redis-py's pool, fakeredis) gets the plain ``client.evalsha``.
+    in timing, metrics and a response-callback lookup (EVALSHA has no
+    callback), about a tenth of the client's instructions per step. On
+    `fast_client`'s lean pool this takes a connection and sends and reads
+    itself: the same send, the same read (with its timeout), the same errors
+    (a `ResponseError` such as NOSCRIPT included) and the same retries after
+    a connection error or timeout, under the client's retry policy. The
+    script may so run twice for one call, as under redis-py's own retries:
+    every stepflow script gives the same result when replayed. Any other
+    client (a single connection, redis-py's pool, fakeredis) gets the plain
+    ``client.evalsha``.
     """
-    pool = client.connection_pool
-    if client.connection is not None or type(pool) is not LeanConnectionPool:
+    pool = _lean_pool(client)
+    if pool is None:
         return await client.evalsha(sha, len(keys), *keys, *args)
     connection = await pool.get_connection()
     try:
-        await connection.send_packed_command(
-            connection.pack_command("EVALSHA", sha, len(keys), *keys, *args)
-        )
-        return await connection.read_response()
-    except (RedisConnectionError, RedisTimeoutError):
-        pass  # the connection is closed: redis-py's call reconnects and retries
+        packed = connection.pack_command("EVALSHA", sha, len(keys), *keys, *args)
+
+        async def attempt() -> Any:
+            await connection.send_packed_command(packed)
+            return await connection.read_response()
+
+        return await _with_retries(connection, attempt)
     finally:
         await pool.release(connection)
-    return await client.evalsha(sha, len(keys), *keys, *args)
+
+
+async def pipelined(client: Redis, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """Send ``commands`` in one write and read their replies: a pipeline, no transaction.
+
+    As ``pipe.execute(raise_on_error=False)``: a command's error reply is
+    returned in its place, as the `ResponseError`, and a connection error or
+    timeout sends the whole batch again under the client's retry policy. A
+    run's creation and its end are a pipeline each, and redis-py's costs about
+    a third more than the send and the reads themselves. Replies are the
+    server's own, without redis-py's response callbacks, which change
+    nothing for what the store pipelines (scripts, ``ZADD``, ``ZREM``). Any
+    other client (see `evalsha`) gets redis-py's pipeline.
+    """
+    pool = _lean_pool(client)
+    if pool is None:
+        async with client.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            return await pipe.execute(raise_on_error=False)
+    connection = await pool.get_connection()
+    try:
+        packed = connection.pack_commands(commands)
+
+        async def attempt() -> list[Any]:
+            await connection.send_packed_command(packed)
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as error:  # the next reply is still the next command's
+                    replies.append(error)
+            return replies
+
+        return await _with_retries(connection, attempt)
+    finally:
+        await pool.release(connection)

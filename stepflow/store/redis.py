@@ -189,13 +189,14 @@ class RedisStore(RedisAdmin):
             count = (args[0], {"executions": 1})
             index_keys, index_args = self._index_call(run_id, record.status, count)
             await self._ready()
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.zadd(self.keys.runs_by_time, {run_id: record.created_at}, nx=only_if_absent)
-                self._queue(pipe, "create_run", keys, args)
-                self._queue(pipe, "index_run", index_keys, index_args)
-                if claim is not None:
-                    self._queue(pipe, "claim_step", *claim)
-                timed, created, indexed, *pipelined = await pipe.execute(raise_on_error=False)
+            commands = [
+                self._time_entry(run_id, record.created_at, keep_score=only_if_absent),
+                self._script_command("create_run", keys, args),
+                self._script_command("index_run", index_keys, index_args),
+            ]
+            if claim is not None:
+                commands.append(self._script_command("claim_step", *claim))
+            timed, created, indexed, *pipelined = await self._pipelined(commands)
             if isinstance(timed, Exception):
                 raise timed
             await self._resolve(indexed, "index_run", index_keys, index_args, run_id=run_id)
@@ -269,10 +270,12 @@ class RedisStore(RedisAdmin):
         parent_keys = self.keys.run(record.parent_run_id)
         add_child = [[parent_keys.run, parent_keys.children], [record.run_id]]
         await self._ready()
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.zadd(self.keys.runs_by_time, {record.run_id: record.created_at}, nx=keep_score)
-            self._queue(pipe, "add_child", *add_child)
-            replies = await pipe.execute(raise_on_error=False)
+        replies = await self._pipelined(
+            [
+                self._time_entry(record.run_id, record.created_at, keep_score=keep_score),
+                self._script_command("add_child", *add_child),
+            ]
+        )
         try:
             await self._resolve(replies[1], "add_child", *add_child, run_id=record.parent_run_id)
         except StepflowError:
@@ -341,10 +344,12 @@ class RedisStore(RedisAdmin):
         """
         index_keys, index_args = self._index_call(run_id, status)
         await self._ready()
-        async with self.client.pipeline(transaction=False) as pipe:
-            self._queue(pipe, name, keys, args)
-            self._queue(pipe, "index_run", index_keys, index_args)
-            raw, indexed = await pipe.execute(raise_on_error=False)
+        raw, indexed = await self._pipelined(
+            [
+                self._script_command(name, keys, args),
+                self._script_command("index_run", index_keys, index_args),
+            ]
+        )
         await self._resolve(indexed, "index_run", index_keys, index_args, run_id=run_id)
         try:
             return await self._resolve(

@@ -18,7 +18,6 @@ from typing import Any, NamedTuple, Self, TypeVar, cast
 
 import anyio
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
@@ -271,9 +270,25 @@ class RedisCore:
             script.sha = await self.client.script_load(script.script)
             return await connection.evalsha(self.client, script.sha, keys, args)
 
-    def _queue(self, pipe: Pipeline, name: str, keys: Sequence[str], args: Sequence[Any]) -> None:
-        """Queue script ``name`` on ``pipe`` (scripts must be loaded: `_ready` first)."""
-        pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+    def _script_command(
+        self, name: str, keys: Sequence[str], args: Sequence[Any]
+    ) -> tuple[Any, ...]:
+        """Script ``name`` as a command for `_pipelined` (after `_ready`: the scripts loaded)."""
+        return ("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
+
+    def _time_entry(self, run_id: str, created_at: int, *, keep_score: bool) -> tuple[Any, ...]:
+        """``ZADD`` of the run to the runs-by-time index, for `_pipelined`; ``keep_score``: NX."""
+        return (
+            "ZADD",
+            self.keys.runs_by_time,
+            *(("NX",) if keep_score else ()),
+            created_at,
+            run_id,
+        )
+
+    async def _pipelined(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Send ``commands`` in one round trip; their replies (error replies as `ResponseError`)."""
+        return await connection.pipelined(self.client, commands)
 
     async def _rerun_if_noscript(
         self, reply: Any, name: str, keys: Sequence[str], args: Sequence[Any]
@@ -317,10 +332,9 @@ class RedisCore:
         replies: list[Any] = []
         for start in range(0, len(calls), SCRIPT_BATCH):
             chunk = calls[start : start + SCRIPT_BATCH]
-            async with self.client.pipeline(transaction=False) as pipe:
-                for keys, args in chunk:
-                    self._queue(pipe, name, keys, args)
-                results = await pipe.execute(raise_on_error=False)
+            results = await self._pipelined(
+                [self._script_command(name, keys, args) for keys, args in chunk]
+            )
             for (keys, args), result in zip(chunk, results, strict=True):
                 replies.append(await self._rerun_if_noscript(result, name, keys, args))
         return replies
@@ -497,10 +511,10 @@ class RedisCore:
             calls.append(
                 (run_id, *self._index_call(run_id, None, (f"{request_id}:{run_id}", deltas)))
             )
-        async with self.client.pipeline(transaction=False) as pipe:
-            for run_id, keys, args in calls:
-                pipe.zrem(self.keys.runs_by_time, run_id)  # first: index_run then finds no time
-                self._queue(pipe, "index_run", keys, args)
-            replies = await pipe.execute(raise_on_error=False)
+        commands = []
+        for run_id, keys, args in calls:
+            commands.append(("ZREM", self.keys.runs_by_time, run_id))  # first: no time then
+            commands.append(self._script_command("index_run", keys, args))
+        replies = await self._pipelined(commands)
         for (run_id, keys, args), reply in zip(calls, replies[1::2], strict=True):
             await self._resolve(reply, "index_run", keys, args, run_id=run_id)
