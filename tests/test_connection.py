@@ -306,8 +306,11 @@ async def test_a_pipeline_on_the_lean_pool_replies_as_redis_pys_does(redis_url: 
 async def test_a_script_on_another_client_goes_through_redis_py(
     redis_url: str, options: dict[str, object], send: Any, redis_py_call: str
 ) -> None:
-    """Its own connection handling stays in charge: a single connection, or redis-py's pool."""
-    client = fast_client(redis_url, **options)
+    """Its own connection handling stays in charge: a single connection, or redis-py's pool.
+
+    The script is the client's first command: a single connection is taken by the first.
+    """
+    client, loader = fast_client(redis_url, **options), Redis.from_url(redis_url)
     key = "stepflow-test:evalsha-other"
     calls = []
     plain = getattr(client, redis_py_call)
@@ -318,11 +321,12 @@ async def test_a_script_on_another_client_goes_through_redis_py(
 
     setattr(client, redis_py_call, recorded)
     try:
-        sha = await client.script_load(COUNTING_SCRIPT)
+        sha = await loader.script_load(COUNTING_SCRIPT)
         assert await send(client, sha, key, "a") == [key.encode(), b"a", 1]
         assert len(calls) == 1
     finally:
-        await client.delete(key)
+        await loader.delete(key)
+        await loader.aclose()
         await client.aclose()
 
 

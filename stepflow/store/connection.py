@@ -181,7 +181,7 @@ def fast_client(url: str, **options: Any) -> Redis:
 def _lean_pool(client: Redis) -> LeanConnectionPool | None:
     """The `LeanConnectionPool` ``client`` takes its connections from, if it does."""
     pool = client.connection_pool
-    if client.connection is None and isinstance(pool, LeanConnectionPool):
+    if not client.single_connection_client and isinstance(pool, LeanConnectionPool):
         return pool
     return None
 
