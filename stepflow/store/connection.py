@@ -192,10 +192,10 @@ async def _with_retries(connection: AbstractConnection, attempt: Callable[[], Aw
     The first attempt runs before the policy is involved, as it nearly always
     succeeds (this is every step's path); its failure is handed to the
     policy's loop as the loop's own first one, so it is judged (retry or
-    raise), counted and backed off from as in redis-py. A failed send or read
-    has closed the connection already (redis-py's connection does, and
-    `FastSendMixin`), so nothing needs undoing before the next attempt,
-    whose send connects again.
+    raise), counted and backed off from as in redis-py. After a failure the
+    connection is dropped, as redis-py does (it may be part-way through a
+    reply; a failed send or read has mostly dropped it already), and the next
+    attempt's send connects again.
     """
     try:
         return await attempt()
@@ -209,11 +209,7 @@ async def _with_retries(connection: AbstractConnection, attempt: Callable[[], Aw
             raise first
         return await attempt()
 
-    return await connection.retry.call_with_retry(again, _closed_already)
-
-
-async def _closed_already(error: Exception) -> None:
-    """Nothing to do after a failed attempt (see `_with_retries`)."""
+    return await connection.retry.call_with_retry(again, lambda _: connection.disconnect())
 
 
 async def evalsha(client: Redis, sha: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
