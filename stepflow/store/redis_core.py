@@ -513,7 +513,8 @@ class RedisCore:
             )
         commands = []
         for run_id, keys, args in calls:
-            commands.append(("ZREM", self.keys.runs_by_time, run_id))  # first: no time then
+            # The time entry first: index_run then finds no time entry.
+            commands.append(("ZREM", self.keys.runs_by_time, run_id))
             commands.append(self._script_command("index_run", keys, args))
         replies = await self._pipelined(commands)
         for (run_id, keys, args), reply in zip(calls, replies[1::2], strict=True):
