@@ -168,6 +168,38 @@ async def test_data_from_before_the_layout_marker_is_refused_as_layout_1(
     assert await keys_matching(redis_store, f"{key_prefix}:*") == {redis_store.keys.runs_by_time}
 
 
+async def test_unmarked_data_in_this_layout_is_marked_and_read(
+    redis_store: RedisStore, key_prefix: str
+) -> None:
+    """Layout 2 was written for a while before the marker existed: such data stays readable."""
+    await redis_store.create_run(RunRecord(run_id="r1", workflow="wf"))
+    lease = await redis_store.claim_step("r1", "s1", name="s1", owner="w")
+    await redis_store.complete_step(lease, output={"done": True})
+    await redis_store.client.delete(redis_store.keys.layout)  # as the earlier version left it
+    again = RedisStore(redis_store.client, prefix=key_prefix)
+    assert await again.get_run("r1") is not None  # what a resume reads first
+    step = await again.get_step("r1", "s1")
+    assert step is not None
+    assert (step.status, step.output) == (StepStatus.COMPLETED, {"done": True})
+    assert await redis_store.client.get(redis_store.keys.layout) == LAYOUT.encode()
+
+
+async def test_unmarked_data_in_layout_1_is_refused_before_any_write(
+    redis_store: RedisStore, key_prefix: str
+) -> None:
+    """Layout 1 kept a step in fields named '<sid>|status', '<sid>|token'... and no marker."""
+    old_steps = redis_store.keys.run("old-run").steps
+    await redis_store.client.zadd(redis_store.keys.runs_by_time, {"old-run": 1})
+    await redis_store.client.hset(old_steps, mapping={"s1|status": '"completed"', "s1|epoch": 1})
+    with pytest.raises(StoreLayoutError) as refused:
+        await redis_store.create_run(RunRecord(run_id="r1", workflow="wf"))
+    assert (refused.value.found, refused.value.expected) == ("1", LAYOUT)
+    assert await keys_matching(redis_store, f"{key_prefix}:*") == {
+        redis_store.keys.runs_by_time,
+        old_steps,
+    }
+
+
 async def test_a_new_prefix_is_marked_with_the_layout_and_reused_as_is(
     redis_store: RedisStore, key_prefix: str
 ) -> None:

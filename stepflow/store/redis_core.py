@@ -76,20 +76,16 @@ LAYOUT = "2"
 
 Layout 2: a step is four fields of its run's steps hash (``lua/_prelude.lua``).
 A store refuses, before writing, a prefix whose data is in another layout.
-Data written before this marker existed (layout 1) has runs but no marker:
-it is refused as layout "1" (its step rows would read as absent, and a
-completed step would run again).
+The marker came after layout 2 did, so a prefix with runs but no marker
+may hold either: the step rows of its newest runs tell (see
+`_layout_of_unmarked`).
 """
 
-_CLAIM_LAYOUT = """
-local found = redis.call('GET', KEYS[1])
-if found then return found end
-if redis.call('EXISTS', KEYS[2]) == 1 then return '1' end
-redis.call('SET', KEYS[1], ARGV[1])
-return ARGV[1]
-"""
-"""Mark a prefix with the layout unless it holds data already: the layout it is in.
-KEYS[1] the layout marker  KEYS[2] the runs-by-time index  ARGV[1] this layout."""
+_LAYOUT_2_FIELDS = frozenset({"l", "c", "r", "d"})
+"""What a layout-2 steps-hash field ends with after its last '|' (layout 1: longer names)."""
+
+_LAYOUT_SAMPLE = 32
+"""How many of the newest runs an unmarked prefix's layout is read from."""
 
 INDEX_GRACE_MS = 60_000
 """How long an index entry may wait for its run to be written before readers drop it."""
@@ -198,16 +194,47 @@ class RedisCore:
                 }
                 # Load them all now (one round trip), so a script first sent in a
                 # pipeline finds itself; NOSCRIPT then only follows a flush or failover.
-                # The same round trip claims the prefix for this storage layout.
+                # The same round trip reads the prefix's layout marker.
                 async with self.client.pipeline(transaction=False) as pipe:
                     for script in registered.values():
                         pipe.script_load(script.script)
-                    pipe.eval(_CLAIM_LAYOUT, 2, self.keys.layout, self.keys.runs_by_time, LAYOUT)
-                    *_, found = await pipe.execute()
-                if text(found) != LAYOUT:
-                    raise StoreLayoutError(text(found), LAYOUT)
+                    pipe.get(self.keys.layout)
+                    pipe.zrevrange(self.keys.runs_by_time, 0, _LAYOUT_SAMPLE - 1)
+                    *_, marker, newest = await pipe.execute()
+                found = text(marker) if marker is not None else await self._mark_layout(newest)
+                if found != LAYOUT:
+                    raise StoreLayoutError(found, LAYOUT)
                 self._scripts = registered
         return self._scripts
+
+    async def _mark_layout(self, newest_runs: Sequence[bytes | str]) -> str:
+        """The layout of a prefix without a marker; marked first when it is this one.
+
+        Another store may mark the prefix meanwhile: its marker is the answer then.
+        """
+        found = await self._layout_of_unmarked([text(run_id) for run_id in newest_runs])
+        if found != LAYOUT:
+            return found  # refused: nothing is written
+        earlier = await self.client.set(self.keys.layout, LAYOUT, nx=True, get=True)
+        return LAYOUT if earlier is None else text(cast("bytes | str", earlier))
+
+    async def _layout_of_unmarked(self, run_ids: list[str]) -> str:
+        """The layout the newest runs' step rows are in (no runs: this one).
+
+        A step row of layout 1 or a sample without any step row are refused as
+        layout "1": marking layout-1 data as layout 2 would make its step rows
+        read as absent, and a completed step would run again.
+        """
+        if not run_ids:
+            return LAYOUT
+        async with self.client.pipeline(transaction=False) as pipe:
+            for run_id in run_ids:
+                pipe.hscan(self.keys.run(run_id).steps, 0, count=4)
+            pages = await pipe.execute()
+        fields = [field for _, rows in pages for field in rows]
+        if fields and all(text(f).rpartition("|")[2] in _LAYOUT_2_FIELDS for f in fields):
+            return LAYOUT
+        return "1"
 
     async def _accepts_shebang(self) -> bool:
         try:
