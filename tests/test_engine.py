@@ -527,6 +527,41 @@ async def test_when_false_skips_the_step_but_not_its_dependents(
     assert steps["finish"].status == StepStatus.COMPLETED
 
 
+async def never_run(ctx: StepContext) -> None:
+    raise AssertionError("a skipped step ran")
+
+
+async def test_a_chain_of_skipped_steps_lets_other_tasks_run(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """A skip calls no step call of the store (which would yield): the runner yields itself."""
+    flow = new_flow()
+    previous: list[str] = []
+    for index in range(50):
+        name = f"s{index:02d}"
+        flow.step(name, after=previous, when=lambda ctx: False)(never_run)
+        previous = [name]
+    turns = 0
+    finished = False
+
+    async def other_task() -> None:
+        nonlocal turns
+        while not finished:
+            await anyio.lowlevel.checkpoint()
+            turns += 1
+
+    with anyio.fail_after(LIMIT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other_task)
+            record = await Engine(store).run(flow)
+            finished = True
+
+    assert record.status == RunStatus.COMPLETED
+    steps = await steps_by_name(store, record.run_id)
+    assert {step.status for step in steps.values()} == {StepStatus.SKIPPED}
+    assert turns >= 50, "the other task waited for the whole chain"
+
+
 # --- idempotency keys ---------------------------------------------------------------------
 
 

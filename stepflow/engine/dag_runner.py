@@ -261,7 +261,12 @@ class DagRunner:
                     return [], None
                 if not wanted:
                     await self._record(name, StepStatus.SKIPPED, error=None)
-                    return self._finished(name, None), None
+                    ready = self._finished(name, None)
+                    # No step call recorded it, so nothing has yielded: a chain of
+                    # skipped steps in this task must not hold the loop (done first,
+                    # a cancel here finds the step skipped, not interrupted).
+                    await anyio.lowlevel.checkpoint()
+                    return ready, None
             try:
                 await self._take_slot()
             except BaseException:
@@ -344,9 +349,11 @@ class DagRunner:
         """Acquire the limiter, without its extra yield when a slot is free.
 
         ``async with limiter`` always lets the loop run once more, even with a
-        slot free; a step needs no such yield to be fair (its task, or the
-        checkpoint before it, has just queued behind the others). A cancelled
-        step still stops here, as it would in the limiter.
+        slot free; a step needs no such yield to be fair: its task has just
+        queued behind the others, or the store call that recorded the step
+        before it in this task has just yielded (as every step call does), or
+        the skip of that step did. A cancelled step still stops here, as it
+        would in the limiter.
         """
         await anyio.lowlevel.checkpoint_if_cancelled()
         try:
