@@ -24,7 +24,9 @@ from stepflow import (
     Engine,
     EventKind,
     InputValidationError,
+    InvalidPayloadError,
     InvalidRunIdError,
+    Lease,
     RetryPolicy,
     RunNotFoundError,
     RunStatus,
@@ -653,6 +655,65 @@ async def test_a_run_output_too_large_to_store_fails_the_run_and_keeps_every_ste
         }
         kinds = await history_kinds(store, "too-big")
         assert kinds.count(EventKind.STEP_COMPLETED) == 2
+        assert kinds[-1] == EventKind.RUN_FAILED
+        assert EventKind.RUN_COMPLETED not in kinds
+    finally:
+        await store.aclose()
+
+
+async def test_a_last_step_whose_run_output_is_refused_is_kept_and_the_run_fails(
+    store_kind: str, key_prefix: str, request: pytest.FixtureRequest, new_flow: NewFlow
+) -> None:
+    """The step ending a run completes the run in the same store call. When the run's
+    output is refused there (too large with another sink's), the step is recorded
+    alone and the run fails, as when it is finished apart."""
+    flow = new_flow()
+    store = await make_store(store_kind, key_prefix, request, max_payload_bytes=1000)
+
+    @flow.step()
+    async def left(ctx: StepContext) -> str:
+        return "x" * 600
+
+    @flow.step()
+    async def mid(ctx: StepContext) -> str:
+        # Done after left, so right, claimed with mid's completion, is the run's last step.
+        for _ in range(500):
+            step = await store.get_step(ctx.run_id, "left")
+            if step is not None and step.status == StepStatus.COMPLETED:
+                return "m"
+            await anyio.sleep(0.005)
+        raise AssertionError("left never completed")
+
+    @flow.step(after=[mid])
+    async def right(ctx: StepContext) -> str:
+        return "y" * 600
+
+    refused: list[str] = []
+    finish = store.complete_and_finish
+
+    async def recording_refusals(lease: Lease, **options: Any) -> Any:
+        try:
+            return await finish(lease, **options)
+        except InvalidPayloadError as exc:
+            refused.append(exc.what)
+            raise
+
+    store.complete_and_finish = recording_refusals  # type: ignore[method-assign]
+    try:
+        with anyio.fail_after(LIMIT):
+            record = await Engine(store).run(flow, run_id="too-big")
+        assert refused == ["run output"]
+        assert record.status == RunStatus.FAILED
+        assert record.error is not None
+        assert (record.error["type"], record.error["phase"]) == (
+            "PayloadTooLargeError",
+            "run output",
+        )
+        steps = await steps_by_name(store, "too-big")
+        assert {step.status for step in steps.values()} == {StepStatus.COMPLETED}
+        assert len(steps) == 3
+        kinds = await history_kinds(store, "too-big")
+        assert kinds.count(EventKind.STEP_COMPLETED) == 3
         assert kinds[-1] == EventKind.RUN_FAILED
         assert EventKind.RUN_COMPLETED not in kinds
     finally:

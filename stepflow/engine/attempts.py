@@ -384,11 +384,13 @@ async def _complete_and_finish(
     event: NewEvent,
     then_finish: Callable[[Any], Any],
 ) -> tuple[Event | None, RunRecord | None]:
-    """Complete the step and its run; a run output the store refuses leaves the run to the caller.
+    """Complete the step and its run; a payload the store refuses leaves the run to the caller.
 
     The run's output holds other steps' outputs too, so it can be refused
     (too large) where the step's own is not: the step is then completed
-    alone, and finishing the run raises the refusal where it always has.
+    alone, and finishing the run raises the refusal where it always has. A
+    step output that is itself refused is refused again there, and the
+    attempt fails.
     """
     completed = NewEvent(kind=EventKind.RUN_COMPLETED, payload=None)
     try:
@@ -400,9 +402,7 @@ async def _complete_and_finish(
             run_output=then_finish(result),
             run_event=completed,
         )
-    except InvalidPayloadError as exc:
-        if exc.what != "run output":  # the step's own result: the attempt fails
-            raise
+    except InvalidPayloadError:
         recorded = await store.complete_step(lease, output=result, context_patch=patch, event=event)
         return recorded, None
     return recorded, finished
