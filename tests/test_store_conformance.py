@@ -1270,6 +1270,14 @@ RUN_ID_CALLS: dict[str, Callable[[WorkflowStore, Any], Awaitable[object]]] = {
     "claim_step": lambda s, r: s.claim_step(r, "s1", name="s1", owner="o"),
     "renew_lease": lambda s, r: s.renew_lease(bad_lease(r)),
     "complete_step": lambda s, r: s.complete_step(bad_lease(r), output=1),
+    "complete_and_claim": lambda s, r: s.complete_and_claim(bad_lease(r), next_claim(), output=1),
+    # A payload that is refused too: the id is checked first, as everywhere.
+    "complete_and_finish": lambda s, r: s.complete_and_finish(
+        bad_lease(r), output=1, run_output=math.nan
+    ),
+    "create_and_claim": lambda s, r: s.create_and_claim(
+        RunRecord.model_construct(run_id=r, workflow="wf"), next_claim("s1"), owner="o"
+    ),
     "fail_step": lambda s, r: s.fail_step(bad_lease(r), error="e", final=True),
     "append_event": lambda s, r: s.append_event(r, event(), execution_id=1),
     "read_history": lambda s, r: s.read_history(r),

@@ -523,6 +523,7 @@ class MemoryStore(MemoryAdmin):
         run_output: Any = None,
         run_event: NewEvent | None = None,
     ) -> tuple[Event | None, RunRecord | None]:
+        validate_run_id(lease.run_id)  # ids before payloads, as everywhere
         run_output_json = self._codec.encode(run_output, "run output")
         run_event_json = self._codec.encode_event(run_event) if run_event is not None else None
         # No await suspends in between (complete_step's only one comes first): atomic.

@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from stepflow import _json
-from stepflow.errors import RunNotFoundError, StepflowError
+from stepflow.errors import RunCancelledError, RunNotFoundError, StepflowError
 from stepflow.models import (
     Event,
     EventKind,
@@ -219,7 +219,7 @@ class RedisStore(RedisAdmin):
                 claimed = await self._call("claim_step", *claim, run_id=run_id)
             else:
                 claimed = await self._resolve(claimed, "claim_step", *claim, run_id=run_id)
-        except StepflowError:  # refused (the run was created cancelled): claim the usual way
+        except RunCancelledError:  # created cancelled: no work starts, as in MemoryStore
             return True, ""
         return True, text(claimed)
 
@@ -617,7 +617,7 @@ class RedisStore(RedisAdmin):
 
         When the run was not completed, it is indexed under its own status again.
         """
-        run_id = lease.run_id
+        run_id = validate_run_id(lease.run_id)  # ids before payloads, as everywhere
         finish = ["1", self._codec.encode(run_output, "run output"), *self._event_args(run_event)]
         keys, args, payload = self._complete_call(
             lease, None, output, context_patch, event, finish=finish
