@@ -220,9 +220,7 @@ async def send_pipelined(client: Redis, sha: str, key: str, arg: str) -> Any:
 
 
 SENDERS = pytest.mark.parametrize(
-    ("send", "redis_py_call"),
-    [(send_alone, "evalsha"), (send_pipelined, "pipeline")],
-    ids=["evalsha", "pipelined"],
+    "send", [send_alone, send_pipelined], ids=["evalsha", "pipelined"]
 )
 
 
@@ -297,11 +295,15 @@ async def test_a_pipeline_on_the_lean_pool_replies_as_redis_pys_does(redis_url: 
         await fast.aclose()
 
 
-@SENDERS
+@pytest.mark.parametrize(
+    ("send", "redis_py_call"),
+    [(send_alone, "evalsha"), (send_pipelined, "pipeline")],
+    ids=["evalsha", "pipelined"],
+)
 @pytest.mark.parametrize(
     "options",
-    [{"single_connection_client": True}, {"credential_provider": None, "protocol": 2}],
-    ids=["single connection", "redis-py's pool"],
+    [{"single_connection_client": True}, {"protocol": 3}],
+    ids=["single connection", "redis-py's pool (RESP3)"],
 )
 async def test_a_script_on_another_client_goes_through_redis_py(
     redis_url: str, options: dict[str, object], send: Any, redis_py_call: str
@@ -333,7 +335,7 @@ async def test_a_script_on_another_client_goes_through_redis_py(
 @SENDERS
 @pytest.mark.parametrize("retries", [1, 0])
 async def test_a_script_on_a_dropped_connection_is_retried_as_the_client_says(
-    redis_url: str, send: Any, redis_py_call: str, retries: int
+    redis_url: str, send: Any, retries: int
 ) -> None:
     """The server closed the pooled connection: a retry reconnects and the script runs once.
 
@@ -362,7 +364,7 @@ async def test_a_script_on_a_dropped_connection_is_retried_as_the_client_says(
 
 @SENDERS
 async def test_a_script_cancelled_before_its_reply_leaves_no_reply_behind(
-    own_server: RedisServer, send: Any, redis_py_call: str
+    own_server: RedisServer, send: Any
 ) -> None:
     """The next script on the pool's one connection must read its own reply."""
     client = fast_client(own_server.url, max_connections=1)

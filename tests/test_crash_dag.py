@@ -182,7 +182,7 @@ async def test_sigkill_mid_step_then_resume_in_a_fresh_process(
         lines = rng.randint(1, len(STEPS))
         # A step sleeps 20-80 ms after journalling and the gaps between steps last a
         # few ms, so most kills land mid-step; the longer delays reach partly finished
-        # fan-outs, and the moment between the last completion and the run's.
+        # fan-outs, and the last step's store call, which completes the run with it.
         delay = rng.uniform(0.0, 0.05 if lines < len(STEPS) else 0.03)
         outcomes.append(Outcome(iteration=i, kill_after_lines=lines, kill_delay=delay))
     await run_against_redis(

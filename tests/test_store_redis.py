@@ -7,6 +7,7 @@ session starts and, where fakeredis behaves the same, on fakeredis too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -402,10 +403,9 @@ async def test_a_claim_riding_with_a_create_that_made_nothing_claims_nothing(
     """The claim names its create's request: a create refused (the run existed) or
     never applied leaves the claim undone, whatever order the scripts ran in."""
     await redis_store.create_run(RunRecord(run_id="r1", workflow="wf"))
-    keys = redis_store.keys.run("r1")
+    first = StepClaim(step_id="s1", name="s1", lease_ms=10_000)
+    claim_keys, claim_args = redis_store._claim_call("r1", first, "w", "tok", 1, b"null")
     claim = redis_store._scripts["claim_step"]
-    claim_keys = [keys.run, keys.reqs, keys.reqlog, keys.steps, keys.order, keys.execs]
-    claim_args = ["req-c", "s1", '"s1"', '"w"', "tok", 10_000, 1, "null"]
     assert await claim(keys=claim_keys, args=[*claim_args, "no-such-create"]) == b""
     assert await redis_store.list_steps("r1") == []
 
@@ -512,6 +512,37 @@ async def test_complete_and_finish_replayed_completes_once_with_the_same_answer(
     run = await redis_store.get_run("r1")
     assert run is not None
     assert (run.status, run.output, run.context) == (RunStatus.COMPLETED, {"s1": "once"}, {"n": 1})
+
+
+async def test_complete_and_finish_sent_twice_finishes_and_counts_once(
+    redis_store: RedisStore,
+) -> None:
+    """The whole call replayed: its pipeline (script and status index) and its counter bump."""
+    reference = MemoryStore()
+    finished = {}
+    for store in (reference, redis_store):
+        await store.create_run(RunRecord(run_id="r1", workflow="wf", status=RunStatus.RUNNING))
+        lease = await store.claim_step("r1", "s1", name="s1", owner="w")
+        with everything_sent_twice() if store is redis_store else contextlib.nullcontext():
+            _, finished[store] = await store.complete_and_finish(
+                lease,
+                output="once",
+                context_patch={"n": 1},
+                event=NewEvent(kind=EventKind.STEP_COMPLETED),
+                run_output={"s1": "once"},
+                run_event=NewEvent(kind=EventKind.RUN_COMPLETED),
+            )
+    record = finished[redis_store]
+    assert record is not None
+    assert (record.status, record.output, record.context) == (
+        RunStatus.COMPLETED,
+        {"s1": "once"},
+        {"n": 1},
+    )
+    history = await redis_store.read_history("r1")
+    assert [e.kind for e in history] == [EventKind.STEP_COMPLETED, EventKind.RUN_COMPLETED]
+    assert [r.run_id for r in await redis_store.list_runs_by_status(RunStatus.COMPLETED)] == ["r1"]
+    assert await redis_store.get_metrics() == await reference.get_metrics()
 
 
 async def test_remembered_request_ids_stay_bounded(redis_store: RedisStore) -> None:
