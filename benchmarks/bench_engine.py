@@ -262,7 +262,9 @@ async def sequential_rate(
 # -- the ratio, from paired rounds -------------------------------------------------------
 
 
-async def paired_ratios(url: str, prefix: str, rounds: int, runs: int) -> dict[str, Any]:
+async def paired_ratios(
+    url: str, prefix: str, rounds: int, runs: int, concurrency: int
+) -> dict[str, Any]:
     """W1 on Redis / the sequential ceiling, each round measured back to back.
 
     A machine's speed drifts over seconds (other tenants of a VM host, CPU
@@ -280,7 +282,9 @@ async def paired_ratios(url: str, prefix: str, rounds: int, runs: int) -> dict[s
         shas = {name: await client.script_load(CEILING_LUA) for name, client in clients.items()}
         async with redis_store(url, f"{prefix}-pairs") as store:
             for _ in range(rounds):
-                w1 = await run_workload(store, "redis", "W1 chain", chain, runs, concurrency=16)
+                w1 = await run_workload(
+                    store, "redis", "W1 chain", chain, runs, concurrency=concurrency
+                )
                 for name, (_, send) in CEILING_CLIENTS.items():
                     rate = await sequential_rate(clients[name], shas[name], keys, send, 0.4)
                     by_client[name].append(w1.steps_per_s / rate)
@@ -370,6 +374,7 @@ def timed_store_methods(store: RedisStore, totals: dict[str, list[float]]) -> It
     """Record wall time and count of every awaited store method (on this instance)."""
     names = [
         "create_run",
+        "create_and_claim",
         "get_run",
         "set_run_status",
         "list_steps",
@@ -378,6 +383,7 @@ def timed_store_methods(store: RedisStore, totals: dict[str, list[float]]) -> It
         "renew_lease",
         "complete_step",
         "complete_and_claim",
+        "complete_and_finish",
         "fail_step",
         "upsert_step",
     ]
@@ -565,7 +571,7 @@ async def main(args: argparse.Namespace) -> None:
             for name, (make_client, send) in CEILING_CLIENTS.items()
         }
         rounds = args.pairs or (3 if args.quick else 7)
-        pairs = await paired_ratios(url, prefix, rounds, 10 if args.quick else 40)
+        pairs = await paired_ratios(url, prefix, rounds, 10 if args.quick else 40, args.concurrency)
         profile = None
         if args.profile:
             profile = await profile_w1(url, prefix, args.profile_runs, args.profile_top)
