@@ -161,7 +161,8 @@ class Lease(BaseModel):
     step_id: str
     owner: str
     token: str
-    """Random per claim: a lease from before a delete and re-create never matches."""
+    """Unique per claim (see ``store/ids.py``): a lease from before a delete and re-create
+    never matches."""
     epoch: int
     """Grows by one with every claim of the step; a write carrying an older one is refused."""
     expires_at: int

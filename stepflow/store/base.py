@@ -241,7 +241,8 @@ class WorkflowStore(Protocol):
         """Record the step completed, merge ``context_patch`` and append ``event``, atomically.
 
         Refused with `StaleLeaseError` (nothing changes) when the lease
-        expired, was taken over or the run was deleted. ``event`` goes to the
+        expired, was taken over, is for another execution than the step's, or
+        the run was deleted. ``event`` goes to the
         history of the lease's execution; the appended event is returned
         (durable replay takes its timestamp as the workflow's clock).
         """

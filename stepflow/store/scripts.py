@@ -4,7 +4,7 @@ Each atomic operation is one ``.lua`` file in ``stepflow/store/lua``, shipped
 as package data. ``_prelude.lua`` holds helpers the scripts share; the ones
 a script uses are placed after its ``#!lua`` line. The store sends a script
 by its SHA and loads it again after NOSCRIPT (``SCRIPT FLUSH``, a failover):
-``RedisCore._run_script``, and ``_resolve`` for pipelined ones.
+``RedisCore._run_script``, and ``_rerun_if_noscript`` for pipelined ones.
 
 The ``#!lua`` line lets Redis Cluster refuse a script that touches a key it
 was not given. Real Redis >= 7 accepts it; older servers and fakeredis do
