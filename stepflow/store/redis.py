@@ -634,7 +634,8 @@ class RedisStore(RedisAdmin):
         completion, _, settled = text(result).partition("!")
         recorded = _completion_event(completion, event, payload)
         if not settled:  # the run was not completed (cancelled, or at another execution)
-            await self._reindex(run_id)
+            status = pairs(run_flat)["status"]  # the run as the script left it
+            await self._index_status(run_id, RunStatus(_json.loads(status)))
             return recorded, None
         changed = await self._changed_run(
             run_id, RunStatus.COMPLETED, args[0], settled, run_flat, ctx_flat
