@@ -437,7 +437,7 @@ class RedisStore(RedisAdmin):
             return []
         ids = [run_id for run_id, _ in entries]
         calls: list[tuple[list[str], list[Any]]] = [
-            ([self.keys.run(run_id).run, self.keys.run(run_id).ctx], []) for run_id in ids
+            ([keys.run, keys.ctx], []) for keys in map(self.keys.run, ids)
         ]
         raw_runs = await self._script_batch("get_run", calls)
         records: list[RunRecord] = []
