@@ -33,6 +33,7 @@ from stepflow.errors import (
     RunNotFoundError,
     StaleLeaseError,
     StepAlreadyCompletedError,
+    StepflowError,
 )
 from stepflow.models import (
     Event,
@@ -92,6 +93,25 @@ class _Run:
 
 _AFTER_CANCEL = (RunStatus.RUNNING, RunStatus.CANCELLED)
 """A cancelled run stays cancelled unless resumed: a late finish must not overwrite it."""
+
+
+def _status_refusal(
+    record: RunRecord, status: RunStatus, execution_id: int
+) -> StepflowError | None:
+    """Why the run may not move to ``status`` from ``execution_id`` (None: it may).
+
+    A cancelled run stays cancelled unless resumed (to running); only the
+    current execution moves the run. ``set_run_status.lua`` and
+    ``complete_step.lua`` ask the same through ``sf_status_refusal``.
+    """
+    if record.status == RunStatus.CANCELLED and status not in _AFTER_CANCEL:
+        return RunCancelledError(record.run_id)
+    if record.current_execution_id != execution_id:
+        return ConflictError(
+            f"run {record.run_id!r} is at execution {record.current_execution_id}, "
+            f"not {execution_id}"
+        )
+    return None
 
 
 class MemoryStore(MemoryAdmin):
@@ -240,13 +260,9 @@ class MemoryStore(MemoryAdmin):
         error_json = self._codec.encode(error, "run error")
         event_json = self._codec.encode_event(event) if event is not None else None
         run = self._run(run_id)
-        if run.record.status == RunStatus.CANCELLED and status not in _AFTER_CANCEL:
-            raise RunCancelledError(run_id)
-        if run.record.current_execution_id != execution_id:
-            raise ConflictError(
-                f"run {run_id!r} is at execution {run.record.current_execution_id}, "
-                f"not {execution_id}"
-            )
+        refusal = _status_refusal(run.record, status, execution_id)
+        if refusal is not None:
+            raise refusal
         self._set_status(run, status, output_json, error_json, event, event_json)
         return await self._get_existing(run_id)
 
@@ -531,11 +547,8 @@ class MemoryStore(MemoryAdmin):
             lease, output=output, context_patch=context_patch, event=event
         )
         run = self._runs[lease.run_id]
-        if (
-            run.record.status == RunStatus.CANCELLED
-            or run.record.current_execution_id != lease.execution_id
-        ):
-            return recorded, None
+        if _status_refusal(run.record, RunStatus.COMPLETED, lease.execution_id) is not None:
+            return recorded, None  # the step's completion stands; the run is left as it is
         self._set_status(
             run, RunStatus.COMPLETED, run_output_json, b"null", run_event, run_event_json
         )

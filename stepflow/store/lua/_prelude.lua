@@ -118,6 +118,20 @@ local function sf_set_status(run, execs, events, xid, status, output, err, termi
   return 0
 end
 
+-- Why a run whose status is run_status (JSON) and whose current execution is
+-- current may not move to status (JSON) from execution xid: nil when it may,
+-- else the code and detail to refuse with. A cancelled run stays cancelled
+-- unless resumed (to running); only the current execution moves the run.
+local function sf_status_refusal(run_status, current, xid, status)
+  if run_status == '"cancelled"' and status ~= '"running"' and status ~= '"cancelled"' then
+    return 'CANCELLED', 'run'
+  end
+  if current ~= xid then
+    return 'CONFLICT', 'the run is at execution ' .. tostring(current) .. ', not ' .. xid
+  end
+  return nil
+end
+
 -- A step is at most four fields of the run's steps hash. Few fields keep the
 -- hash small and each script's reads and writes short (a small hash is a
 -- list Redis scans field by field):

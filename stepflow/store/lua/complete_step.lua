@@ -43,7 +43,8 @@ local now = sf_now_ms()
 local code, detail, status, current = sf_check_lease(KEYS[1], held, sid, ARGV[3], ARGV[4],
   ARGV[5], now)
 if code then return sf_fail(code, detail) end
-local finishing = ARGV[14] == '1' and status ~= '"cancelled"' and current == ARGV[5]
+local finishing = ARGV[14] == '1' and not sf_status_refusal(status, current, ARGV[5],
+  '"completed"')
 
 local fields = {}
 local claimed

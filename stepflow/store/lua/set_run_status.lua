@@ -19,14 +19,8 @@ local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return snapshot(done) end
 local refused, row = sf_writable(KEYS[1], 'current_execution_id')
 if refused then return refused end
-local current = row[3]
-if row[1] == '"cancelled"' and ARGV[3] ~= '"running"' and ARGV[3] ~= '"cancelled"' then
-  return sf_fail('CANCELLED', 'run')
-end
-if current ~= ARGV[2] then
-  return sf_fail('CONFLICT', 'the run is at execution ' .. tostring(current) ..
-    ', not ' .. ARGV[2])
-end
+local code, detail = sf_status_refusal(row[1], row[3], ARGV[2], ARGV[3])
+if code then return sf_fail(code, detail) end
 
 local delta = sf_set_status(KEYS[1], KEYS[4], KEYS[5], ARGV[2], ARGV[3], ARGV[5], ARGV[6],
   ARGV[4] == '1', ARGV[7], ARGV[8], sf_now_ms())
