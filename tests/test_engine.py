@@ -1587,6 +1587,39 @@ async def test_a_result_whose_lease_lapsed_is_recorded_without_a_rerun(
     step = (await steps_by_name(store, record.run_id))["stalls"]
     assert step.status == StepStatus.COMPLETED
     assert step.output == {"attempt": 1}
+    # It ran once: its row and its completion event both say attempt 1, not a second claim's.
+    assert step.attempt == 1
+    completed = [e for e in await store.read_history(record.run_id) if e.kind == "step_completed"]
+    assert [event.payload["attempt"] for event in completed] == [1]
+
+
+async def test_a_result_whose_lapsed_lease_another_owner_claimed_is_dropped(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """The loop stalled past the lease and another owner claimed the step meanwhile.
+
+    That owner runs the step now: this process records nothing and leaves the
+    run to it, rather than record a result over the other owner's lease.
+    """
+    flow = new_flow()
+
+    @flow.step()
+    async def stalls(ctx: StepContext) -> dict[str, int]:
+        time.sleep(0.2)  # noqa: ASYNC251 - blocks the loop, so no heartbeat renews the lease
+        await store.claim_step(  # another worker takes the lapsed step over
+            ctx.run_id, ctx.step_id, name=ctx.step_id, owner="other", lease_ms=60_000
+        )
+        return {"attempt": ctx.attempt}
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store, lease_ms=60).run(flow)
+
+    assert record.status == RunStatus.RUNNING  # the other owner carries the run on
+    assert record.context == {}
+    step = (await steps_by_name(store, record.run_id))["stalls"]
+    assert (step.status, step.worker_id, step.attempt) == (StepStatus.RUNNING, "other", 2)
+    assert step.output is None
+    assert EventKind.STEP_COMPLETED not in await history_kinds(store, record.run_id)
 
 
 async def test_a_stalled_step_keeps_its_lease_and_is_not_run_twice(

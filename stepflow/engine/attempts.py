@@ -300,7 +300,6 @@ async def execute_step(
                 hold.lease,
                 result,
                 attempt,
-                owner,
                 keeper.lease_ms,
                 then_claim,
                 then_finish,
@@ -337,7 +336,6 @@ async def _commit(
     lease: Lease,
     result: Any,
     attempt: int,
-    owner: str,
     lease_ms: int,
     then_claim: StepClaim | None,
     then_finish: Callable[[Any], Any] | None,
@@ -369,11 +367,13 @@ async def _commit(
                 )
                 return recorded, None, None
         except StaleLeaseError as exc:
-            if not await _lapsed_unclaimed(store, call, owner):
+            # Our lease may only have run out (a stalled loop) with nobody claiming the
+            # step since: then renewing it succeeds, and the result we have is recorded
+            # under it, attempt unchanged, rather than the step run again.
+            try:
+                lease = await store.renew_lease(lease, lease_ms=lease_ms)
+            except StepflowError:  # another owner claimed it, or the run is gone
                 raise LeaseLost(str(exc)) from exc
-            # Our lease ran out but nobody claimed the step: take a fresh lease and
-            # record the result we have, rather than run the step again.
-            lease = await _claim(store, call, owner, lease_ms)
 
 
 async def _complete_and_finish(
