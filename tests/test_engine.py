@@ -8,7 +8,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import anyio.lowlevel
@@ -1712,3 +1712,68 @@ async def test_a_cancel_from_another_process_is_not_overwritten_by_the_finish(
     assert stored is not None
     assert stored.status == RunStatus.CANCELLED
     assert "b" not in stored.context  # no new step started after the cancel
+
+
+class _StoreDown(Exception):
+    """Stands for the store failing for good (a lost connection, past its retries)."""
+
+
+class _FailsAfterCompletions:
+    """A store that fails every step completion after the first ``healthy`` of them."""
+
+    def __init__(self, store: WorkflowStore, healthy: int) -> None:
+        self._store = store
+        self._healthy = healthy
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def _complete(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        if self._healthy <= 0:
+            raise _StoreDown(f"the store is gone ({name})")
+        self._healthy -= 1
+        return await getattr(self._store, name)(*args, **kwargs)
+
+    async def complete_and_claim(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._complete("complete_and_claim", *args, **kwargs)
+
+    async def complete_step(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._complete("complete_step", *args, **kwargs)
+
+
+async def test_a_store_failure_stops_the_run_with_its_own_error_and_a_resume_finishes_it(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """Raised as is, not in a task group's exception group; the run is left as stored.
+
+    A fan-out, so sibling steps are running when the store fails under one of them.
+    """
+    flow = new_flow()
+    calls: Counter[str] = Counter()
+
+    @flow.step()
+    async def root(ctx: StepContext) -> dict[str, int]:
+        calls["root"] += 1
+        return {"root": 1}
+
+    for name in ("a", "b", "c"):
+
+        @flow.step(name, after=[root])
+        async def branch(ctx: StepContext) -> dict[str, int]:
+            calls[ctx.step_id] += 1
+            await anyio.sleep(0.01)
+            return {ctx.step_id: 1}
+
+    run_id = f"down-{uuid.uuid4().hex[:8]}"
+    failing = Engine(cast(WorkflowStore, _FailsAfterCompletions(store, healthy=1)), lease_ms=60)
+    with anyio.fail_after(LIMIT), pytest.raises(_StoreDown):
+        await failing.run(flow, run_id=run_id)
+    stored = await store.get_run(run_id)
+    assert stored is not None
+    assert (stored.status, stored.context) == (RunStatus.RUNNING, {"root": 1})
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store, lease_ms=60).run(flow, run_id=run_id)
+    assert record.status == RunStatus.COMPLETED
+    assert record.context == {"root": 1, "a": 1, "b": 1, "c": 1}
+    assert calls["root"] == 1  # completed before the failure: never again

@@ -90,6 +90,8 @@ class DagRunner:
         self.interrupted: set[str] = set()
         self.attempts: dict[str, int] = {}
         self.failure: StepFailedError | None = None
+        self.crash: Exception | None = None
+        """What stopped the runner itself (the store failed): raised as is from `execute`."""
         self.lost_lease = False
         self.finished: RunRecord | None = None
         """The run as completed by its last step's completion (see `_finish_with`)."""
@@ -129,6 +131,10 @@ class DagRunner:
                 if self.stop_reason() == "cancel" and self.finished is None:
                     await self._finish_cancelled()
             raise
+        if self.crash is not None:
+            # Not wrapped in the task group's exception group: a caller catches the
+            # store's error as it would from any store call. The run stays as stored.
+            raise self.crash
         if self.finished is not None:
             return self.finished
         try:
@@ -226,6 +232,9 @@ class DagRunner:
                 self._launch(tg, ready[1:])
                 self.started.add(ready[0])
                 ready, claimed = await self._step(tg, ready[0], claimed)
+        except Exception as exc:  # the store failed (a step's own errors are recorded)
+            self.crash = self.crash or exc
+            tg.cancel_scope.cancel()
         finally:
             self._in_flight -= 1
             if not self._in_flight:  # nothing can start any more: no lease to keep
