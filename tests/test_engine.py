@@ -1777,3 +1777,49 @@ async def test_a_store_failure_stops_the_run_with_its_own_error_and_a_resume_fin
     assert record.status == RunStatus.COMPLETED
     assert record.context == {"root": 1, "a": 1, "b": 1, "c": 1}
     assert calls["root"] == 1  # completed before the failure: never again
+
+
+class _SlowRenewals:
+    """A store whose lease renewals take a while (a slow round trip), announced as they start."""
+
+    def __init__(self, store: WorkflowStore) -> None:
+        self._store = store
+        self.renewing = anyio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def renew_lease(self, *args: Any, **kwargs: Any) -> Any:
+        self.renewing.set()
+        await anyio.sleep(0.05)
+        return await self._store.renew_lease(*args, **kwargs)
+
+
+async def test_a_result_recorded_after_its_lease_lapsed_survives_a_fail_fast_meanwhile(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """The renewal that lets a lapsed step record its result is shielded like the record.
+
+    A sibling fails for good while the renewal is under way: the step has run,
+    so its result is kept (completed), not cancelled and run again later.
+    """
+    flow = new_flow()
+    slow = _SlowRenewals(store)
+
+    @flow.step()
+    async def stalls(ctx: StepContext) -> dict[str, int]:
+        time.sleep(0.2)  # noqa: ASYNC251 - blocks the loop past the 60 ms lease
+        return {"stalled": ctx.attempt}
+
+    @flow.step()
+    async def fails(ctx: StepContext) -> None:
+        await slow.renewing.wait()
+        raise RuntimeError("boom")
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(cast(WorkflowStore, slow), lease_ms=60).run(flow)
+
+    assert record.status == RunStatus.FAILED
+    assert record.context == {"stalled": 1}
+    steps = await steps_by_name(store, record.run_id)
+    assert (steps["stalls"].status, steps["stalls"].attempt) == (StepStatus.COMPLETED, 1)

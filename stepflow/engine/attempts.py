@@ -348,10 +348,10 @@ async def _commit(
     patch = result if call.merge_mapping and isinstance(result, Mapping) else None
     event = NewEvent(kind=EventKind.STEP_COMPLETED, payload=call.completed_payload(result, attempt))
     while True:
-        try:
-            # The step has run: record it even if a cancel arrives meanwhile, so a
-            # finished side effect is not done again (and the lease is not left held).
-            with anyio.CancelScope(shield=True):
+        # The step has run: record it even if a cancel arrives meanwhile (renewing a
+        # lapsed lease on the way), so a finished side effect is not done again.
+        with anyio.CancelScope(shield=True):
+            try:
                 if then_claim is not None:
                     recorded, claimed = await store.complete_and_claim(
                         lease, then_claim, output=result, context_patch=patch, event=event
@@ -366,14 +366,14 @@ async def _commit(
                     lease, output=result, context_patch=patch, event=event
                 )
                 return recorded, None, None
-        except StaleLeaseError as exc:
-            # Our lease may only have run out (a stalled loop) with nobody claiming the
-            # step since: then renewing it succeeds, and the result we have is recorded
-            # under it, attempt unchanged, rather than the step run again.
-            try:
-                lease = await store.renew_lease(lease, lease_ms=lease_ms)
-            except StepflowError:  # another owner claimed it, or the run is gone
-                raise LeaseLost(str(exc)) from exc
+            except StaleLeaseError as exc:
+                # Our lease may only have run out (a stalled loop) with nobody claiming
+                # the step since: then renewing it succeeds, and the result we have is
+                # recorded under it, attempt unchanged, rather than the step run again.
+                try:
+                    lease = await store.renew_lease(lease, lease_ms=lease_ms)
+                except StepflowError:  # another owner claimed it, or the run is gone
+                    raise LeaseLost(str(exc)) from exc
 
 
 async def _complete_and_finish(
