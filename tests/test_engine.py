@@ -1823,3 +1823,45 @@ async def test_a_result_recorded_after_its_lease_lapsed_survives_a_fail_fast_mea
     assert record.context == {"stalled": 1}
     steps = await steps_by_name(store, record.run_id)
     assert (steps["stalls"].status, steps["stalls"].attempt) == (StepStatus.COMPLETED, 1)
+
+
+class _RenewalsFailFirst:
+    """A store whose first ``failures`` lease renewals fail (a dropped connection)."""
+
+    def __init__(self, store: WorkflowStore, failures: int) -> None:
+        self._store = store
+        self.failures = failures
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def renew_lease(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failures:
+            self.failures -= 1
+            raise _StoreDown("renew_lease")
+        return await self._store.renew_lease(*args, **kwargs)
+
+
+async def test_a_failed_lease_renewal_is_tried_again_not_taken_for_a_failed_step(
+    store: WorkflowStore, new_flow: NewFlow, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store failing a heartbeat says nothing about the step: it runs on, once."""
+    flow = new_flow()
+    flaky = _RenewalsFailFirst(store, failures=3)
+    attempts: list[int] = []
+
+    @flow.step()
+    async def slow(ctx: StepContext) -> dict[str, int]:
+        attempts.append(ctx.attempt)
+        await anyio.sleep(0.3)  # many renewals of a 60 ms lease
+        return {"slow": ctx.attempt}
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(cast(WorkflowStore, flaky), lease_ms=60).run(flow)
+
+    assert record.status == RunStatus.COMPLETED
+    assert attempts == [1]
+    assert record.context == {"slow": 1}
+    assert flaky.failures == 0  # all three failed renewals happened while it ran
+    warnings = [r for r in caplog.records if "renewing the lease" in r.getMessage()]
+    assert len(warnings) == 3

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import traceback as _traceback
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +33,10 @@ from stepflow.retry import RetryPolicy
 from stepflow.store.base import WorkflowStore
 
 _TRACEBACK_LIMIT = 4000
+_RENEW_RETRIES_PER_PERIOD = 4
+"""After a failed renewal (the store, not a refusal) the keeper asks again this much sooner."""
+
+_logger = logging.getLogger("stepflow.engine")
 
 T = TypeVar("T")
 
@@ -107,8 +112,6 @@ class Hold:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     """Wraps the user call only: the keeper cancels it when the lease is lost."""
     lost: bool = False
-    failure: Exception | None = None
-    """What the store raised when a renewal failed for another reason than the lease."""
     outcome: tuple[Any, Exception | None] | None = None
     """(result, error) of the user call; None when the keeper cancelled it."""
 
@@ -157,21 +160,32 @@ class LeaseKeeper:
                 await anyio.sleep(max(wake - anyio.current_time(), 0))
 
     async def _renew(self, hold: Hold) -> None:
+        """Renew one lease; a store that fails (a lost connection) is asked again soon.
+
+        Only the store's refusal ends the attempt: the step itself did not
+        fail, and a lease lapsed meanwhile is still renewed while nobody
+        claimed the step. A store that stays down fails the step's record.
+        """
         try:
             lease = await self.store.renew_lease(hold.lease, lease_ms=self.lease_ms)
         except StepflowError:
-            self._give_up(hold, lost=True)
-        except Exception as exc:  # the store failed (connection...): the attempt fails
-            hold.failure = exc
-            self._give_up(hold, lost=False)
+            self._give_up(hold)
+        except Exception as exc:
+            _logger.warning(
+                "renewing the lease on step %r of run %r failed (%r); trying again",
+                hold.lease.step_id,
+                hold.lease.run_id,
+                exc,
+            )
+            hold.renew_at = anyio.current_time() + self._period / _RENEW_RETRIES_PER_PERIOD
         else:
             hold.lease = lease
             hold.renew_at = anyio.current_time() + self._period
 
-    def _give_up(self, hold: Hold, *, lost: bool) -> None:
+    def _give_up(self, hold: Hold) -> None:
         if hold in self._holds:  # else the attempt ended meanwhile: nothing to stop
             self._holds.discard(hold)
-            hold.lost = lost
+            hold.lost = True
             hold.scope.cancel()
 
     def hold(self, lease: Lease) -> Hold:
@@ -317,8 +331,6 @@ async def execute_step(
 
 def _result(call: StepCall, hold: Hold) -> Any:
     """The attempt's result, or raise what ended it."""
-    if hold.failure is not None:  # the store failed renewing the lease
-        raise hold.failure
     # A result that arrived anyway is kept: recording it finds out whether the step
     # was taken over meanwhile (then it is dropped) or just our lease ran out.
     if hold.lost and (hold.outcome is None or hold.outcome[1] is not None):
