@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import anyio.lowlevel
@@ -1187,3 +1187,67 @@ async def test_a_workflow_that_ends_before_its_recorded_commands_fails(
     assert record.output is None
     assert record.error["type"] == "NonDeterminismError"
     assert "'work'" in record.error["message"]
+
+
+class _StoreBlip(Exception):
+    """Stands for a store call failing (a dropped connection past its retries)."""
+
+
+class _OneCompletionFails:
+    """A store whose ``nth`` step completion fails once; every other call goes through."""
+
+    def __init__(self, store: WorkflowStore, nth: int) -> None:
+        self._store = store
+        self._left = nth
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def complete_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._left -= 1
+        if self._left == 0:
+            raise _StoreBlip("the store dropped the completion")
+        return await self._store.complete_step(*args, **kwargs)
+
+
+@pytest.mark.parametrize("workflow_catches", [False, True])
+async def test_a_store_failure_under_a_step_leaves_the_run_for_a_resume(
+    store: WorkflowStore, workflow_catches: bool
+) -> None:
+    """Not recorded as the workflow's failure (or its output, if it caught the error).
+
+    The store is back by the time the runner would record the end, so a
+    recorded failure would be final; the run is left running instead, and
+    running it again by id replays it: only the step whose completion was
+    lost runs again.
+    """
+    calls: Counter[int] = Counter()
+
+    async def work(i: int) -> int:
+        calls[i] += 1
+        return i
+
+    @stepflow.workflow(name=f"blip-{uuid.uuid4().hex[:8]}")
+    async def total(ctx: WorkflowContext, n: int) -> int:
+        done = 0
+        for i in range(n):
+            try:
+                done += await ctx.step(work, i, name=f"w{i}")
+            except _StoreBlip:
+                if not workflow_catches:
+                    raise
+                return -1  # a workflow that swallows the error and ends early
+        return done
+
+    run_id = f"blip-{uuid.uuid4().hex[:8]}"
+    flaky = cast(WorkflowStore, _OneCompletionFails(store, nth=3))
+    with anyio.fail_after(LIMIT), pytest.raises(_StoreBlip):
+        await Engine(flaky, lease_ms=60).run(total, 5, run_id=run_id)
+    stored = await store.get_run(run_id)
+    assert stored is not None
+    assert stored.status == RunStatus.RUNNING
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store, lease_ms=60).run(total, 5, run_id=run_id)
+    assert (record.status, record.output) == (RunStatus.COMPLETED, 10)
+    assert calls == Counter({0: 1, 1: 1, 2: 2, 3: 1, 4: 1})

@@ -54,6 +54,7 @@ class DurableRunner:
         self.services = services
         self.replay = Replay(record.run_id, [])
         self._keeper: LeaseKeeper | None = None
+        self._store_failure: Exception | None = None
 
     @property
     def run_id(self) -> str:
@@ -95,6 +96,7 @@ class DurableRunner:
             try:
                 output = await self.definition.fn(WorkflowContext(self), self.record.input)
             except ContinueAsNew as request:
+                self._raise_store_failure()
                 if (diverged := self.replay.divergence()) is not None:
                     return await self._finish(RunStatus.FAILED, error=describe_error(diverged))
                 await self._continue_as_new(request)
@@ -105,11 +107,27 @@ class DurableRunner:
                         await self._finish(RunStatus.CANCELLED, error=_CANCELLED)
                 raise
             except Exception as exc:
+                self._raise_store_failure()
                 failure = self.replay.diverged or exc  # a caught mismatch comes first
                 return await self._finish(RunStatus.FAILED, error=describe_error(failure))
+            self._raise_store_failure()
             if (diverged := self.replay.divergence()) is not None:
                 return await self._finish(RunStatus.FAILED, error=describe_error(diverged))
             return await self._finish(RunStatus.COMPLETED, output=output)
+
+    def note_store_failure(self, exc: Exception) -> None:
+        """The store failed under a ctx call (see ``_raise_store_failure``)."""
+        self._store_failure = self._store_failure or exc
+
+    def _raise_store_failure(self) -> None:
+        """Raise the store's failure under a ctx call, if any, however the workflow went on.
+
+        The workflow may have caught it, or raised or returned something else:
+        recording that would record a run the store never fully saw. The run is
+        left as stored instead, and a resume once the store is back replays it.
+        """
+        if self._store_failure is not None:
+            raise self._store_failure
 
     async def _finish(
         self, status: RunStatus, *, output: Any = None, error: Any = None
