@@ -1251,3 +1251,48 @@ async def test_a_store_failure_under_a_step_leaves_the_run_for_a_resume(
         record = await Engine(store, lease_ms=60).run(total, 5, run_id=run_id)
     assert (record.status, record.output) == (RunStatus.COMPLETED, 10)
     assert calls == Counter({0: 1, 1: 1, 2: 2, 3: 1, 4: 1})
+
+
+async def test_a_failed_lease_renewal_does_not_stop_a_durable_run(store: WorkflowStore) -> None:
+    """Only the store's failures under the workflow's own calls leave the run for a resume."""
+
+    class RenewalFailsOnce:
+        def __init__(self) -> None:
+            self.failed = False
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        async def renew_lease(self, *args: Any, **kwargs: Any) -> Any:
+            if not self.failed:
+                self.failed = True
+                raise _StoreBlip("renew_lease")
+            return await store.renew_lease(*args, **kwargs)
+
+    async def slow() -> str:
+        await anyio.sleep(0.2)  # several renewals of a 60 ms lease
+        return "done"
+
+    @stepflow.workflow(name=f"renewal-blip-{uuid.uuid4().hex[:8]}")
+    async def flow(ctx: WorkflowContext, _: None) -> str:
+        return str(await ctx.step(slow))
+
+    flaky = RenewalFailsOnce()
+    with anyio.fail_after(LIMIT):
+        record = await Engine(cast(WorkflowStore, flaky), lease_ms=60).run(flow)
+    assert flaky.failed
+    assert (record.status, record.output) == (RunStatus.COMPLETED, "done")
+
+
+async def test_a_bad_argument_to_a_ctx_call_still_fails_the_run(store: WorkflowStore) -> None:
+    """Raised before any store call: the workflow's own failure, recorded as such."""
+
+    @stepflow.workflow(name=f"bad-sleep-{uuid.uuid4().hex[:8]}")
+    async def flow(ctx: WorkflowContext, _: None) -> None:
+        await ctx.sleep(-1)
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow)
+    assert record.status == RunStatus.FAILED
+    assert record.error is not None
+    assert (record.error["type"], record.error["message"]) == ("ValueError", "seconds must be >= 0")

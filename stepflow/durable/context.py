@@ -13,9 +13,8 @@ import logging
 import math
 import random
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
-from functools import wraps
-from typing import TYPE_CHECKING, Any, Concatenate, NoReturn, ParamSpec, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from stepflow.dag import is_async_callable
 from stepflow.engine.attempts import LeaseLost, StepCall, execute_step
@@ -24,7 +23,6 @@ from stepflow.errors import (
     EventTimeoutError,
     StepAlreadyCompletedError,
     StepFailedError,
-    StepflowError,
 )
 from stepflow.models import Event, EventKind, PruneOptions, PruneResult, RunStatus
 from stepflow.retry import RetryPolicy
@@ -46,34 +44,6 @@ def _deadline(created: Event) -> int:
     """
     seconds = float(created.payload["seconds"])
     return created.timestamp + math.ceil(round(seconds * 1000, 6)) + 1
-
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _store_failures_stop_the_run(
-    method: Callable[Concatenate[WorkflowContext, P], Awaitable[R]],
-) -> Callable[Concatenate[WorkflowContext, P], Coroutine[Any, Any, R]]:
-    """Tell the runner when the store fails (not a refusal: a lost connection) under a ctx call.
-
-    The workflow sees the error as raised; the runner then leaves the run as
-    stored, whatever the workflow did with it (see
-    ``DurableRunner._raise_store_failure``). Only the store raises such an
-    error here: what a step raises reaches the workflow as `StepFailedError`.
-    """
-
-    @wraps(method)
-    async def watched(ctx: WorkflowContext, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await method(ctx, *args, **kwargs)
-        except StepflowError:
-            raise
-        except Exception as exc:
-            ctx._runner.note_store_failure(exc)
-            raise
-
-    return watched
 
 
 class ContinueAsNew(BaseException):
@@ -119,7 +89,6 @@ class WorkflowContext:
 
     # -- commands ---------------------------------------------------------------------
 
-    @_store_failures_stop_the_run
     async def step(
         self,
         fn: Callable[..., Any],
@@ -179,7 +148,6 @@ class WorkflowContext:
             runner.note_recorded(outcome.event)
             return outcome.output
 
-    @_store_failures_stop_the_run
     async def sleep(self, seconds: float) -> None:
         """A durable timer: the wake-up time is recorded, so restarts don't reset it."""
         if seconds < 0:
@@ -196,7 +164,6 @@ class WorkflowContext:
         await self._runner.sleep_until(_deadline(created))
         await self._runner.append(EventKind.TIMER_FIRED, self._replay.tags(seq, "sleep", "sleep"))
 
-    @_store_failures_stop_the_run
     async def wait_for_event(self, name: str, timeout: float | None = None) -> Any:
         """Wait for ``Engine.raise_event(run_id, name, payload)`` and return its payload.
 
@@ -242,7 +209,6 @@ class WorkflowContext:
             await self._runner.refresh()
             delay = min(delay * 2, _EVENT_POLL_MAX)
 
-    @_store_failures_stop_the_run
     async def child(self, workflow: DurableWorkflow, input: Any = None) -> Any:
         """Run ``workflow`` as a sub-run of this one and return its output.
 
@@ -271,7 +237,6 @@ class WorkflowContext:
         await runner.append(EventKind.CHILD_FAILED, {**tags, "error": error})
         raise ChildRunFailedError(child_id, error)
 
-    @_store_failures_stop_the_run
     async def prune_history(self, options: PruneOptions) -> PruneResult:
         """Delete this run's old finished executions now; recorded, so a replay doesn't redo it.
 

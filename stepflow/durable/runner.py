@@ -10,8 +10,11 @@ that outcome in one store operation.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
-from typing import Any
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, cast
 
 import anyio
 
@@ -38,6 +41,36 @@ logger = logging.getLogger("stepflow.durable")
 _CONTINUE_ATTEMPTS = 10
 
 
+class _FailureNotingStore:
+    """A store whose failures (any error but a `StepflowError` refusal) are reported first.
+
+    What a step raises reaches the workflow as `StepFailedError` and a bad
+    argument to a ctx call is raised before any store call, so this sees
+    the store's own failures only.
+    """
+
+    def __init__(self, store: WorkflowStore, note: Callable[[Exception], None]) -> None:
+        self._store = store
+        self._note = note
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._store, name)
+        if not inspect.iscoroutinefunction(attribute):
+            return attribute
+
+        @wraps(attribute)
+        async def noted(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await attribute(*args, **kwargs)
+            except StepflowError:
+                raise
+            except Exception as exc:
+                self._note(exc)
+                raise
+
+        return noted
+
+
 class DurableRunner:
     """Executes (or resumes) one durable run; use once."""
 
@@ -48,7 +81,10 @@ class DurableRunner:
         record: RunRecord,
         services: RunnerServices,
     ) -> None:
-        self.store = store
+        self.store = cast(WorkflowStore, _FailureNotingStore(store, self.note_store_failure))
+        """The store, noting its failures for ``_raise_store_failure``."""
+        self._renewals_store = store
+        """The lease keeper's: a renewal the store fails is only tried again."""
         self.definition = definition
         self.record = record
         self.services = services
@@ -79,7 +115,7 @@ class DurableRunner:
         return self._keeper
 
     async def execute(self) -> RunRecord:
-        return await with_lease_keeper(self.store, self.lease_ms, self._execute)
+        return await with_lease_keeper(self._renewals_store, self.lease_ms, self._execute)
 
     async def _execute(self, keeper: LeaseKeeper) -> RunRecord:
         self._keeper = keeper
@@ -116,15 +152,18 @@ class DurableRunner:
             return await self._finish(RunStatus.COMPLETED, output=output)
 
     def note_store_failure(self, exc: Exception) -> None:
-        """The store failed under a ctx call (see ``_raise_store_failure``)."""
+        """The store failed (see ``_raise_store_failure``)."""
         self._store_failure = self._store_failure or exc
 
     def _raise_store_failure(self) -> None:
-        """Raise the store's failure under a ctx call, if any, however the workflow went on.
+        """Raise the store's failure while the workflow ran, if any, however it went on.
 
-        The workflow may have caught it, or raised or returned something else:
-        recording that would record a run the store never fully saw. The run is
-        left as stored instead, and a resume once the store is back replays it.
+        A store that failed (not a refusal: a lost connection) under a ctx call
+        reaches the workflow as raised, and the workflow may have re-raised it,
+        caught it, or raised or returned something else. Recording any of that
+        would record an outcome of a run the store never fully saw, and a store
+        back in time would make it final. The run is left as stored instead,
+        and a resume once the store is back replays it.
         """
         if self._store_failure is not None:
             raise self._store_failure
