@@ -3,8 +3,8 @@
 The server keeps an append-only file fsynced on every write, as a
 production Redis that must not lose acknowledged writes does, so what the
 store was told before the kill is there after the restart. A server back
-within the client's retries is ridden out: the run completes as if nothing
-happened. A server gone for longer stops the run with the client's own
+within the client's retries (here a patient ``retry=``) is ridden out: the
+run completes as if nothing happened. A server gone for longer stops the run with the client's own
 error (not wrapped in an exception group); the run stays ``running`` in the
 store, and resuming it once the server is back runs only what had not
 completed.
@@ -12,6 +12,8 @@ completed.
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -19,6 +21,8 @@ from collections.abc import Callable
 import anyio
 import pytest
 from conftest import RedisServer
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 import stepflow
@@ -30,6 +34,7 @@ LIMIT = 20.0
 DURABLE = ("--appendonly", "yes", "--appendfsync", "always")
 STEPS = [f"s{i}" for i in range(6)]
 KILLER = "s3"
+DOWNTIME = 0.3
 
 
 def chain(name: str, calls: Counter[str], on_killer: Callable[[], None]) -> Workflow:
@@ -53,19 +58,29 @@ def chain(name: str, calls: Counter[str], on_killer: Callable[[], None]) -> Work
 
 
 async def test_a_redis_restart_mid_run_is_ridden_out(own_server: RedisServer) -> None:
+    """The server is down for a while: the client's retries (``retry=``) outlast it."""
     own_server.kill()
     own_server.start(*DURABLE)
     calls: Counter[str] = Counter()
+    killed_at: list[float] = []
 
-    def restart() -> None:
+    def restart_later() -> None:
         own_server.kill()  # SIGKILL: no shutdown, no final save
-        own_server.start(*DURABLE)
+        killed_at.append(time.monotonic())
 
-    flow = chain(f"restart-{uuid.uuid4().hex[:8]}", calls, restart)
-    store = RedisStore.from_url(own_server.url, check_durability=False)
+        def back() -> None:
+            time.sleep(DOWNTIME)  # the step's completion is sent (and retried) meanwhile
+            own_server.start(*DURABLE)
+
+        threading.Thread(target=back, daemon=True).start()
+
+    flow = chain(f"restart-{uuid.uuid4().hex[:8]}", calls, restart_later)
+    patient = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 20)
+    store = RedisStore.from_url(own_server.url, check_durability=False, retry=patient)
     try:
         with anyio.fail_after(LIMIT):
             record = await Engine(store).run(flow)
+        assert time.monotonic() - killed_at[0] >= DOWNTIME  # it did wait for the server
         assert record.status == RunStatus.COMPLETED
         assert record.context == {step: 1 for step in STEPS}
         assert calls == Counter(STEPS)  # every step ran once, the killer's too
