@@ -64,15 +64,16 @@ async def test_a_redis_restart_mid_run_is_ridden_out(own_server: RedisServer) ->
     calls: Counter[str] = Counter()
     killed_at: list[float] = []
 
+    def back() -> None:
+        time.sleep(DOWNTIME)  # the step's completion is sent (and retried) meanwhile
+        own_server.start(*DURABLE)
+
+    restarter = threading.Thread(target=back, daemon=True)
+
     def restart_later() -> None:
         own_server.kill()  # SIGKILL: no shutdown, no final save
         killed_at.append(time.monotonic())
-
-        def back() -> None:
-            time.sleep(DOWNTIME)  # the step's completion is sent (and retried) meanwhile
-            own_server.start(*DURABLE)
-
-        threading.Thread(target=back, daemon=True).start()
+        restarter.start()
 
     flow = chain(f"restart-{uuid.uuid4().hex[:8]}", calls, restart_later)
     patient = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 20)
@@ -81,6 +82,8 @@ async def test_a_redis_restart_mid_run_is_ridden_out(own_server: RedisServer) ->
         with anyio.fail_after(LIMIT):
             record = await Engine(store).run(flow)
         assert time.monotonic() - killed_at[0] >= DOWNTIME  # it did wait for the server
+        restarter.join(LIMIT)  # its start() may still be confirming the server is up
+        assert not restarter.is_alive()
         assert record.status == RunStatus.COMPLETED
         assert record.context == {step: 1 for step in STEPS}
         assert calls == Counter(STEPS)  # every step ran once, the killer's too
