@@ -175,53 +175,81 @@ class RedisStore(RedisAdmin):
         no claim: none asked for, the run existed, or the store refused it).
         """
         keys, args = self._create_run_call(record, only_if_absent=only_if_absent, event=event)
-        run_id = record.run_id
         if claim is not None:  # made only if this create (request args[0]) made the run
             claim = (claim[0], [*claim[1], args[0]])
         if record.parent_run_id is not None:
-            await self._index_child(record, keep_score=only_if_absent)
-            created = int(await self._call("create_run", keys, args, run_id=run_id))
-            if created >= 0:
-                count = (args[0], {"executions": created})
-                await self._index_status(run_id, record.status, count=count)
-            claimed = None
+            created = await self._create_child(record, keys, args, only_if_absent=only_if_absent)
+            ridden = None  # the claim did not ride: sent below
         else:
-            count = (args[0], {"executions": 1})
-            index_keys, index_args = self._index_call(run_id, record.status, count)
-            await self._ready()
-            commands = [
-                self._time_entry(run_id, record.created_at, keep_score=only_if_absent),
-                self._script_command("create_run", keys, args),
-                self._script_command("index_run", index_keys, index_args),
-            ]
-            if claim is not None:
-                commands.append(self._script_command("claim_step", *claim))
-            timed, created, indexed, *pipelined = await self._pipelined(commands)
-            if isinstance(timed, Exception):
-                raise timed
-            await self._resolve(indexed, "index_run", index_keys, index_args, run_id=run_id)
-            undo = (f"{args[0]}:undo", {"executions": -1})
-            try:
-                created = int(await self._resolve(created, "create_run", keys, args, run_id=run_id))
-            except StepflowError:
-                await self._bump(*undo)
-                await self._reindex(run_id)
-                raise
-            if created != 1:  # no new execution: the run existed
-                await self._bump(*undo)
-            if created < 0:  # and was left as it is, maybe in another status
-                await self._reindex(run_id)
-            claimed = pipelined[0] if pipelined else None
+            created, ridden = await self._create_indexed(
+                record, keys, args, only_if_absent=only_if_absent, claim=claim
+            )
         if created < 0 or claim is None:
             return created >= 0, ""
-        try:  # sent now for a child run; a pipelined reply NOSCRIPT refused is sent again
-            if claimed is None:
-                claimed = await self._call("claim_step", *claim, run_id=run_id)
-            else:
-                claimed = await self._resolve(claimed, "claim_step", *claim, run_id=run_id)
+        try:
+            if ridden is None:
+                claimed = await self._call("claim_step", *claim, run_id=record.run_id)
+            else:  # a reply NOSCRIPT refused is sent again
+                claimed = await self._resolve(ridden, "claim_step", *claim, run_id=record.run_id)
         except RunCancelledError:  # created cancelled: no work starts, as in MemoryStore
             return True, ""
         return True, text(claimed)
+
+    async def _create_child(
+        self, record: RunRecord, keys: list[str], args: list[Any], *, only_if_absent: bool
+    ) -> int:
+        """``create_run.lua``'s reply for a child run: indexed under its parent first."""
+        run_id = record.run_id
+        await self._index_child(record, keep_score=only_if_absent)
+        created = int(await self._call("create_run", keys, args, run_id=run_id))
+        if created >= 0:
+            count = (args[0], {"executions": created})
+            await self._index_status(run_id, record.status, count=count)
+        return created
+
+    async def _create_indexed(
+        self,
+        record: RunRecord,
+        keys: list[str],
+        args: list[Any],
+        *,
+        only_if_absent: bool,
+        claim: tuple[list[str], list[Any]] | None,
+    ) -> tuple[int, Any]:
+        """``create_run.lua``'s reply for a run without a parent, in one pipeline with its
+        time entry, its status index counting a new execution, and ``claim``.
+
+        Returns the reply and the claim's raw reply (None without a claim). A create
+        that added no execution takes the count back; one that left the run as it
+        was indexes it under its own status again.
+        """
+        run_id = record.run_id
+        count = (args[0], {"executions": 1})
+        index_keys, index_args = self._index_call(run_id, record.status, count)
+        await self._ready()
+        commands = [
+            self._time_entry(run_id, record.created_at, keep_score=only_if_absent),
+            self._script_command("create_run", keys, args),
+            self._script_command("index_run", index_keys, index_args),
+        ]
+        if claim is not None:
+            commands.append(self._script_command("claim_step", *claim))
+        timed, reply, indexed, *ridden = await self._pipelined(commands)
+        if isinstance(timed, Exception):
+            raise timed
+        await self._resolve(indexed, "index_run", index_keys, index_args, run_id=run_id)
+        undo = (f"{args[0]}:undo", {"executions": -1})
+        try:
+            created = int(await self._resolve(reply, "create_run", keys, args, run_id=run_id))
+        except StepflowError:
+            await self._bump(*undo)
+            await self._reindex(run_id)
+            raise
+        if created != 1:  # no new execution: the run existed
+            await self._bump(*undo)
+        if created < 0:  # and was left as it is, maybe in another status
+            await self._reindex(run_id)
+        return created, ridden[0] if ridden else None
 
     def _create_run_call(
         self, record: RunRecord, *, only_if_absent: bool = False, event: NewEvent | None = None
