@@ -213,3 +213,14 @@ def everything_sent_twice() -> Iterator[None]:
     finally:
         connection.evalsha, connection.pipelined = send, send_all
     assert doubled, "nothing went through connection.evalsha or .pipelined: nothing was doubled"
+
+
+class PassThroughStore:
+    """A store that hands every call on to ``inner``: a test's subclass changes one or two
+    calls (a fault, a delay) and casts it to `WorkflowStore` for the engine."""
+
+    def __init__(self, inner: WorkflowStore) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)

@@ -20,6 +20,7 @@ from typing import Any, cast
 import anyio
 import anyio.lowlevel
 import pytest
+from conftest import PassThroughStore
 
 import stepflow
 from stepflow import (
@@ -1193,21 +1194,18 @@ class _StoreBlip(Exception):
     """Stands for a store call failing (a dropped connection past its retries)."""
 
 
-class _OneCompletionFails:
+class _OneCompletionFails(PassThroughStore):
     """A store whose ``nth`` step completion fails once; every other call goes through."""
 
     def __init__(self, store: WorkflowStore, nth: int) -> None:
-        self._store = store
+        super().__init__(store)
         self._left = nth
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
 
     async def complete_step(self, *args: Any, **kwargs: Any) -> Any:
         self._left -= 1
         if self._left == 0:
             raise _StoreBlip("the store dropped the completion")
-        return await self._store.complete_step(*args, **kwargs)
+        return await self.inner.complete_step(*args, **kwargs)
 
 
 @pytest.mark.parametrize("workflow_catches", [False, True])
@@ -1256,18 +1254,14 @@ async def test_a_store_failure_under_a_step_leaves_the_run_for_a_resume(
 async def test_a_failed_lease_renewal_does_not_stop_a_durable_run(store: WorkflowStore) -> None:
     """Only the store's failures under the workflow's own calls leave the run for a resume."""
 
-    class RenewalFailsOnce:
-        def __init__(self) -> None:
-            self.failed = False
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(store, name)
+    class RenewalFailsOnce(PassThroughStore):
+        failed = False
 
         async def renew_lease(self, *args: Any, **kwargs: Any) -> Any:
             if not self.failed:
                 self.failed = True
                 raise _StoreBlip("renew_lease")
-            return await store.renew_lease(*args, **kwargs)
+            return await self.inner.renew_lease(*args, **kwargs)
 
     async def slow() -> str:
         await anyio.sleep(0.2)  # several renewals of a 60 ms lease
@@ -1277,7 +1271,7 @@ async def test_a_failed_lease_renewal_does_not_stop_a_durable_run(store: Workflo
     async def flow(ctx: WorkflowContext, _: None) -> str:
         return str(await ctx.step(slow))
 
-    flaky = RenewalFailsOnce()
+    flaky = RenewalFailsOnce(store)
     with anyio.fail_after(LIMIT):
         record = await Engine(cast(WorkflowStore, flaky), lease_ms=60).run(flow)
     assert flaky.failed

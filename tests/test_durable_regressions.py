@@ -12,6 +12,7 @@ from typing import Any, cast
 
 import anyio
 import pytest
+from conftest import PassThroughStore
 
 import stepflow
 from stepflow import Engine, Event, RunRecord, RunStatus, WorkflowStore
@@ -37,19 +38,16 @@ async def _ticks(ctx: stepflow.WorkflowContext, seen: list[Any]) -> list[Any]:
     ctx.continue_as_new(seen)
 
 
-class _SlowAppend:
+class _SlowAppend(PassThroughStore):
     """A raising process's store whose appends reach the store late (network, a GC pause)."""
 
     def __init__(self, store: WorkflowStore, delay: float) -> None:
-        self._store = store
+        super().__init__(store)
         self._delay = delay
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
 
     async def append_event(self, *args: Any, **kwargs: Any) -> Event:
         await anyio.sleep(self._delay)
-        return await self._store.append_event(*args, **kwargs)
+        return await self.inner.append_event(*args, **kwargs)
 
 
 async def test_event_raised_while_the_run_continues_as_new_is_not_lost(
@@ -71,17 +69,11 @@ class _Died(Exception):
     """Stands for the process dying at that point."""
 
 
-class _DiesAfterContinue:
+class _DiesAfterContinue(PassThroughStore):
     """A driver's store: the process dies right after ``continue_as_new`` is stored."""
 
-    def __init__(self, store: WorkflowStore) -> None:
-        self._store = store
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
     async def continue_as_new(self, *args: Any, **kwargs: Any) -> int:
-        await self._store.continue_as_new(*args, **kwargs)
+        await self.inner.continue_as_new(*args, **kwargs)
         raise _Died("the process died right after continue_as_new")
 
 

@@ -14,7 +14,7 @@ import anyio
 import anyio.lowlevel
 import pydantic
 import pytest
-from conftest import make_store
+from conftest import PassThroughStore, make_store
 
 import stepflow
 from stepflow import (
@@ -1718,21 +1718,18 @@ class _StoreDown(Exception):
     """Stands for the store failing for good (a lost connection, past its retries)."""
 
 
-class _FailsAfterCompletions:
+class _FailsAfterCompletions(PassThroughStore):
     """A store that fails every step completion after the first ``healthy`` of them."""
 
     def __init__(self, store: WorkflowStore, healthy: int) -> None:
-        self._store = store
+        super().__init__(store)
         self._healthy = healthy
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
 
     async def _complete(self, name: str, *args: Any, **kwargs: Any) -> Any:
         if self._healthy <= 0:
             raise _StoreDown(f"the store is gone ({name})")
         self._healthy -= 1
-        return await getattr(self._store, name)(*args, **kwargs)
+        return await getattr(self.inner, name)(*args, **kwargs)
 
     async def complete_and_claim(self, *args: Any, **kwargs: Any) -> Any:
         return await self._complete("complete_and_claim", *args, **kwargs)
@@ -1779,20 +1776,17 @@ async def test_a_store_failure_stops_the_run_with_its_own_error_and_a_resume_fin
     assert calls["root"] == 1  # completed before the failure: never again
 
 
-class _SlowRenewals:
+class _SlowRenewals(PassThroughStore):
     """A store whose lease renewals take a while (a slow round trip), announced as they start."""
 
     def __init__(self, store: WorkflowStore) -> None:
-        self._store = store
+        super().__init__(store)
         self.renewing = anyio.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
 
     async def renew_lease(self, *args: Any, **kwargs: Any) -> Any:
         self.renewing.set()
         await anyio.sleep(0.05)
-        return await self._store.renew_lease(*args, **kwargs)
+        return await self.inner.renew_lease(*args, **kwargs)
 
 
 async def test_a_result_recorded_after_its_lease_lapsed_survives_a_fail_fast_meanwhile(
@@ -1825,21 +1819,18 @@ async def test_a_result_recorded_after_its_lease_lapsed_survives_a_fail_fast_mea
     assert (steps["stalls"].status, steps["stalls"].attempt) == (StepStatus.COMPLETED, 1)
 
 
-class _RenewalsFailFirst:
+class _RenewalsFailFirst(PassThroughStore):
     """A store whose first ``failures`` lease renewals fail (a dropped connection)."""
 
     def __init__(self, store: WorkflowStore, failures: int) -> None:
-        self._store = store
+        super().__init__(store)
         self.failures = failures
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
 
     async def renew_lease(self, *args: Any, **kwargs: Any) -> Any:
         if self.failures:
             self.failures -= 1
             raise _StoreDown("renew_lease")
-        return await self._store.renew_lease(*args, **kwargs)
+        return await self.inner.renew_lease(*args, **kwargs)
 
 
 async def test_a_failed_lease_renewal_is_tried_again_not_taken_for_a_failed_step(
