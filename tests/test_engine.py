@@ -1776,6 +1776,76 @@ async def test_a_store_failure_stops_the_run_with_its_own_error_and_a_resume_fin
     assert calls["root"] == 1  # completed before the failure: never again
 
 
+class _FailsForOneRun(PassThroughStore):
+    """A store that fails the step completions of one run while ``down``; others go through."""
+
+    def __init__(self, store: WorkflowStore, run_id: str) -> None:
+        super().__init__(store)
+        self.run_id = run_id
+        self.down = True
+
+    async def _complete(self, name: str, lease: Lease, *args: Any, **kwargs: Any) -> Any:
+        if self.down and lease.run_id == self.run_id:
+            raise _StoreDown(f"the store is gone ({name})")
+        return await getattr(self.inner, name)(lease, *args, **kwargs)
+
+    async def complete_and_claim(self, lease: Lease, *args: Any, **kwargs: Any) -> Any:
+        return await self._complete("complete_and_claim", lease, *args, **kwargs)
+
+    async def complete_and_finish(self, lease: Lease, *args: Any, **kwargs: Any) -> Any:
+        return await self._complete("complete_and_finish", lease, *args, **kwargs)
+
+    async def complete_step(self, lease: Lease, *args: Any, **kwargs: Any) -> Any:
+        return await self._complete("complete_step", lease, *args, **kwargs)
+
+
+async def test_a_background_run_whose_store_fails_stops_alone_and_wait_raises_the_error(
+    store: WorkflowStore, new_flow: NewFlow, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The engine's other runs go on, ``async with`` exits cleanly, the run stays resumable.
+
+    Before, the error went into the engine's task group: it cancelled every
+    other run and left ``wait`` cancelled instead of raising it.
+    """
+    flow = new_flow()
+    others_may_finish = anyio.Event()
+
+    @flow.step()
+    async def first(ctx: StepContext) -> dict[str, int]:
+        return {"first": 1}
+
+    @flow.step(after=[first])
+    async def second(ctx: StepContext) -> dict[str, int]:
+        if ctx.run_id != doomed:
+            await others_may_finish.wait()
+        return {"second": 1}
+
+    doomed = f"doomed-{uuid.uuid4().hex[:8]}"
+    faulty = _FailsForOneRun(store, doomed)
+    with anyio.fail_after(LIMIT):
+        # A short lease: the resume waits out the one whose completion was lost.
+        async with Engine(cast(WorkflowStore, faulty), lease_ms=60) as engine:
+            other = await engine.start(flow)
+            await engine.start(flow, run_id=doomed)
+            with pytest.raises(_StoreDown):
+                await engine.wait(doomed)
+            others_may_finish.set()  # the other run was not cancelled by the failure
+            assert (await engine.wait(other)).status == RunStatus.COMPLETED
+            with pytest.raises(_StoreDown):  # asked again, after its driver has gone
+                await engine.wait(doomed, timeout=LIMIT)
+            stored = await store.get_run(doomed)
+            assert stored is not None
+            assert (stored.status, stored.context) == (RunStatus.RUNNING, {})
+
+            faulty.down = False
+            await engine.resume(doomed)
+            record = await engine.wait(doomed)
+    assert record.status == RunStatus.COMPLETED
+    assert record.context == {"first": 1, "second": 1}
+    logged = [r for r in caplog.records if r.levelname == "ERROR" and doomed in r.getMessage()]
+    assert len(logged) == 1, "the failure is logged once, even with nobody waiting"
+
+
 class _SlowRenewals(PassThroughStore):
     """A store whose lease renewals take a while (a slow round trip), announced as they start."""
 

@@ -7,6 +7,11 @@ stops the runs still in flight and hands their steps back, so their status
 stays ``running`` in the store and a later `resume` (in this process or a
 fresh one) finishes them from their last completed step.
 
+A background run whose driver fails (the store lost past its retries, not
+a step: a step's failure is recorded in the run) stops alone: it is left as
+stored, resumable, the engine's other runs go on, the error is logged, and
+`wait` for that run raises it, as `run` would have.
+
 Workflows register by name when they are defined, so a fresh process that
 imports the defining module can resume any run by id. ``workflows=[...]``
 narrows the set this engine accepts.
@@ -14,6 +19,7 @@ narrows the set this engine accepts.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -50,6 +56,9 @@ from stepflow.store.base import DEFAULT_LEASE_MS, WorkflowStore, validate_run_id
 _POLL_START = 0.02
 _POLL_MAX = 0.5
 _RAISE_ATTEMPTS = 10
+_CRASHES_KEPT = 1000
+
+_logger = logging.getLogger("stepflow.engine")
 
 
 def default_owner() -> str:
@@ -70,6 +79,8 @@ class _ActiveRun:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     finished: anyio.Event = field(default_factory=anyio.Event)
     stop: StopReason | None = None
+    crash: Exception | None = None
+    """What stopped the driver, set before ``finished``: waiters raise it."""
 
 
 class Engine:
@@ -95,6 +106,8 @@ class Engine:
         self._workflows = {flow.name: flow for flow in workflows} if workflows is not None else None
         self._limiter = anyio.CapacityLimiter(max_concurrency)
         self._active: dict[str, _ActiveRun] = {}
+        self._crashes: dict[str, Exception] = {}
+        """Why background drivers stopped, for a `wait` that comes later (newest kept)."""
         self._news: dict[str, anyio.Event] = {}
         self.default_prune = default_prune
         """Pruning on continue-as-new for workflows without their own ``auto_prune``."""
@@ -190,8 +203,30 @@ class Engine:
         if run_id in self._active:
             return
         self._active[run_id] = _ActiveRun()
-        drive = partial(self._drive, run_id, rerun_finished, created=created)
+        self._crashes.pop(run_id, None)
+        drive = partial(self._drive_in_background, run_id, rerun_finished, created)
         tg.start_soon(drive, name=f"stepflow run {run_id}")
+
+    async def _drive_in_background(
+        self, run_id: str, rerun_finished: bool, created: _Created | None
+    ) -> None:
+        """`_drive`, with a failure kept for `wait` rather than raised into the task group.
+
+        Raised there, it would cancel every other run of the engine and come
+        out of ``async with Engine`` as an exception group.
+        """
+        try:
+            await self._drive(run_id, rerun_finished, created=created)
+        except Exception as exc:
+            _logger.error(
+                "run %s stopped: %r; it stays as stored, resume it once the cause is gone",
+                run_id,
+                exc,
+                exc_info=exc,
+            )
+            self._crashes[run_id] = exc
+            while len(self._crashes) > _CRASHES_KEPT:
+                del self._crashes[next(iter(self._crashes))]
 
     def _require_started(self, what: str) -> TaskGroup:
         if self._tg is None:
@@ -296,6 +331,9 @@ class Engine:
             # Cancelled by Engine.cancel: the runner recorded it before leaving,
             # unless the cancel landed before the runner had started its steps.
             return await self._mark_cancelled(await self._existing(run_id))
+        except Exception as exc:
+            active.crash = exc
+            raise
         finally:
             active.finished.set()
             self._active.pop(run_id, None)
@@ -307,7 +345,10 @@ class Engine:
 
         Works for runs of any process: a run this engine drives is awaited
         directly, any other is polled in the store. Raises `WaitTimeoutError`
-        after ``timeout`` seconds; the run itself goes on.
+        after ``timeout`` seconds; the run itself goes on. When this engine's
+        driver of the run stopped on an error (the store lost, say) and the
+        run is not finished, raises that error: nothing drives the run until
+        it is resumed.
         """
         validate_run_id(run_id)
         try:
@@ -325,6 +366,9 @@ class Engine:
             record = await self._existing(run_id)
             if record.status.is_terminal:
                 return record
+            crash = active.crash if active is not None else self._crashes.get(run_id)
+            if crash is not None:
+                raise crash
             if active is None:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, _POLL_MAX)
