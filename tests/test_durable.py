@@ -213,6 +213,30 @@ async def test_an_event_raised_while_no_engine_drives_the_run_is_kept(
     assert calls["fetch"] == 1
 
 
+async def test_steps_of_durable_runs_share_the_engines_max_concurrency(
+    store: WorkflowStore, define: Define
+) -> None:
+    """``max_concurrency`` bounds every step the engine runs, DAG or durable."""
+    spans: list[tuple[float, float]] = []
+
+    async def work() -> None:
+        start = time.monotonic()
+        await anyio.sleep(0.1)
+        spans.append((start, time.monotonic()))
+
+    @define()
+    async def flow(ctx: WorkflowContext, _: Any) -> None:
+        await ctx.step(work)
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store, max_concurrency=1) as engine:
+            run_ids = [await engine.start(flow) for _ in range(2)]
+            for run_id in run_ids:
+                assert (await engine.wait(run_id)).status == RunStatus.COMPLETED
+    first, second = sorted(spans)
+    assert first[1] <= second[0], "two steps ran at once despite max_concurrency=1"
+
+
 async def test_step_retries_until_it_succeeds(
     store: WorkflowStore, define: Define, calls: Counter[str]
 ) -> None:

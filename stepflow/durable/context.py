@@ -125,12 +125,14 @@ class WorkflowContext:
         )
         while True:
             try:
-                outcome = await execute_step(
-                    runner.store,
-                    call,
-                    owner=runner.owner,
-                    keeper=runner.keeper,
-                )
+                # A slot of the engine's max_concurrency, as a DAG step holds one.
+                async with runner.services.limiter:
+                    outcome = await execute_step(
+                        runner.store,
+                        call,
+                        owner=runner.owner,
+                        keeper=runner.keeper,
+                    )
             except LeaseLost:
                 continue  # another driver took the step over: await its result or lapse
             except StepAlreadyCompletedError:
