@@ -45,6 +45,25 @@ class Codec:
         self.encode(dict(patch), what)
         return {key: _json.dumps(value, what=f"{what}[{key!r}]") for key, value in patch.items()}
 
+    def encode_completion(
+        self, output: Any, patch: Mapping[str, Any] | None
+    ) -> tuple[bytes, dict[str, bytes]]:
+        """A step completion's output and context patch (None for none), encoded.
+
+        A DAG step's patch is its output itself (the mapping it returned):
+        that value has just passed the limit as the output, so only its
+        values are encoded again, not the whole of it a second time.
+        """
+        output_json = self.encode(output, "step output")
+        if patch is None:
+            return output_json, {}
+        if patch is output and isinstance(patch, dict):
+            return output_json, {
+                key: _json.dumps(value, what=f"context patch[{key!r}]")
+                for key, value in patch.items()
+            }
+        return output_json, self.encode_context(patch, "context patch")
+
     def encode_event(self, event: NewEvent) -> bytes:
         return self.encode(event.payload, f"{event.kind.value} event payload")
 

@@ -477,8 +477,7 @@ class MemoryStore(MemoryAdmin):
     ) -> Event | None:
         await anyio.lowlevel.checkpoint()  # where other tasks run (see above)
         validate_run_id(lease.run_id)
-        output_json = self._codec.encode(output, "step output")
-        patch = self._codec.encode_context(context_patch or {}, "context patch")
+        output_json, patch = self._codec.encode_completion(output, context_patch)
         event_json = self._codec.encode_event(event) if event is not None else None
         run, held = self._current_lease(lease)
         step = run.steps[lease.step_id]

@@ -686,8 +686,7 @@ class RedisStore(RedisAdmin):
         script's four run-completion arguments.
         """
         keys = self.keys.run(lease.run_id)
-        output_json = self._codec.encode(output, "step output")
-        patch = self._codec.encode_context(context_patch or {}, "context patch")
+        output_json, patch = self._codec.encode_completion(output, context_patch)
         kind, payload = self._event_args(event)
         claim_args: list[Any] = ["", "", "", "", 0]
         if claim is not None:
