@@ -1765,6 +1765,8 @@ async def test_a_store_failure_stops_the_run_with_its_own_error_and_a_resume_fin
     failing = Engine(cast(WorkflowStore, _FailsAfterCompletions(store, healthy=1)), lease_ms=60)
     with anyio.fail_after(LIMIT), pytest.raises(_StoreDown):
         await failing.run(flow, run_id=run_id)
+    with pytest.raises(_StoreDown):  # not left polling a run nothing drives
+        await failing.wait(run_id, timeout=LIMIT)
     stored = await store.get_run(run_id)
     assert stored is not None
     assert (stored.status, stored.context) == (RunStatus.RUNNING, {"root": 1})

@@ -79,8 +79,6 @@ class _ActiveRun:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     finished: anyio.Event = field(default_factory=anyio.Event)
     stop: StopReason | None = None
-    crash: Exception | None = None
-    """What stopped the driver, set before ``finished``: waiters raise it."""
 
 
 class Engine:
@@ -107,7 +105,7 @@ class Engine:
         self._limiter = anyio.CapacityLimiter(max_concurrency)
         self._active: dict[str, _ActiveRun] = {}
         self._crashes: dict[str, Exception] = {}
-        """Why background drivers stopped, for a `wait` that comes later (newest kept)."""
+        """Why a driver of the run stopped on an error, for `wait` (the newest kept)."""
         self._news: dict[str, anyio.Event] = {}
         self.default_prune = default_prune
         """Pruning on continue-as-new for workflows without their own ``auto_prune``."""
@@ -203,14 +201,13 @@ class Engine:
         if run_id in self._active:
             return
         self._active[run_id] = _ActiveRun()
-        self._crashes.pop(run_id, None)
         drive = partial(self._drive_in_background, run_id, rerun_finished, created)
         tg.start_soon(drive, name=f"stepflow run {run_id}")
 
     async def _drive_in_background(
         self, run_id: str, rerun_finished: bool, created: _Created | None
     ) -> None:
-        """`_drive`, with a failure kept for `wait` rather than raised into the task group.
+        """`_drive`, its failure logged and left to `wait`, not raised into the task group.
 
         Raised there, it would cancel every other run of the engine and come
         out of ``async with Engine`` as an exception group.
@@ -224,9 +221,6 @@ class Engine:
                 exc,
                 exc_info=exc,
             )
-            self._crashes[run_id] = exc
-            while len(self._crashes) > _CRASHES_KEPT:
-                del self._crashes[next(iter(self._crashes))]
 
     def _require_started(self, what: str) -> TaskGroup:
         if self._tg is None:
@@ -307,6 +301,7 @@ class Engine:
         not be read back, and the lease on its opening step goes to the runner.
         """
         active = self._active.setdefault(run_id, _ActiveRun())
+        self._crashes.pop(run_id, None)
         try:
             with active.scope:
                 record = created.record if created is not None else await self._existing(run_id)
@@ -331,8 +326,10 @@ class Engine:
             # Cancelled by Engine.cancel: the runner recorded it before leaving,
             # unless the cancel landed before the runner had started its steps.
             return await self._mark_cancelled(await self._existing(run_id))
-        except Exception as exc:
-            active.crash = exc
+        except Exception as exc:  # kept before `finished` is set, for the waiters
+            self._crashes[run_id] = exc
+            while len(self._crashes) > _CRASHES_KEPT:
+                del self._crashes[next(iter(self._crashes))]
             raise
         finally:
             active.finished.set()
@@ -366,7 +363,7 @@ class Engine:
             record = await self._existing(run_id)
             if record.status.is_terminal:
                 return record
-            crash = active.crash if active is not None else self._crashes.get(run_id)
+            crash = self._crashes.get(run_id)  # gone once a resume drives the run again
             if crash is not None:
                 raise crash
             if active is None:
