@@ -1593,6 +1593,44 @@ async def test_a_result_whose_lease_lapsed_is_recorded_without_a_rerun(
     assert [event.payload["attempt"] for event in completed] == [1]
 
 
+@pytest.mark.parametrize("retries", [0, 1])
+async def test_a_failure_whose_lease_lapsed_is_recorded_and_retried_or_fails_the_run(
+    store: WorkflowStore, new_flow: NewFlow, retries: int
+) -> None:
+    """The loop stalled past the lease, then the step raised: the failure still counts.
+
+    Before, the refused failure record was taken for a lost lease: the run
+    stayed ``running`` with the step held by nobody, and no retry ran.
+    """
+    flow = new_flow()
+    attempts: list[int] = []
+
+    @flow.step(retries=retries)
+    async def stalls(ctx: StepContext) -> dict[str, int]:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            time.sleep(0.2)  # noqa: ASYNC251 - blocks the loop, so no heartbeat renews the lease
+            raise RuntimeError("boom")
+        return {"attempt": ctx.attempt}
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store, lease_ms=60).run(flow)
+
+    if retries:
+        assert (record.status, record.context, attempts) == (
+            RunStatus.COMPLETED,
+            {"attempt": 2},
+            [1, 2],
+        )
+    else:
+        assert record.status == RunStatus.FAILED
+        assert record.error is not None
+        assert record.error["message"] == "boom"
+        assert attempts == [1]
+        step = (await steps_by_name(store, record.run_id))["stalls"]
+        assert (step.status, step.attempt) == (StepStatus.FAILED, 1)
+
+
 async def test_a_result_whose_lapsed_lease_another_owner_claimed_is_dropped(
     store: WorkflowStore, new_flow: NewFlow
 ) -> None:

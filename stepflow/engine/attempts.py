@@ -298,7 +298,7 @@ async def execute_step(
             hold = None  # nobody else will run it: run it again under a new lease
             continue
         except Exception as exc:
-            await _failed_attempt(store, call, hold.lease, exc, attempt)
+            await _failed_attempt(store, call, hold.lease, exc, attempt, keeper.lease_ms)
             hold = None
             continue
         except BaseException:
@@ -321,7 +321,7 @@ async def execute_step(
         except InvalidPayloadError as exc:
             # Not storable (a set, NaN, too large...): the store refused it before
             # writing anything, so the attempt failed like a step that raised.
-            await _failed_attempt(store, call, hold.lease, exc, attempt)
+            await _failed_attempt(store, call, hold.lease, exc, attempt, keeper.lease_ms)
             hold = None
             continue
         recorded, next_lease, finished = committed
@@ -379,13 +379,24 @@ async def _commit(
                 )
                 return recorded, None, None
             except StaleLeaseError as exc:
-                # Our lease may only have run out (a stalled loop) with nobody claiming
-                # the step since: then renewing it succeeds, and the result we have is
-                # recorded under it, attempt unchanged, rather than the step run again.
-                try:
-                    lease = await store.renew_lease(lease, lease_ms=lease_ms)
-                except StepflowError:  # another owner claimed it, or the run is gone
-                    raise LeaseLost(str(exc)) from exc
+                # The result we have is recorded under the lease renewed, attempt
+                # unchanged, rather than the step run again.
+                lease = await _renew_lapsed(store, lease, lease_ms, exc)
+
+
+async def _renew_lapsed(
+    store: WorkflowStore, lease: Lease, lease_ms: int, refusal: StaleLeaseError
+) -> Lease:
+    """Renew a lease the store refused a write under, or raise `LeaseLost`.
+
+    Our lease may only have run out (a stalled loop) with nobody claiming the
+    step since: then renewing it succeeds and the write is made under it. When
+    another owner claimed the step, or the run is gone, the step is not ours.
+    """
+    try:
+        return await store.renew_lease(lease, lease_ms=lease_ms)
+    except StepflowError:
+        raise LeaseLost(str(refusal)) from refusal
 
 
 async def _complete_and_finish(
@@ -431,13 +442,18 @@ async def _lapsed_unclaimed(store: WorkflowStore, call: StepCall, owner: str) ->
 
 
 async def _failed_attempt(
-    store: WorkflowStore, call: StepCall, lease: Lease, exc: Exception, attempt: int
+    store: WorkflowStore,
+    call: StepCall,
+    lease: Lease,
+    exc: Exception,
+    attempt: int,
+    lease_ms: int,
 ) -> None:
     """Record a failed attempt; raise `StepFailedError` if final, else wait out the backoff."""
     error = describe_error(exc, step=call.name, attempt=attempt)
     final = not call.policy.should_retry(exc, attempt)
     with anyio.CancelScope(shield=True):  # a cancel must not leave the lease held
-        await _record_failure(store, call, lease, error, final)
+        await _record_failure(store, call, lease, error, final, lease_ms)
     if final:
         raise StepFailedError(call.name, error) from exc
     await anyio.sleep(call.policy.delay(attempt))
@@ -456,13 +472,25 @@ async def _capture(call: StepCall, attempt: int) -> tuple[Any, Exception | None]
 
 
 async def _record_failure(
-    store: WorkflowStore, call: StepCall, lease: Lease, error: dict[str, Any], final: bool
+    store: WorkflowStore,
+    call: StepCall,
+    lease: Lease,
+    error: dict[str, Any],
+    final: bool,
+    lease_ms: int,
 ) -> None:
+    """Record the failure under ``lease``, renewed first if it lapsed (see `_renew_lapsed`).
+
+    Dropping a failure whose lease lapsed would leave the step held by nobody
+    and its run ``running`` with nothing to drive it.
+    """
     event = NewEvent(kind=EventKind.STEP_FAILED, payload=call.failed_payload(error))
-    try:
-        await store.fail_step(lease, error=error, final=final, event=event if final else None)
-    except StaleLeaseError as exc:
-        raise LeaseLost(str(exc)) from exc
+    while True:
+        try:
+            await store.fail_step(lease, error=error, final=final, event=event if final else None)
+            return
+        except StaleLeaseError as exc:
+            lease = await _renew_lapsed(store, lease, lease_ms, exc)
 
 
 async def release(store: WorkflowStore, lease: Lease) -> None:
