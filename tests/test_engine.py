@@ -1268,6 +1268,49 @@ async def test_run_id_of_another_workflow_conflicts(
     assert stored.status == RunStatus.COMPLETED
 
 
+@pytest.mark.parametrize("when", ["at once", "while it runs"])
+async def test_run_by_the_id_of_a_run_this_engine_drives_in_the_background_awaits_it(
+    store: WorkflowStore, new_flow: NewFlow, when: str
+) -> None:
+    """``run`` by an existing id resumes that run: driven here already, it is awaited.
+
+    Before, a second driver ran beside the first one, sharing its single-use
+    cancel scope: one of them raised a RuntimeError, and the opening step's
+    lease was left held for its whole time (30 s).
+    """
+    flow = new_flow()
+    calls: Counter[str] = Counter()
+
+    @flow.step()
+    async def a(ctx: StepContext) -> dict[str, int]:
+        calls["a"] += 1
+        await anyio.sleep(0.05)
+        return {"a": 1}
+
+    @flow.step(after=[a])
+    async def b(ctx: StepContext) -> dict[str, int]:
+        calls["b"] += 1
+        return {"b": 1}
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as engine:
+            run_id = await engine.start(flow)
+            if when == "while it runs":
+                await anyio.sleep(0.01)
+            record = await engine.run(flow, run_id=run_id)
+            waited = await engine.wait(run_id)
+    assert record.status == waited.status == RunStatus.COMPLETED
+    assert record.context == {"a": 1, "b": 1}
+    assert calls == {"a": 1, "b": 1}
+
+
+async def test_an_error_leaving_the_engine_block_is_raised_as_is(store: WorkflowStore) -> None:
+    """Not wrapped in an exception group by the engine's task group."""
+    with pytest.raises(RunNotFoundError):
+        async with Engine(store) as engine:
+            await engine.wait("no-such-run", timeout=1)
+
+
 # --- input and definition errors ----------------------------------------------------------
 
 

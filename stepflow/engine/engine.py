@@ -124,7 +124,9 @@ class Engine:
             active.stop = active.stop or "shutdown"
         self._tg.cancel_scope.cancel()
         try:
-            await self._stack.__aexit__(*exc_info)  # type: ignore[arg-type]
+            # Not handed the block's own exception: the task group would raise it
+            # wrapped in an exception group; returning None lets it go on as is.
+            await self._stack.__aexit__(None, None, None)
         finally:
             self._stack = self._tg = None
 
@@ -200,12 +202,12 @@ class Engine:
         """
         if run_id in self._active:
             return
-        self._active[run_id] = _ActiveRun()
-        drive = partial(self._drive_in_background, run_id, rerun_finished, created)
+        active = self._active[run_id] = _ActiveRun()
+        drive = partial(self._drive_in_background, run_id, rerun_finished, created, active)
         tg.start_soon(drive, name=f"stepflow run {run_id}")
 
     async def _drive_in_background(
-        self, run_id: str, rerun_finished: bool, created: _Created | None
+        self, run_id: str, rerun_finished: bool, created: _Created | None, active: _ActiveRun
     ) -> None:
         """`_drive`, its failure logged and left to `wait`, not raised into the task group.
 
@@ -213,7 +215,7 @@ class Engine:
         out of ``async with Engine`` as an exception group.
         """
         try:
-            await self._drive(run_id, rerun_finished, created=created)
+            await self._drive(run_id, rerun_finished, created=created, active=active)
         except Exception as exc:
             _logger.error(
                 "run %s stopped: %r; it stays as stored, resume it once the cause is gone",
@@ -292,6 +294,7 @@ class Engine:
         rerun_finished: bool = False,
         parent: _ActiveRun | None = None,
         created: _Created | None = None,
+        active: _ActiveRun | None = None,
     ) -> RunRecord:
         """Execute a stored run in this task, tracked so `wait` and `cancel` can find it.
 
@@ -299,8 +302,14 @@ class Engine:
         reason too: cancelling the parent cancels the child it is awaiting.
         ``created`` is a run this engine has just created: its record need
         not be read back, and the lease on its opening step goes to the runner.
+        ``active`` is the run's entry `_launch` registered for this call. A run
+        this engine drives already (``run`` by the id of a background run) is
+        awaited, not driven a second time beside itself.
         """
-        active = self._active.setdefault(run_id, _ActiveRun())
+        if active is None:
+            if run_id in self._active:
+                return await self._wait_finished(run_id)
+            active = self._active[run_id] = _ActiveRun()
         self._crashes.pop(run_id, None)
         try:
             with active.scope:
