@@ -36,6 +36,7 @@ missing run keeps working::
     ├── ChildRunFailedError                    ctx.child's run failed: .run_id, .error
     ├── NonDeterminismError                    replay diverged from the history
     ├── StepTimeoutError(TimeoutError)         one attempt ran past its timeout
+    ├── StepCancelledError                     a step raised CancelledError, uncancelled
     ├── EventTimeoutError(TimeoutError)        ctx.wait_for_event timed out
     ├── WaitTimeoutError(TimeoutError)         Engine.wait gave up
     └── StoreError                             the backend misbehaved
@@ -350,6 +351,22 @@ class StepTimeoutError(StepflowError, TimeoutError):
         self.step = step
         self.timeout = timeout
         super().__init__(f"step {step!r} timed out after {timeout:g} s")
+
+
+class StepCancelledError(StepflowError):
+    """One attempt of a step raised ``CancelledError`` while nothing cancelled the step.
+
+    It awaited a task or future that something else cancelled. That is the
+    attempt's failure (retried like any other), not a cancel of the run: taken
+    for one, it would stop the step's task as if the run were cancelled.
+    """
+
+    def __init__(self, step: str) -> None:
+        self.step = step
+        super().__init__(
+            f"step {step!r} raised CancelledError without being cancelled "
+            "(it awaited a task or future that was cancelled)"
+        )
 
 
 class EventTimeoutError(StepflowError, TimeoutError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
@@ -425,6 +426,50 @@ async def test_timeout_is_retried(store: WorkflowStore, new_flow: NewFlow) -> No
     assert attempts == [1, 2]
     assert record.context == {"attempt": 2}
     assert (await steps_by_name(store, record.run_id))["sometimes_slow"].attempt == 2
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+async def test_a_step_raising_a_cancelled_error_of_its_own_fails_that_attempt(
+    store: WorkflowStore, new_flow: NewFlow, retries: int
+) -> None:
+    """It awaited a future something else cancelled: a failure, not a cancel of the run.
+
+    Before, the CancelledError went up to the runner's task group, which took
+    it for a cancel and swallowed it: the run was completed with ``second``
+    never run.
+    """
+    flow = new_flow()
+    calls: Counter[str] = Counter()
+
+    @flow.step(retries=retries)
+    async def first(ctx: StepContext) -> dict[str, int]:
+        calls["first"] += 1
+        if ctx.attempt == 1:
+            loop = asyncio.get_running_loop()
+            doomed = loop.create_future()
+            loop.call_soon(doomed.cancel)
+            await doomed
+        return {"first": 1}
+
+    @flow.step(after=[first])
+    async def second(ctx: StepContext) -> dict[str, int]:
+        calls["second"] += 1
+        return {"second": 1}
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow)
+
+    if retries:
+        assert record.status == RunStatus.COMPLETED
+        assert calls == {"first": 2, "second": 1}
+    else:
+        assert record.status == RunStatus.FAILED
+        assert record.error is not None
+        assert record.error["type"] == "StepCancelledError"
+        assert "CancelledError" in record.error["traceback"]
+        assert calls == {"first": 1}
+        steps = await steps_by_name(store, record.run_id)
+        assert steps["second"].status == StepStatus.SKIPPED
 
 
 # --- fail-fast and conditions -------------------------------------------------------------

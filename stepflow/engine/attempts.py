@@ -10,6 +10,7 @@ means another owner took the step over; this process then drops its result.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import logging
@@ -24,6 +25,7 @@ from stepflow.errors import (
     InvalidPayloadError,
     LeaseHeldError,
     StaleLeaseError,
+    StepCancelledError,
     StepFailedError,
     StepflowError,
     StepTimeoutError,
@@ -469,6 +471,26 @@ async def _capture(call: StepCall, attempt: int) -> tuple[Any, Exception | None]
         return None, StepTimeoutError(call.name, call.timeout)  # the deadline cancelled it
     except Exception as exc:
         return None, exc
+    except anyio.get_cancelled_exc_class() as exc:
+        if _being_cancelled():
+            raise
+        error = StepCancelledError(call.name)
+        error.__cause__ = exc  # its traceback says which await was cancelled
+        return None, error
+
+
+def _being_cancelled() -> bool:
+    """Whether this task is being cancelled, rather than handed a CancelledError by its code.
+
+    On asyncio a cancel scope (or a task.cancel) counts in ``cancelling()``
+    until the cancel is taken back; a CancelledError from a future someone
+    else cancelled does not. Other event loops deliver no such stray cancels.
+    """
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # not asyncio
+        return True
+    return task is None or task.cancelling() > 0
 
 
 async def _record_failure(
