@@ -475,6 +475,45 @@ async def test_a_step_raising_a_cancelled_error_of_its_own_fails_that_attempt(
 # --- fail-fast and conditions -------------------------------------------------------------
 
 
+async def test_fail_fast_marks_a_step_claimed_ahead_but_never_run_skipped(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """``bad`` fails while ``good``'s completion claims ``after_good``: it never started.
+
+    Before, the step handed back unrun was marked ``cancelled``, as if interrupted.
+    """
+    flow = new_flow()
+    gate = anyio.Event()
+    ran: list[str] = []
+
+    @flow.step()
+    async def opener(ctx: StepContext) -> None:
+        await anyio.sleep(0.05)
+        gate.set()
+
+    @flow.step()
+    async def bad(ctx: StepContext) -> None:
+        await gate.wait()
+        raise RuntimeError("boom")
+
+    @flow.step()
+    async def good(ctx: StepContext) -> dict[str, int]:
+        await gate.wait()
+        return {"good": 1}
+
+    @flow.step(after=[good])
+    async def after_good(ctx: StepContext) -> None:
+        ran.append("after_good")
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow)
+    steps = await steps_by_name(store, record.run_id)
+    assert record.status == RunStatus.FAILED
+    assert ran == []
+    assert steps["good"].status == StepStatus.COMPLETED
+    assert steps["after_good"].status == StepStatus.SKIPPED
+
+
 async def test_fail_fast_cancels_siblings_and_skips_downstream(
     store: WorkflowStore, new_flow: NewFlow
 ) -> None:

@@ -279,6 +279,7 @@ class DagRunner:
             try:
                 await self._take_slot()
             except BaseException:
+                self.started.discard(name)  # never ran: recorded as a step not started
                 await self._hand_back(claimed)
                 raise
             then_claim = self._claim_ahead(name)
@@ -308,7 +309,8 @@ class DagRunner:
             tg.cancel_scope.cancel()
             return [], None
         except BaseException:
-            self.interrupted.add(name)
+            if name in self.started:
+                self.interrupted.add(name)
             raise
         ready = self._finished(name, output)
         if next_hold is not None:
