@@ -11,6 +11,7 @@ missing run keeps working::
     │   └── PayloadTooLargeError               over the store's size limit
     ├── InputValidationError(ValueError)       run input rejected by input_model
     ├── InvalidStatusError(ValueError)         a status name that does not exist
+    ├── InvalidArgumentError(ValueError)       an option or argument out of its range
     ├── NotFoundError(LookupError)
     │   ├── RunNotFoundError                   .run_id
     │   ├── StepNotFoundError                  .run_id, .step_id
@@ -95,6 +96,10 @@ class InputValidationError(StepflowError, ValueError):
         self.workflow = workflow
         self.detail = detail
         super().__init__(f"input for workflow {workflow!r} is invalid: {detail}")
+
+
+class InvalidArgumentError(StepflowError, ValueError):
+    """An option or argument out of its range: a count below 1, an empty name, a bad prefix."""
 
 
 class InvalidStatusError(StepflowError, ValueError):

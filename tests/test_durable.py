@@ -1313,4 +1313,7 @@ async def test_a_bad_argument_to_a_ctx_call_still_fails_the_run(store: WorkflowS
         record = await Engine(store).run(flow)
     assert record.status == RunStatus.FAILED
     assert record.error is not None
-    assert (record.error["type"], record.error["message"]) == ("ValueError", "seconds must be >= 0")
+    assert (record.error["type"], record.error["message"]) == (
+        "InvalidArgumentError",
+        "seconds must be >= 0",
+    )

@@ -25,9 +25,12 @@ from stepflow import (
     Engine,
     EventKind,
     InputValidationError,
+    InvalidArgumentError,
     InvalidPayloadError,
     InvalidRunIdError,
     Lease,
+    MemoryStore,
+    RedisStore,
     RetryPolicy,
     RunNotFoundError,
     RunStatus,
@@ -1566,6 +1569,44 @@ async def test_background_calls_need_the_async_with_block(
     with pytest.raises(StepflowError, match="async with"):
         await engine.resume("any-run")
     assert await store.list_runs() == []
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda store: Engine(store, max_concurrency=0), id="max_concurrency=0"),
+        pytest.param(lambda store: Engine(store, lease_ms=10), id="lease_ms=10"),
+        pytest.param(lambda store: MemoryStore(max_payload_bytes=0), id="max_payload_bytes=0"),
+        pytest.param(lambda store: RedisStore.from_url("redis://x", prefix="a b"), id="prefix"),
+    ],
+)
+def test_options_out_of_range_are_refused_with_a_stepflow_error(
+    make: Callable[[WorkflowStore], object],
+) -> None:
+    """A StepflowError that is also a ValueError, as all bad input."""
+    with pytest.raises(InvalidArgumentError):
+        make(MemoryStore())
+
+
+async def test_an_event_without_a_name_is_refused_and_nothing_is_recorded(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    flow = new_flow()
+    release = anyio.Event()
+
+    @flow.step()
+    async def waits(ctx: StepContext) -> None:
+        await release.wait()
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as engine:
+            run_id = await engine.start(flow)
+            before = await store.read_history(run_id)
+            with pytest.raises(InvalidArgumentError):
+                await engine.raise_event(run_id, "")
+            assert await store.read_history(run_id) == before
+            release.set()
+            await engine.wait(run_id)
 
 
 # --- non-JSON outputs ---------------------------------------------------------------------

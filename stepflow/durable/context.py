@@ -21,6 +21,7 @@ from stepflow.engine.attempts import LeaseLost, StepCall, execute_step
 from stepflow.errors import (
     ChildRunFailedError,
     EventTimeoutError,
+    InvalidArgumentError,
     StepAlreadyCompletedError,
     StepFailedError,
 )
@@ -153,7 +154,7 @@ class WorkflowContext:
     async def sleep(self, seconds: float) -> None:
         """A durable timer: the wake-up time is recorded, so restarts don't reset it."""
         if seconds < 0:
-            raise ValueError("seconds must be >= 0")
+            raise InvalidArgumentError("seconds must be >= 0")
         seq, recorded = self._replay.next_command("sleep", "sleep")
         if EventKind.TIMER_FIRED in recorded:
             return

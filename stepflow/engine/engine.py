@@ -37,6 +37,7 @@ from stepflow.engine.dag_runner import StopReason
 from stepflow.engine.runners import Definition, RunnerServices, is_definition, make_runner
 from stepflow.errors import (
     ConflictError,
+    InvalidArgumentError,
     RunNotFoundError,
     StepflowError,
     WaitTimeoutError,
@@ -95,9 +96,11 @@ class Engine:
         default_prune: PruneOptions | None = None,
     ) -> None:
         if max_concurrency < 1:
-            raise ValueError("max_concurrency must be at least 1")
+            raise InvalidArgumentError("max_concurrency must be at least 1")
         if lease_ms < 30:
-            raise ValueError("lease_ms must be at least 30 ms (it is renewed every third)")
+            raise InvalidArgumentError(
+                "lease_ms must be at least 30 ms (it is renewed every third)"
+            )
         self.store = store
         self.owner = owner or default_owner()
         self.lease_ms = lease_ms
@@ -416,7 +419,7 @@ class Engine:
         and delivered to the next wait for ``name``, in the order raised.
         """
         if not isinstance(name, str) or not name:
-            raise ValueError("event name must be a non-empty str")
+            raise InvalidArgumentError("event name must be a non-empty str")
         event = NewEvent(kind=EventKind.EVENT_RAISED, payload={"name": name, "payload": payload})
         for _ in range(_RAISE_ATTEMPTS):
             record = await self._existing(run_id)

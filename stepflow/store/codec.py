@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from stepflow import _json
-from stepflow.errors import InvalidPayloadError
+from stepflow.errors import InvalidArgumentError, InvalidPayloadError
 from stepflow.models import NewEvent, RunRecord, StepState
 
 
@@ -25,7 +25,7 @@ class Codec:
 
     def __init__(self, max_payload_bytes: int) -> None:
         if max_payload_bytes <= 0:
-            raise ValueError("max_payload_bytes must be positive")
+            raise InvalidArgumentError("max_payload_bytes must be positive")
         self.limit = max_payload_bytes
 
     def encode(self, value: Any, what: str) -> bytes:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from stepflow.errors import InvalidArgumentError
 from stepflow.models import RunStatus
 from stepflow.store.base import validate_run_id
 
@@ -70,7 +71,9 @@ class Keys:
 
     def __init__(self, prefix: str) -> None:
         if not prefix or any(ch in prefix for ch in "{} \t\r\n"):
-            raise ValueError(f"invalid key prefix {prefix!r}: non-empty, no braces or spaces")
+            raise InvalidArgumentError(
+                f"invalid key prefix {prefix!r}: non-empty, no braces or spaces"
+            )
         self.prefix = prefix
         self.runs_by_time = f"{prefix}:{INDEX_TAG}:runs"
         self.metrics = f"{prefix}:{INDEX_TAG}:metrics"
@@ -99,7 +102,7 @@ class Keys:
     def queue(self, kind: str) -> str:
         """The ready queue of one kind (``orchestrator``, ``worker``, ``timer``), own slot each."""
         if kind not in QUEUE_KINDS:
-            raise ValueError(f"unknown queue {kind!r}; one of {', '.join(QUEUE_KINDS)}")
+            raise InvalidArgumentError(f"unknown queue {kind!r}; one of {', '.join(QUEUE_KINDS)}")
         return f"{self.prefix}:{{#q:{kind}}}:ready"
 
     def run_pattern(self, run_id: str) -> str:
