@@ -1828,6 +1828,38 @@ async def test_a_result_whose_lapsed_lease_another_owner_claimed_is_dropped(
     assert EventKind.STEP_COMPLETED not in await history_kinds(store, record.run_id)
 
 
+async def test_a_step_taken_over_while_it_runs_stops_here_even_under_the_same_owner_id(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """Another driver claims the lapsed step while it still runs here: the heartbeat finds
+    the lease taken, the attempt is cancelled and the run left to that driver.
+
+    The other driver has this engine's owner id (owner ids are the caller's to
+    give). Before, the step row then looked "still ours", and this process
+    claimed the step again and ran it beside the other driver.
+    """
+    flow = new_flow()
+    calls: Counter[str] = Counter()
+
+    @flow.step()
+    async def stalls(ctx: StepContext) -> dict[str, int]:
+        calls["stalls"] += 1
+        time.sleep(0.2)  # noqa: ASYNC251 - blocks the loop past the 60 ms lease
+        await store.claim_step(  # another driver, same owner id, takes the lapsed step
+            ctx.run_id, ctx.step_id, name=ctx.step_id, owner="host-1", lease_ms=60_000
+        )
+        await anyio.sleep(0.3)  # the heartbeat runs now: refused, the attempt is cancelled
+        return {"attempt": ctx.attempt}
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store, lease_ms=60, owner="host-1").run(flow)
+
+    assert record.status == RunStatus.RUNNING  # the other driver carries the run on
+    assert calls == {"stalls": 1}
+    step = (await steps_by_name(store, record.run_id))["stalls"]
+    assert (step.status, step.attempt) == (StepStatus.RUNNING, 2)
+
+
 async def test_a_stalled_step_keeps_its_lease_and_is_not_run_twice(
     store: WorkflowStore, new_flow: NewFlow
 ) -> None:

@@ -30,7 +30,7 @@ from stepflow.errors import (
     StepflowError,
     StepTimeoutError,
 )
-from stepflow.models import Event, EventKind, Lease, NewEvent, RunRecord, StepClaim, StepStatus
+from stepflow.models import Event, EventKind, Lease, NewEvent, RunRecord, StepClaim
 from stepflow.retry import RetryPolicy
 from stepflow.store.base import WorkflowStore
 
@@ -294,11 +294,8 @@ async def execute_step(
         try:
             await keeper.attempt(call, attempt, hold)
             result = _result(call, hold)
-        except LeaseLost:
-            if not await _lapsed_unclaimed(store, call, owner):
-                raise
-            hold = None  # nobody else will run it: run it again under a new lease
-            continue
+        except LeaseLost:  # another owner claimed the step: it carries the step on
+            raise
         except Exception as exc:
             await _failed_attempt(store, call, hold.lease, exc, attempt, keeper.lease_ms)
             hold = None
@@ -431,16 +428,6 @@ async def _complete_and_finish(
         recorded = await store.complete_step(lease, output=result, context_patch=patch, event=event)
         return recorded, None
     return recorded, finished
-
-
-async def _lapsed_unclaimed(store: WorkflowStore, call: StepCall, owner: str) -> bool:
-    """True when our lease ran out (a stalled loop) but no other owner claimed the step.
-
-    Then nobody else will run it, so giving up would strand the run; when
-    another owner claimed it, that owner carries it on instead.
-    """
-    step = await store.get_step(call.run_id, call.step_id)
-    return step is not None and step.status == StepStatus.RUNNING and step.worker_id == owner
 
 
 async def _failed_attempt(
