@@ -54,6 +54,7 @@ class _FailureNotingStore:
         self._note = note
 
     def __getattr__(self, name: str) -> Any:
+        """The store's attribute, a coroutine method wrapped once and kept (every step calls)."""
         attribute = getattr(self._store, name)
         if not inspect.iscoroutinefunction(attribute):
             return attribute
@@ -68,6 +69,7 @@ class _FailureNotingStore:
                 self._note(exc)
                 raise
 
+        setattr(self, name, noted)  # found before __getattr__ from now on
         return noted
 
 
