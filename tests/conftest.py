@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ from typing import Any
 import fakeredis
 import pytest
 
-from stepflow import MemoryStore, RedisStore, WorkflowStore
+from stepflow import Lease, MemoryStore, RedisStore, WorkflowStore
 from stepflow.store import connection
 
 STORE_KINDS = ("memory", "fakeredis", "redis")
@@ -224,3 +224,55 @@ class PassThroughStore:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+
+class StoreDown(Exception):
+    """Stands for a store call failing: a dropped connection, past the client's retries."""
+
+
+class FailingCompletions(PassThroughStore):
+    """Step completions raise `StoreDown` while ``fails(lease)`` says so; the rest go through."""
+
+    def __init__(self, inner: WorkflowStore, fails: Callable[[Lease], bool]) -> None:
+        super().__init__(inner)
+        self.fails = fails
+
+    async def _complete(self, name: str, lease: Lease, *args: Any, **kwargs: Any) -> Any:
+        if self.fails(lease):
+            raise StoreDown(f"the store dropped the completion ({name})")
+        return await getattr(self.inner, name)(lease, *args, **kwargs)
+
+    async def complete_step(self, lease: Lease, *args: Any, **kwargs: Any) -> Any:
+        return await self._complete("complete_step", lease, *args, **kwargs)
+
+    async def complete_and_claim(self, lease: Lease, *args: Any, **kwargs: Any) -> Any:
+        return await self._complete("complete_and_claim", lease, *args, **kwargs)
+
+    async def complete_and_finish(self, lease: Lease, *args: Any, **kwargs: Any) -> Any:
+        return await self._complete("complete_and_finish", lease, *args, **kwargs)
+
+
+def nth_calls(wanted: Callable[[int], bool]) -> Callable[[Lease], bool]:
+    """A `FailingCompletions` rule by call number (0 for the first call)."""
+    calls = -1
+
+    def fails(_: Lease) -> bool:
+        nonlocal calls
+        calls += 1
+        return wanted(calls)
+
+    return fails
+
+
+class FailingRenewals(PassThroughStore):
+    """The first ``failures`` lease renewals raise `StoreDown`; the rest go through."""
+
+    def __init__(self, inner: WorkflowStore, failures: int) -> None:
+        super().__init__(inner)
+        self.failures = failures
+
+    async def renew_lease(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failures:
+            self.failures -= 1
+            raise StoreDown("renew_lease")
+        return await self.inner.renew_lease(*args, **kwargs)

@@ -25,7 +25,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.redis]
 @pytest.mark.parametrize(
     ("script", "options"),
     [
-        ("bench_engine.py", ["--quick"]),
+        # --profile and --pairs too: their code runs only when asked for.
+        ("bench_engine.py", ["--quick", "--profile", "--profile-runs", "5", "--pairs", "1"]),
         ("bench_eternal.py", ["--continues", "100", "--sample-every", "50"]),
         ("bench_admin.py", ["--runs", "500", "--repeat", "5"]),
     ],

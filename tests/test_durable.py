@@ -20,7 +20,7 @@ from typing import Any, cast
 import anyio
 import anyio.lowlevel
 import pytest
-from conftest import PassThroughStore
+from conftest import FailingCompletions, FailingRenewals, StoreDown, nth_calls
 
 import stepflow
 from stepflow import (
@@ -1214,24 +1214,6 @@ async def test_a_workflow_that_ends_before_its_recorded_commands_fails(
     assert "'work'" in record.error["message"]
 
 
-class _StoreBlip(Exception):
-    """Stands for a store call failing (a dropped connection past its retries)."""
-
-
-class _OneCompletionFails(PassThroughStore):
-    """A store whose ``nth`` step completion fails once; every other call goes through."""
-
-    def __init__(self, store: WorkflowStore, nth: int) -> None:
-        super().__init__(store)
-        self._left = nth
-
-    async def complete_step(self, *args: Any, **kwargs: Any) -> Any:
-        self._left -= 1
-        if self._left == 0:
-            raise _StoreBlip("the store dropped the completion")
-        return await self.inner.complete_step(*args, **kwargs)
-
-
 @pytest.mark.parametrize("workflow_catches", [False, True])
 async def test_a_store_failure_under_a_step_leaves_the_run_for_a_resume(
     store: WorkflowStore, workflow_catches: bool
@@ -1255,15 +1237,15 @@ async def test_a_store_failure_under_a_step_leaves_the_run_for_a_resume(
         for i in range(n):
             try:
                 done += await ctx.step(work, i, name=f"w{i}")
-            except _StoreBlip:
+            except StoreDown:
                 if not workflow_catches:
                     raise
                 return -1  # a workflow that swallows the error and ends early
         return done
 
     run_id = f"blip-{uuid.uuid4().hex[:8]}"
-    flaky = cast(WorkflowStore, _OneCompletionFails(store, nth=3))
-    with anyio.fail_after(LIMIT), pytest.raises(_StoreBlip):
+    flaky = cast(WorkflowStore, FailingCompletions(store, nth_calls(lambda call: call == 2)))
+    with anyio.fail_after(LIMIT), pytest.raises(StoreDown):
         await Engine(flaky, lease_ms=60).run(total, 5, run_id=run_id)
     stored = await store.get_run(run_id)
     assert stored is not None
@@ -1278,15 +1260,6 @@ async def test_a_store_failure_under_a_step_leaves_the_run_for_a_resume(
 async def test_a_failed_lease_renewal_does_not_stop_a_durable_run(store: WorkflowStore) -> None:
     """Only the store's failures under the workflow's own calls leave the run for a resume."""
 
-    class RenewalFailsOnce(PassThroughStore):
-        failed = False
-
-        async def renew_lease(self, *args: Any, **kwargs: Any) -> Any:
-            if not self.failed:
-                self.failed = True
-                raise _StoreBlip("renew_lease")
-            return await self.inner.renew_lease(*args, **kwargs)
-
     async def slow() -> str:
         await anyio.sleep(0.2)  # several renewals of a 60 ms lease
         return "done"
@@ -1295,10 +1268,10 @@ async def test_a_failed_lease_renewal_does_not_stop_a_durable_run(store: Workflo
     async def flow(ctx: WorkflowContext, _: None) -> str:
         return str(await ctx.step(slow))
 
-    flaky = RenewalFailsOnce(store)
+    flaky = FailingRenewals(store, failures=1)
     with anyio.fail_after(LIMIT):
         record = await Engine(cast(WorkflowStore, flaky), lease_ms=60).run(flow)
-    assert flaky.failed
+    assert flaky.failures == 0  # the one renewal failure happened
     assert (record.status, record.output) == (RunStatus.COMPLETED, "done")
 
 

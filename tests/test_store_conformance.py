@@ -797,35 +797,38 @@ async def test_complete_and_finish_does_what_complete_step_then_set_run_status_d
     assert (await store.get_metrics()).total_events == 2 * counted  # both runs' events, once
 
 
-async def test_complete_and_finish_leaves_a_cancelled_run_cancelled(store: WorkflowStore) -> None:
-    await new_run(store, status=RunStatus.RUNNING)
-    lease = await claim(store)
+async def _cancel(store: WorkflowStore) -> None:
     await store.set_run_status("r1", RunStatus.CANCELLED, execution_id=1)
-    recorded, finished = await store.complete_and_finish(
-        lease,
-        output=1,
-        event=event(),
-        run_output={"s1": 1},
-        run_event=event(EventKind.RUN_COMPLETED),
-    )
-    assert recorded is not None
-    assert finished is None
-    assert (await step_of(store)).status == StepStatus.COMPLETED  # the step's work is kept
-    run = await store.get_run("r1")
-    assert run is not None
-    assert (run.status, run.output) == (RunStatus.CANCELLED, None)
-    assert await kinds(store) == ["step_completed"]
-    assert [r.run_id for r in await store.list_runs_by_status(RunStatus.CANCELLED)] == ["r1"]
-    assert await store.list_runs_by_status(RunStatus.COMPLETED) == []
 
 
-async def test_complete_and_finish_leaves_a_run_at_another_execution_as_it_is(
+async def _continue_as_new(store: WorkflowStore) -> None:
+    assert await store.continue_as_new("r1", "next", execution_id=1) == 2
+
+
+@pytest.mark.parametrize(
+    ("move_on", "status", "execution_id", "history"),
+    [
+        pytest.param(_cancel, RunStatus.CANCELLED, 1, ["step_completed"], id="cancelled"),
+        pytest.param(
+            _continue_as_new, RunStatus.RUNNING, 2, ["run_started"], id="at-another-execution"
+        ),
+    ],
+)
+async def test_complete_and_finish_records_the_step_but_leaves_a_run_that_moved_on(
     store: WorkflowStore,
+    move_on: Callable[[WorkflowStore], Awaitable[None]],
+    status: RunStatus,
+    execution_id: int,
+    history: list[str],
 ) -> None:
-    """A late step of an execution that continued as new records its result, not the run's end."""
+    """The step's work is kept; the run's end is not recorded.
+
+    A cancelled run stays cancelled, and a late step of an execution that
+    continued as new ends only itself, not the run.
+    """
     await new_run(store, status=RunStatus.RUNNING)
     lease = await claim(store)
-    assert await store.continue_as_new("r1", "next", execution_id=1) == 2
+    await move_on(store)
     recorded, finished = await store.complete_and_finish(
         lease,
         output=1,
@@ -835,11 +838,12 @@ async def test_complete_and_finish_leaves_a_run_at_another_execution_as_it_is(
     )
     assert recorded is not None
     assert finished is None
+    assert (await step_of(store)).status == StepStatus.COMPLETED
     run = await store.get_run("r1")
     assert run is not None
-    assert (run.status, run.current_execution_id, run.output) == (RunStatus.RUNNING, 2, None)
-    assert await kinds(store, execution_id=2) == ["run_started"]
-    assert [r.run_id for r in await store.list_runs_by_status(RunStatus.RUNNING)] == ["r1"]
+    assert (run.status, run.current_execution_id, run.output) == (status, execution_id, None)
+    assert await kinds(store, execution_id=execution_id) == history
+    assert [r.run_id for r in await store.list_runs_by_status(status)] == ["r1"]
     assert await store.list_runs_by_status(RunStatus.COMPLETED) == []
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 from typing import Any
 
@@ -148,25 +148,39 @@ async def test_every_key_of_a_run_shares_one_cluster_slot(redis_store: RedisStor
     assert all_stored == stored | stored_indexes
 
 
-async def test_a_prefix_in_another_storage_layout_is_refused_before_any_write(
-    redis_store: RedisStore, key_prefix: str
-) -> None:
-    await redis_store.client.set(redis_store.keys.layout, "1")
-    with pytest.raises(StoreLayoutError) as refused:
-        await redis_store.create_run(RunRecord(run_id="r1", workflow="wf"))
-    assert (refused.value.found, refused.value.expected) == ("1", LAYOUT)
-    assert await keys_matching(redis_store, f"{key_prefix}:*") == {redis_store.keys.layout}
+async def _marked_layout_1(store: RedisStore) -> set[str]:
+    """Another layout's marker."""
+    await store.client.set(store.keys.layout, "1")
+    return {store.keys.layout}
 
 
-async def test_data_from_before_the_layout_marker_is_refused_as_layout_1(
-    redis_store: RedisStore, key_prefix: str
-) -> None:
+async def _unmarked_runs_without_step_rows(store: RedisStore) -> set[str]:
     """Layout 1 wrote no marker: a prefix with runs but no marker is not claimed as layout 2."""
-    await redis_store.client.zadd(redis_store.keys.runs_by_time, {"old-run": 1})
+    await store.client.zadd(store.keys.runs_by_time, {"old-run": 1})
+    return {store.keys.runs_by_time}
+
+
+async def _unmarked_layout_1_step_rows(store: RedisStore) -> set[str]:
+    """Layout 1 kept a step in fields named '<sid>|status', '<sid>|token'... and no marker."""
+    old_steps = store.keys.run("old-run").steps
+    await store.client.zadd(store.keys.runs_by_time, {"old-run": 1})
+    await store.client.hset(old_steps, mapping={"s1|status": '"completed"', "s1|epoch": 1})
+    return {store.keys.runs_by_time, old_steps}
+
+
+@pytest.mark.parametrize(
+    "seed",
+    [_marked_layout_1, _unmarked_runs_without_step_rows, _unmarked_layout_1_step_rows],
+)
+async def test_a_prefix_in_another_storage_layout_is_refused_before_any_write(
+    redis_store: RedisStore, key_prefix: str, seed: Callable[[RedisStore], Awaitable[set[str]]]
+) -> None:
+    """Each way a prefix tells its layout: the marker, else its newest runs' step rows."""
+    seeded = await seed(redis_store)
     with pytest.raises(StoreLayoutError) as refused:
         await redis_store.create_run(RunRecord(run_id="r1", workflow="wf"))
     assert (refused.value.found, refused.value.expected) == ("1", LAYOUT)
-    assert await keys_matching(redis_store, f"{key_prefix}:*") == {redis_store.keys.runs_by_time}
+    assert await keys_matching(redis_store, f"{key_prefix}:*") == seeded
 
 
 async def test_unmarked_data_in_this_layout_is_marked_and_read(
@@ -183,22 +197,6 @@ async def test_unmarked_data_in_this_layout_is_marked_and_read(
     assert step is not None
     assert (step.status, step.output) == (StepStatus.COMPLETED, {"done": True})
     assert await redis_store.client.get(redis_store.keys.layout) == LAYOUT.encode()
-
-
-async def test_unmarked_data_in_layout_1_is_refused_before_any_write(
-    redis_store: RedisStore, key_prefix: str
-) -> None:
-    """Layout 1 kept a step in fields named '<sid>|status', '<sid>|token'... and no marker."""
-    old_steps = redis_store.keys.run("old-run").steps
-    await redis_store.client.zadd(redis_store.keys.runs_by_time, {"old-run": 1})
-    await redis_store.client.hset(old_steps, mapping={"s1|status": '"completed"', "s1|epoch": 1})
-    with pytest.raises(StoreLayoutError) as refused:
-        await redis_store.create_run(RunRecord(run_id="r1", workflow="wf"))
-    assert (refused.value.found, refused.value.expected) == ("1", LAYOUT)
-    assert await keys_matching(redis_store, f"{key_prefix}:*") == {
-        redis_store.keys.runs_by_time,
-        old_steps,
-    }
 
 
 async def test_a_new_prefix_is_marked_with_the_layout_and_reused_as_is(
