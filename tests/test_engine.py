@@ -1290,6 +1290,84 @@ async def test_resume_reruns_only_what_failed(store: WorkflowStore, new_flow: Ne
     assert CALLS[flow.name, "second"] == 2
 
 
+async def test_resume_of_a_failed_run_gives_its_step_the_retries_afresh(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """The retry budget counts a driver's attempts; ``ctx.attempt`` counts them all.
+
+    Before, the budget was spent against the step's lifetime attempt number,
+    so the resumed step had failed for good on its first failure there.
+    """
+    flow = new_flow()
+    attempts: list[int] = []
+
+    @flow.step(retry=RetryPolicy(retries=1, initial_delay=0, jitter=0))
+    async def flaky(ctx: StepContext) -> int:
+        attempts.append(ctx.attempt)
+        if len(attempts) < 4:
+            raise ConnectionError("still down")
+        return ctx.attempt
+
+    with anyio.fail_after(LIMIT):
+        failed = await Engine(store).run(flow)
+        assert failed.status == RunStatus.FAILED
+        assert failed.error is not None
+        assert failed.error["attempt"] == 2
+        async with Engine(store) as engine:
+            await engine.resume(failed.run_id)
+            record = await engine.wait(failed.run_id)
+
+    assert attempts == [1, 2, 3, 4]
+    assert record.status == RunStatus.COMPLETED
+    assert record.output == {"flaky": 4}
+
+
+async def test_a_step_claimed_ahead_and_handed_back_unrun_keeps_its_retries(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """Fail-fast hands back the lease ``good``'s completion took on ``after_good``.
+
+    That claim counts in ``ctx.attempt`` (2 at its first run) but not in its
+    retry budget: after a resume its first failure is retried.
+    """
+    flow = new_flow()
+    gate = anyio.Event()
+    attempts: list[int] = []
+
+    @flow.step()
+    async def opener(ctx: StepContext) -> None:
+        await anyio.sleep(0.05)
+        gate.set()
+
+    @flow.step()
+    async def bad(ctx: StepContext) -> None:
+        await gate.wait()
+        if count(ctx, flow) == 1:
+            raise RuntimeError("boom")
+
+    @flow.step()
+    async def good(ctx: StepContext) -> dict[str, int]:
+        await gate.wait()
+        return {"good": 1}
+
+    @flow.step(after=[good], retry=RetryPolicy(retries=1, initial_delay=0, jitter=0))
+    async def after_good(ctx: StepContext) -> None:
+        attempts.append(ctx.attempt)
+        if len(attempts) == 1:
+            raise ConnectionError("flaky")
+
+    with anyio.fail_after(LIMIT):
+        failed = await Engine(store).run(flow)
+        assert failed.status == RunStatus.FAILED
+        assert attempts == []
+        async with Engine(store) as engine:
+            await engine.resume(failed.run_id)
+            record = await engine.wait(failed.run_id)
+
+    assert record.status == RunStatus.COMPLETED
+    assert attempts == [2, 3]
+
+
 async def test_resume_of_a_completed_run_leaves_it_as_it_is(
     store: WorkflowStore, new_flow: NewFlow
 ) -> None:

@@ -276,7 +276,11 @@ async def execute_step(
     completed (the caller then reads the recorded output). ``keeper`` renews
     the leases (each taken for its ``lease_ms``); it runs in the caller's task group.
 
-    Each attempt's number is its lease's (the store counts the step's claims).
+    Each attempt's number is its lease's (the store counts the step's claims,
+    across resumes), so ``ctx.attempt`` tells a re-run from a first run. The
+    retry budget is counted here, per driving of the step: a resume, say of
+    a run that failed for good, gives the step its ``retries`` afresh, and a
+    lease handed back unrun (claimed ahead, then cancelled) spends none of it.
     ``claimed`` is a lease on this step taken ahead (by the completion of the
     step before it); the first attempt runs under it. With ``then_claim``
     the completion also claims that step, in the same store call, and the
@@ -287,17 +291,19 @@ async def execute_step(
     the run as completed (``finished``) unless the store left the run as it was.
     """
     hold = claimed
+    tries = 0
     while True:
         if hold is None:
             hold = keeper.hold(await _claim(store, call, owner, keeper.lease_ms))
         attempt = hold.lease.attempt
+        tries += 1
         try:
             await keeper.attempt(call, attempt, hold)
             result = _result(call, hold)
         except LeaseLost:  # another owner claimed the step: it carries the step on
             raise
         except Exception as exc:
-            await _failed_attempt(store, call, hold.lease, exc, attempt, keeper.lease_ms)
+            await _failed_attempt(store, call, hold.lease, exc, tries, keeper.lease_ms)
             hold = None
             continue
         except BaseException:
@@ -320,7 +326,7 @@ async def execute_step(
         except InvalidPayloadError as exc:
             # Not storable (a set, NaN, too large...): the store refused it before
             # writing anything, so the attempt failed like a step that raised.
-            await _failed_attempt(store, call, hold.lease, exc, attempt, keeper.lease_ms)
+            await _failed_attempt(store, call, hold.lease, exc, tries, keeper.lease_ms)
             hold = None
             continue
         recorded, next_lease, finished = committed
@@ -435,17 +441,21 @@ async def _failed_attempt(
     call: StepCall,
     lease: Lease,
     exc: Exception,
-    attempt: int,
+    tries: int,
     lease_ms: int,
 ) -> None:
-    """Record a failed attempt; raise `StepFailedError` if final, else wait out the backoff."""
-    error = describe_error(exc, step=call.name, attempt=attempt)
-    final = not call.policy.should_retry(exc, attempt)
+    """Record a failed attempt; raise `StepFailedError` if final, else wait out the backoff.
+
+    ``tries`` counts this driver's attempts, the retry budget's measure; the
+    error records the step's attempt number as the step saw it.
+    """
+    error = describe_error(exc, step=call.name, attempt=lease.attempt)
+    final = not call.policy.should_retry(exc, tries)
     with anyio.CancelScope(shield=True):  # a cancel must not leave the lease held
         await _record_failure(store, call, lease, error, final, lease_ms)
     if final:
         raise StepFailedError(call.name, error) from exc
-    await anyio.sleep(call.policy.delay(attempt))
+    await anyio.sleep(call.policy.delay(tries))
 
 
 async def _capture(call: StepCall, attempt: int) -> tuple[Any, Exception | None]:
