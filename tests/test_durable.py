@@ -237,6 +237,41 @@ async def test_steps_of_durable_runs_share_the_engines_max_concurrency(
     assert first[1] <= second[0], "two steps ran at once despite max_concurrency=1"
 
 
+async def test_a_durable_step_backing_off_frees_its_slot_for_other_steps(
+    store: WorkflowStore, define: Define
+) -> None:
+    """With one slot, a durable step waiting to retry lets another run's step go first."""
+    order: list[str] = []
+    failed_once = anyio.Event()
+
+    async def flaky() -> None:
+        order.append("flaky")
+        if not failed_once.is_set():
+            failed_once.set()
+            raise ConnectionError("rate limited")
+
+    async def quick() -> None:
+        order.append("quick")
+
+    @define()
+    async def retrying(ctx: WorkflowContext, _: Any) -> None:
+        await ctx.step(flaky, retry=RetryPolicy(retries=1, initial_delay=0.3, jitter=0))
+
+    @define()
+    async def other(ctx: WorkflowContext, _: Any) -> None:
+        await ctx.step(quick)
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store, max_concurrency=1) as engine:
+            retrying_run = await engine.start(retrying)
+            await failed_once.wait()
+            other_run = await engine.start(other)
+            assert (await engine.wait(other_run)).status == RunStatus.COMPLETED
+            assert (await engine.wait(retrying_run)).status == RunStatus.COMPLETED
+
+    assert order == ["flaky", "quick", "flaky"]
+
+
 async def test_step_retries_until_it_succeeds(
     store: WorkflowStore, define: Define, calls: Counter[str]
 ) -> None:

@@ -247,6 +247,40 @@ async def test_max_concurrency_one_serialises_branches(
     assert first[1] <= second[0], "branches overlapped despite max_concurrency=1"
 
 
+async def test_a_step_backing_off_frees_its_slot_for_other_steps(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """With one slot, a step waiting to retry lets another run's step go first.
+
+    Before, the slot was held through the backoff: a flaky API sending every
+    step into a long backoff stalled the engine's other runs meanwhile.
+    """
+    flow, other = new_flow(), new_flow()
+    order: list[str] = []
+    failed_once = anyio.Event()
+
+    @flow.step(retry=RetryPolicy(retries=1, initial_delay=0.3, jitter=0))
+    async def flaky(ctx: StepContext) -> None:
+        order.append(f"flaky {ctx.attempt}")
+        if ctx.attempt == 1:
+            failed_once.set()
+            raise ConnectionError("rate limited")
+
+    @other.step()
+    async def quick(ctx: StepContext) -> None:
+        order.append("quick")
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store, max_concurrency=1) as engine:
+            flaky_run = await engine.start(flow)
+            await failed_once.wait()
+            quick_run = await engine.start(other)
+            assert (await engine.wait(quick_run)).status == RunStatus.COMPLETED
+            assert (await engine.wait(flaky_run)).status == RunStatus.COMPLETED
+
+    assert order == ["flaky 1", "quick", "flaky 2"]
+
+
 async def test_sync_step_runs_in_a_thread_without_blocking_the_loop(
     store: WorkflowStore, new_flow: NewFlow
 ) -> None:

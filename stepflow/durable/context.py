@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from stepflow.dag import is_async_callable
 from stepflow.engine.attempts import LeaseLost, StepCall, execute_step
+from stepflow.engine.slots import Slot
 from stepflow.errors import (
     ChildRunFailedError,
     EventTimeoutError,
@@ -127,13 +128,14 @@ class WorkflowContext:
         while True:
             try:
                 # A slot of the engine's max_concurrency, as a DAG step holds one.
-                async with runner.services.limiter:
+                slot = Slot(runner.services.limiter)
+                await slot.take()
+                try:
                     outcome = await execute_step(
-                        runner.store,
-                        call,
-                        owner=runner.owner,
-                        keeper=runner.keeper,
+                        runner.store, call, owner=runner.owner, keeper=runner.keeper, slot=slot
                     )
+                finally:
+                    slot.give_back()
             except LeaseLost:
                 continue  # another driver took the step over: await its result or lapse
             except StepAlreadyCompletedError:

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import anyio
 
+from stepflow.engine.slots import Slot
 from stepflow.errors import (
     InvalidPayloadError,
     LeaseHeldError,
@@ -265,6 +266,7 @@ async def execute_step(
     *,
     owner: str,
     keeper: LeaseKeeper,
+    slot: Slot | None = None,
     claimed: Hold | None = None,
     then_claim: StepClaim | None = None,
     then_finish: Callable[[Any], Any] | None = None,
@@ -281,6 +283,8 @@ async def execute_step(
     retry budget is counted here, per driving of the step: a resume, say of
     a run that failed for good, gives the step its ``retries`` afresh, and a
     lease handed back unrun (claimed ahead, then cancelled) spends none of it.
+    ``slot``, the caller's slot of the engine's concurrency, is given back
+    while the step backs off before a retry, and taken again after.
     ``claimed`` is a lease on this step taken ahead (by the completion of the
     step before it); the first attempt runs under it. With ``then_claim``
     the completion also claims that step, in the same store call, and the
@@ -303,7 +307,7 @@ async def execute_step(
         except LeaseLost:  # another owner claimed the step: it carries the step on
             raise
         except Exception as exc:
-            await _failed_attempt(store, call, hold.lease, exc, tries, keeper.lease_ms)
+            await _failed_attempt(store, call, hold.lease, exc, tries, keeper.lease_ms, slot)
             hold = None
             continue
         except BaseException:
@@ -326,7 +330,7 @@ async def execute_step(
         except InvalidPayloadError as exc:
             # Not storable (a set, NaN, too large...): the store refused it before
             # writing anything, so the attempt failed like a step that raised.
-            await _failed_attempt(store, call, hold.lease, exc, tries, keeper.lease_ms)
+            await _failed_attempt(store, call, hold.lease, exc, tries, keeper.lease_ms, slot)
             hold = None
             continue
         recorded, next_lease, finished = committed
@@ -443,6 +447,7 @@ async def _failed_attempt(
     exc: Exception,
     tries: int,
     lease_ms: int,
+    slot: Slot | None,
 ) -> None:
     """Record a failed attempt; raise `StepFailedError` if final, else wait out the backoff.
 
@@ -455,7 +460,11 @@ async def _failed_attempt(
         await _record_failure(store, call, lease, error, final, lease_ms)
     if final:
         raise StepFailedError(call.name, error) from exc
-    await anyio.sleep(call.policy.delay(tries))
+    delay = call.policy.delay(tries)
+    if slot is None:
+        await anyio.sleep(delay)
+    else:
+        await slot.wait_unheld(delay)
 
 
 async def _capture(call: StepCall, attempt: int) -> tuple[Any, Exception | None]:

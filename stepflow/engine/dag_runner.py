@@ -32,6 +32,7 @@ from stepflow.engine.attempts import (
     release,
 )
 from stepflow.engine.context import StepContext
+from stepflow.engine.slots import Slot
 from stepflow.errors import (
     InvalidPayloadError,
     RunCancelledError,
@@ -276,8 +277,9 @@ class DagRunner:
                     # a cancel here finds the step skipped, not interrupted).
                     await anyio.lowlevel.checkpoint()
                     return ready, None
+            slot = Slot(self.limiter)
             try:
-                await self._take_slot()
+                await slot.take()
             except BaseException:
                 self.started.discard(name)  # never ran: recorded as a step not started
                 await self._hand_back(claimed)
@@ -289,12 +291,13 @@ class DagRunner:
                     self._call(spec),
                     owner=self.owner,
                     keeper=self.keeper,
+                    slot=slot,
                     claimed=claimed,
                     then_claim=then_claim,
                     then_finish=None if then_claim is not None else self._finish_with(name),
                 )
             finally:
-                self.limiter.release()
+                slot.give_back()
             output, next_hold = outcome.output, outcome.next_hold
             self.finished = self.finished or outcome.finished
         except StepAlreadyCompletedError:
@@ -355,22 +358,6 @@ class DagRunner:
         return {
             name: outputs.get(name) for name in self.flow.steps if not self.flow.dependents(name)
         }
-
-    async def _take_slot(self) -> None:
-        """Acquire the limiter, without its extra yield when a slot is free.
-
-        ``async with limiter`` always lets the loop run once more, even with a
-        slot free; a step needs no such yield to be fair: its task has just
-        queued behind the others, or the store call that recorded the step
-        before it in this task has just yielded (as every step call does), or
-        the skip of that step did. A cancelled step still stops here, as it
-        would in the limiter.
-        """
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        try:
-            self.limiter.acquire_nowait()
-        except anyio.WouldBlock:
-            await self.limiter.acquire()
 
     def _call(self, spec: StepSpec) -> StepCall:
         def invoke(attempt: int) -> Any:
