@@ -22,6 +22,7 @@ from redis.exceptions import AuthenticationError
 
 from stepflow import (
     EventKind,
+    InvalidArgumentError,
     InvalidPayloadError,
     InvalidRunIdError,
     MemoryStore,
@@ -592,6 +593,12 @@ async def test_durability_warnings_follow_the_server_config(
     [eviction] = await warnings_for("yes", "allkeys-lru")
     assert "allkeys-lru" in eviction
     assert len(await warnings_for("no", "volatile-lru")) == 2
+
+
+def test_from_url_refuses_a_misspelt_option_at_once(redis_url: str) -> None:
+    """Before, ``key_prefix=`` was taken and failed at the first command, deep in redis-py."""
+    with pytest.raises(InvalidArgumentError, match="key_prefix"):
+        RedisStore.from_url(redis_url, key_prefix="tenant-a")
 
 
 async def test_from_url_with_a_password(own_server: RedisServer) -> None:

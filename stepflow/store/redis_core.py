@@ -26,7 +26,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stepflow import _json
-from stepflow.errors import ConflictError, StoreLayoutError
+from stepflow.errors import ConflictError, InvalidArgumentError, StoreLayoutError
 from stepflow.models import RunRecord, RunStatus, now_ms
 from stepflow.store import connection, scripts
 from stepflow.store.codec import Codec
@@ -159,8 +159,17 @@ class RedisCore:
         """
         client_options.setdefault("retry", Retry(ExponentialWithJitterBackoff(), 3))
         client_options.setdefault("retry_on_error", [RedisConnectionError, RedisTimeoutError])
+        client = fast_client(url, **client_options)
+        try:
+            # Builds a connection without connecting: a misspelt option (``key_prefix=``)
+            # fails here, not at the first command, deep inside redis-py.
+            client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        except TypeError as exc:
+            raise InvalidArgumentError(
+                f"{cls.__name__}.from_url: an option redis-py's connection does not take ({exc})"
+            ) from exc
         return cls(
-            fast_client(url, **client_options),
+            client,
             prefix=prefix,
             max_payload_bytes=max_payload_bytes,
             check_durability=check_durability,
