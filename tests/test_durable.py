@@ -272,6 +272,40 @@ async def test_a_durable_step_backing_off_frees_its_slot_for_other_steps(
     assert order == ["flaky", "quick", "flaky"]
 
 
+async def test_a_cancel_from_another_process_stops_a_durable_step_at_its_heartbeat(
+    store: WorkflowStore, define: Define
+) -> None:
+    """The step in flight is stopped, and the workflow goes no further."""
+    parked = anyio.Event()
+    seen: list[str] = []
+
+    async def long() -> None:
+        parked.set()
+        try:
+            await anyio.sleep(LIMIT * 2)
+        except anyio.get_cancelled_exc_class():
+            seen.append("long interrupted")
+            raise
+
+    async def after_it() -> None:
+        seen.append("after_it ran")
+
+    @define()
+    async def flow(ctx: WorkflowContext, _: Any) -> None:
+        await ctx.step(long)
+        await ctx.step(after_it)
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store, lease_ms=300) as driver:
+            run_id = await driver.start(flow)
+            await parked.wait()
+            await Engine(store).cancel(run_id)
+            final = await driver.wait(run_id)
+
+    assert final.status == RunStatus.CANCELLED
+    assert seen == ["long interrupted"]
+
+
 async def test_step_retries_until_it_succeeds(
     store: WorkflowStore, define: Define, calls: Counter[str]
 ) -> None:

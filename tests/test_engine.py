@@ -1165,6 +1165,45 @@ async def test_cancel_a_run_this_engine_does_not_drive(
     assert (await history_kinds(store, run_id))[-1] == EventKind.RUN_CANCELLED
 
 
+async def test_a_cancel_from_another_process_stops_a_running_step_at_its_heartbeat(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """Engine B cancels a run engine A drives: A's step in flight is stopped, not waited for.
+
+    Before, the step ran on to its end (here, past the test's limit) and
+    only then did A find the run cancelled.
+    """
+    flow = new_flow()
+    parked = anyio.Event()
+    interrupted: list[str] = []
+
+    @flow.step()
+    async def long(ctx: StepContext) -> None:
+        parked.set()
+        try:
+            await anyio.sleep(LIMIT * 2)
+        except anyio.get_cancelled_exc_class():
+            interrupted.append("long")
+            raise
+
+    @flow.step(after=[long])
+    async def after_it(ctx: StepContext) -> None:
+        interrupted.append("after_it ran")
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store, lease_ms=300) as driver:
+            run_id = await driver.start(flow)
+            await parked.wait()
+            await Engine(store).cancel(run_id)
+            final = await driver.wait(run_id)
+
+    assert final.status == RunStatus.CANCELLED
+    assert interrupted == ["long"]
+    steps = await steps_by_name(store, run_id)
+    assert steps["long"].status == StepStatus.CANCELLED
+    assert "after_it" not in steps
+
+
 async def test_cancel_of_a_finished_run_leaves_it_as_is(
     store: WorkflowStore, new_flow: NewFlow
 ) -> None:

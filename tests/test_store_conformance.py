@@ -26,6 +26,7 @@ from stepflow import (
     NewEvent,
     PayloadTooLargeError,
     PruneOptions,
+    RunCancelledError,
     RunNotFoundError,
     RunRecord,
     RunStatus,
@@ -541,6 +542,22 @@ async def test_renew_lease_extends_a_live_lease(store: WorkflowStore) -> None:
         await claim(store, owner="worker-b")
     await store.complete_step(renewed, output="ok")
     assert (await step_of(store)).status == StepStatus.COMPLETED
+
+
+async def test_renew_lease_is_refused_once_the_run_is_cancelled(store: WorkflowStore) -> None:
+    """How a cancel from another process reaches a step in flight: its heartbeat is refused.
+
+    The lease itself stays good, so its owner can still hand the step back.
+    """
+    await new_run(store)
+    lease = await claim(store, lease_ms=10_000)
+    await store.set_run_status("r1", RunStatus.CANCELLED, execution_id=1)
+    before = await snapshot(store)
+    with pytest.raises(RunCancelledError):
+        await store.renew_lease(lease, lease_ms=10_000)
+    assert await snapshot(store) == before
+    await store.fail_step(lease, error={"type": "Interrupted"}, final=False)
+    assert (await step_of(store)).status == StepStatus.PENDING
 
 
 async def test_complete_step_records_output_context_and_event_together(

@@ -25,6 +25,7 @@ from stepflow.engine.slots import Slot
 from stepflow.errors import (
     InvalidPayloadError,
     LeaseHeldError,
+    RunCancelledError,
     StaleLeaseError,
     StepCancelledError,
     StepFailedError,
@@ -59,6 +60,15 @@ def describe_error(exc: BaseException, *, traceback: bool = True, **extra: Any) 
 
 class LeaseLost(StepflowError):
     """This process no longer owns the step; another owner carries it on."""
+
+
+class RunCancelledElsewhere(RunCancelledError):
+    """The store refused a step's heartbeat: another process cancelled the run.
+
+    Raised by `execute_step` after it stopped the step and handed its lease
+    back; a class of its own, so a step that raises `RunCancelledError`
+    itself is a failed attempt, not taken for this.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +125,8 @@ class Hold:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     """Wraps the user call only: the keeper cancels it when the lease is lost."""
     lost: bool = False
+    cancelled: bool = False
+    """Lost because the run was cancelled (the step is still ours, to hand back)."""
     outcome: tuple[Any, Exception | None] | None = None
     """(result, error) of the user call; None when the keeper cancelled it."""
 
@@ -168,9 +180,14 @@ class LeaseKeeper:
         Only the store's refusal ends the attempt: the step itself did not
         fail, and a lease lapsed meanwhile is still renewed while nobody
         claimed the step. A store that stays down fails the step's record.
+        The refusal of a cancelled run is how a cancel from another process
+        reaches a step in flight.
         """
         try:
             lease = await self.store.renew_lease(hold.lease, lease_ms=self.lease_ms)
+        except RunCancelledError:
+            hold.cancelled = True
+            self._give_up(hold)
         except StepflowError:
             self._give_up(hold)
         except Exception as exc:
@@ -274,8 +291,10 @@ async def execute_step(
     """Run ``call`` until it succeeds or fails for good; record every attempt.
 
     Raises `StepFailedError` when it fails for good, `LeaseLost` when another
-    owner took it over, and `StepAlreadyCompletedError` when it had already
-    completed (the caller then reads the recorded output). ``keeper`` renews
+    owner took it over, `RunCancelledError` when the run was cancelled by
+    another process (`RunCancelledElsewhere` when that stopped the step while
+    it ran), and `StepAlreadyCompletedError` when it had already completed
+    (the caller then reads the recorded output). ``keeper`` renews
     the leases (each taken for its ``lease_ms``); it runs in the caller's task group.
 
     Each attempt's number is its lease's (the store counts the step's claims,
@@ -304,6 +323,10 @@ async def execute_step(
         try:
             await keeper.attempt(call, attempt, hold)
             result = _result(call, hold)
+        except RunCancelledElsewhere:
+            with anyio.CancelScope(shield=True):
+                await release(store, hold.lease)
+            raise
         except LeaseLost:  # another owner claimed the step: it carries the step on
             raise
         except Exception as exc:
@@ -343,6 +366,8 @@ def _result(call: StepCall, hold: Hold) -> Any:
     # A result that arrived anyway is kept: recording it finds out whether the step
     # was taken over meanwhile (then it is dropped) or just our lease ran out.
     if hold.lost and (hold.outcome is None or hold.outcome[1] is not None):
+        if hold.cancelled:
+            raise RunCancelledElsewhere(call.run_id)
         raise LeaseLost(f"lost the lease on step {call.name!r} of run {call.run_id!r}")
     assert hold.outcome is not None, "an attempt cancelled by its keeper is lost or failed"
     result, error = hold.outcome

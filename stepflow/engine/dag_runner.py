@@ -143,7 +143,7 @@ class DagRunner:
                 return await self._finish_failed(self.failure)
             if self.lost_lease:
                 # Another owner runs this run now, or it was cancelled: report the store's view.
-                return await self._reload()
+                return await self._lost()
             return await self._complete()
         except RunCancelledError:
             return await self._reload()  # another process cancelled it: that stands
@@ -184,6 +184,20 @@ class DagRunner:
             skipped_by_condition = step.status == StepStatus.SKIPPED and step.error is None
             if step.status == StepStatus.COMPLETED or skipped_by_condition:
                 self.outputs[step.step_id] = step.output
+
+    async def _lost(self) -> RunRecord:
+        """The run as stored, once another owner took a step over or another process cancelled it.
+
+        After a cancel, the steps this runner stopped are marked ``cancelled``,
+        as a cancel by this engine marks them; a takeover leaves every row to
+        the new owner.
+        """
+        record = await self._reload()
+        if record.status == RunStatus.CANCELLED:
+            for name in self.flow.step_names:
+                if name in self.interrupted and name not in self.outputs:
+                    await self._record(name, StepStatus.CANCELLED, error=_CANCELLED)
+        return record
 
     async def _reload(self) -> RunRecord:
         record = await self.store.get_run(self.run_id)
@@ -307,8 +321,13 @@ class DagRunner:
             self.failure = self.failure or failure
             tg.cancel_scope.cancel()
             return [], None
-        except (LeaseLost, RunCancelledError):
-            self.lost_lease = True  # taken over, or cancelled by another process
+        except LeaseLost:  # taken over by another owner: it carries the step on
+            self.lost_lease = True
+            tg.cancel_scope.cancel()
+            return [], None
+        except RunCancelledError:  # by another process: stopped at its heartbeat, or not begun
+            self.interrupted.add(name)
+            self.lost_lease = True
             tg.cancel_scope.cancel()
             return [], None
         except BaseException:
@@ -416,14 +435,16 @@ class DagRunner:
         return await self._fail_run(failure.error)
 
     async def _finish_cancelled(self) -> None:
-        reason = {"type": "Cancelled", "message": "the run was cancelled"}
         await self._mark_unfinished(
-            interrupted=StepStatus.CANCELLED, unstarted=StepStatus.CANCELLED, reason=reason
+            interrupted=StepStatus.CANCELLED, unstarted=StepStatus.CANCELLED, reason=_CANCELLED
         )
         await self.store.set_run_status(
             self.run_id,
             RunStatus.CANCELLED,
             execution_id=self.execution_id,
-            error=reason,
+            error=_CANCELLED,
             event=NewEvent(kind=EventKind.RUN_CANCELLED, payload=None),
         )
+
+
+_CANCELLED = {"type": "Cancelled", "message": "the run was cancelled"}

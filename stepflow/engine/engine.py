@@ -386,7 +386,9 @@ class Engine:
         """Cancel a run: running steps are interrupted, the rest never start.
 
         A run driven by this engine stops at once; a run of another process
-        is marked ``cancelled`` in the store. A finished run is left as is.
+        is marked ``cancelled`` in the store, and that process stops its steps
+        in flight at their next lease renewal (the store refuses it). A
+        finished run is left as is.
         """
         active = self._active.get(run_id)
         if active is not None:

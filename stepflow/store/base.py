@@ -228,6 +228,8 @@ class WorkflowStore(Protocol):
 
         An expired lease is renewed too while nobody claimed the step since, so
         an owner whose event loop stalled keeps its step rather than run it twice.
+        `RunCancelledError` once the run was cancelled: how a cancel from
+        another process reaches a step in flight, at its next heartbeat.
         """
 
     async def complete_step(

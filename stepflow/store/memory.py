@@ -463,7 +463,9 @@ class MemoryStore(MemoryAdmin):
 
     async def renew_lease(self, lease: Lease, *, lease_ms: int = DEFAULT_LEASE_MS) -> Lease:
         validate_run_id(lease.run_id)
-        _, held = self._current_lease(lease, allow_expired=True)  # unclaimed since: still ours
+        run, held = self._current_lease(lease, allow_expired=True)  # unclaimed since: still ours
+        if run.record.status == RunStatus.CANCELLED:
+            raise RunCancelledError(lease.run_id)
         held.expires_at = now_ms() + lease_ms
         return lease.model_copy(update={"expires_at": held.expires_at})
 
