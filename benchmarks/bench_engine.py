@@ -48,9 +48,20 @@ from environment import environment, versions_line, write_results
 from redis.asyncio import Redis
 from redis_server import redis_server
 
-from stepflow import Engine, MemoryStore, RedisStore, RunStatus, StepContext, Workflow
+from stepflow import (
+    Engine,
+    EventKind,
+    MemoryStore,
+    NewEvent,
+    RedisStore,
+    RunRecord,
+    RunStatus,
+    StepClaim,
+    StepContext,
+    Workflow,
+)
 from stepflow.store import connection
-from stepflow.store.base import WorkflowStore
+from stepflow.store.base import DEFAULT_LEASE_MS, WorkflowStore
 from stepflow.store.connection import evalsha, fast_client
 
 RESULTS = Path(__file__).parent / "results" / "bench_engine.json"
@@ -259,6 +270,62 @@ async def sequential_rate(
     return calls / (time.perf_counter() - started)
 
 
+# -- the store floor: W1's store calls with no engine around them ------------------------
+
+
+async def store_floor_chain(store: WorkflowStore, length: int = CHAIN_LENGTH) -> None:
+    """The store calls the engine makes for one W1 run, made back to back.
+
+    The create with the first claim, a completion claiming the next step
+    for each step but the last, and the last completion finishing the run,
+    with the same events, outputs and context patches as W1's. What W1
+    costs beyond this is the engine's own work.
+    """
+    run_id = uuid.uuid4().hex
+    record = RunRecord(
+        run_id=run_id, workflow="bench-floor", version="1", input={}, status=RunStatus.RUNNING
+    )
+    _, lease = await store.create_and_claim(
+        record,
+        StepClaim(step_id="s00", name="s00", lease_ms=DEFAULT_LEASE_MS),
+        owner="bench-floor",
+        event=NewEvent(kind=EventKind.RUN_STARTED, payload={}),
+    )
+    for index in range(length):
+        assert lease is not None, "the floor's chain lost its lease"
+        name = f"s{index:02d}"
+        output = {name: 1}
+        completed = NewEvent(kind=EventKind.STEP_COMPLETED, payload={"step": name, "attempt": 1})
+        if index == length - 1:
+            await store.complete_and_finish(
+                lease,
+                output=output,
+                context_patch=output,
+                event=completed,
+                run_output={name: output},
+                run_event=NewEvent(kind=EventKind.RUN_COMPLETED, payload=None),
+            )
+            return
+        following = f"s{index + 1:02d}"
+        _, lease = await store.complete_and_claim(
+            lease,
+            StepClaim(step_id=following, name=following, lease_ms=DEFAULT_LEASE_MS),
+            output=output,
+            context_patch=output,
+            event=completed,
+        )
+
+
+async def store_floor_rate(store: WorkflowStore, runs: int) -> float:
+    """Step transitions/s of `store_floor_chain`, run ``runs`` times one after another."""
+    for _ in range(WARMUP_RUNS):
+        await store_floor_chain(store)
+    started = time.perf_counter()
+    for _ in range(runs):
+        await store_floor_chain(store)
+    return runs * CHAIN_LENGTH / (time.perf_counter() - started)
+
+
 # -- the ratio, from paired rounds -------------------------------------------------------
 
 
@@ -269,15 +336,19 @@ async def paired_ratios(
 
     A machine's speed drifts over seconds (other tenants of a VM host, CPU
     frequency), and the full table measures W1 and the ceiling seconds apart.
-    Each round here runs ``runs`` W1 workflows and then ~0.4 s of each
-    client's sequential ceiling, so both sides of a round's ratio see the
-    same machine; the median over the rounds is the figure to read.
+    Each round here runs ``runs`` W1 workflows, as many store floor chains
+    (`store_floor_chain`) and then ~0.4 s of each client's sequential
+    ceiling, so every ratio of a round sees the same machine; the median
+    over the rounds is the figure to read. Returns, per client, W1's ratio
+    and the store floor's (W1 with an engine that cost nothing).
     """
     chain = chain_workflow()
     clients = {name: make(url) for name, (make, _) in CEILING_CLIENTS.items()}
     tag = f"{prefix}:{{pairs}}"
     keys = [f"{tag}:a", f"{tag}:b", f"{tag}:c"]
-    by_client: dict[str, list[float]] = {name: [] for name in CEILING_CLIENTS}
+    by_client: dict[str, dict[str, list[float]]] = {
+        name: {"w1": [], "store_floor": []} for name in CEILING_CLIENTS
+    }
     try:
         shas = {name: await client.script_load(CEILING_LUA) for name, client in clients.items()}
         async with redis_store(url, f"{prefix}-pairs") as store:
@@ -285,21 +356,27 @@ async def paired_ratios(
                 w1 = await run_workload(
                     store, "redis", "W1 chain", chain, runs, concurrency=concurrency
                 )
+                floor = await store_floor_rate(store, runs)
                 for name, (_, send) in CEILING_CLIENTS.items():
                     rate = await sequential_rate(clients[name], shas[name], keys, send, 0.4)
-                    by_client[name].append(w1.steps_per_s / rate)
+                    by_client[name]["w1"].append(w1.steps_per_s / rate)
+                    by_client[name]["store_floor"].append(floor / rate)
     finally:
         for client in clients.values():
             await delete_prefix(client, prefix)
             await client.aclose()
     return {
-        name: {
-            "median": round(statistics.median(ratios), 4),
-            "min": round(min(ratios), 4),
-            "max": round(max(ratios), 4),
-            "rounds": [round(ratio, 4) for ratio in ratios],
-        }
-        for name, ratios in by_client.items()
+        name: {measured: _spread(ratios) for measured, ratios in figures.items()}
+        for name, figures in by_client.items()
+    }
+
+
+def _spread(ratios: list[float]) -> dict[str, Any]:
+    return {
+        "median": round(statistics.median(ratios), 4),
+        "min": round(min(ratios), 4),
+        "max": round(max(ratios), 4),
+        "rounds": [round(ratio, 4) for ratio in ratios],
     }
 
 
@@ -617,14 +694,19 @@ async def main(args: argparse.Namespace) -> None:
             f"sequential ceiling with the {name} client ({verdict} the 0.5x target)"
         )
     print(
-        f"\nThe same ratio from {rounds} paired rounds (W1 runs, then each sequential"
-        " ceiling, back to back):"
+        f"\nThe same ratio from {rounds} paired rounds (W1 runs, the store floor, then each"
+        " sequential ceiling, back to back):"
     )
     for name, figures in pairs.items():
-        verdict = "meets" if figures["median"] >= 0.5 else "below"
+        w1_pairs, floor = figures["w1"], figures["store_floor"]
+        verdict = "meets" if w1_pairs["median"] >= 0.5 else "below"
         print(
-            f"  {name:<9} median {figures['median']:.3f} x (range {figures['min']:.3f}"
-            f"-{figures['max']:.3f}; {verdict} the 0.5x target)"
+            f"  {name:<9} median {w1_pairs['median']:.3f} x (range {w1_pairs['min']:.3f}"
+            f"-{w1_pairs['max']:.3f}; {verdict} the 0.5x target)"
+        )
+        print(
+            f"  {'':<9} store floor (W1's store calls alone, no engine): median"
+            f" {floor['median']:.3f} x (range {floor['min']:.3f}-{floor['max']:.3f})"
         )
     if profile is not None:
         print_profile(profile)
