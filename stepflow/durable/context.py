@@ -104,6 +104,8 @@ class WorkflowContext:
 
         On replay the recorded result is returned and ``fn`` is not called. A
         step that fails for good raises `StepFailedError` here, on replay too.
+        Once another process cancelled the run, `RunCancelledError` (a step
+        in flight is stopped at its next lease renewal first).
         """
         step_name: str = name or getattr(fn, "__name__", None) or "step"
         seq, recorded = self._replay.next_command("step", step_name)
