@@ -61,9 +61,11 @@ def _check_exception_types(field_name: str, value: object) -> tuple[type[BaseExc
 class RetryPolicy:
     """How often a step is retried and how long the engine waits between attempts.
 
-    ``retries`` counts extra attempts, so a step runs at most ``retries + 1``
-    times. The wait before attempt ``n + 1`` is ``initial_delay * backoff**(n-1)``
-    seconds, capped at ``max_delay``, then scaled by a random factor in
+    ``retries`` counts extra attempts, so a driver runs a step at most
+    ``retries + 1`` times. Each driver counts afresh: a resume (of a failed
+    run, say) or a takeover of the step gives it its retries again. The wait
+    before attempt ``n + 1`` is ``initial_delay * backoff**(n-1)`` seconds,
+    capped at ``max_delay``, then scaled by a random factor in
     ``[1 - jitter, 1 + jitter]``.
     """
 
@@ -103,7 +105,7 @@ class RetryPolicy:
 
     @property
     def max_attempts(self) -> int:
-        """Total attempts a step gets: the first plus ``retries``."""
+        """Total attempts a driver gives a step: the first plus ``retries``."""
         return self.retries + 1
 
     def should_retry(self, exc: BaseException, attempt: int) -> bool:

@@ -306,6 +306,72 @@ async def test_a_cancel_from_another_process_stops_a_durable_step_at_its_heartbe
     assert seen == ["long interrupted"]
 
 
+async def test_a_workflow_retrying_around_ctx_step_stops_once_another_process_cancelled_it(
+    store: WorkflowStore, define: Define
+) -> None:
+    """The workflow catches the `RunCancelledError` once; its next await stops it.
+
+    Before, a retry loop with ``except Exception`` went on forever against
+    the cancelled run, appending a timer per turn, and ``wait`` hung.
+    """
+    parked = anyio.Event()
+    caught: list[str] = []
+
+    async def long() -> None:
+        parked.set()
+        await anyio.sleep(LIMIT * 2)
+
+    @define()
+    async def flow(ctx: WorkflowContext, _: Any) -> None:
+        while True:
+            try:
+                await ctx.step(long)
+                return
+            except Exception as exc:  # a workflow's own retry loop
+                caught.append(type(exc).__name__)
+                await ctx.sleep(0.05)
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store, lease_ms=300) as driver:
+            run_id = await driver.start(flow)
+            await parked.wait()
+            await Engine(store).cancel(run_id)
+            final = await driver.wait(run_id)
+
+    assert final.status == RunStatus.CANCELLED
+    assert caught == ["RunCancelledElsewhere"]
+    kinds = [event.kind for event in await store.read_history(run_id)]
+    assert kinds[-1] == EventKind.RUN_CANCELLED
+
+
+@pytest.mark.parametrize("waits_on", ["event", "timer"])
+async def test_a_workflow_waiting_stops_once_another_process_cancelled_it(
+    store: WorkflowStore, define: Define, waits_on: str
+) -> None:
+    """Waiting for an event (no timeout) or on a long timer, it is stopped, not left waiting."""
+    waiting = anyio.Event()
+
+    async def mark() -> None:
+        waiting.set()
+
+    @define()
+    async def flow(ctx: WorkflowContext, _: Any) -> None:
+        await ctx.step(mark)
+        if waits_on == "event":
+            await ctx.wait_for_event("go")
+        else:
+            await ctx.sleep(LIMIT * 2)
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store, lease_ms=300) as driver:
+            run_id = await driver.start(flow)
+            await waiting.wait()
+            await Engine(store).cancel(run_id)
+            final = await driver.wait(run_id)
+
+    assert final.status == RunStatus.CANCELLED
+
+
 async def test_step_retries_until_it_succeeds(
     store: WorkflowStore, define: Define, calls: Counter[str]
 ) -> None:

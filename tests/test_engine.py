@@ -1204,6 +1204,164 @@ async def test_a_cancel_from_another_process_stops_a_running_step_at_its_heartbe
     assert "after_it" not in steps
 
 
+async def test_a_cancel_from_another_process_stops_a_step_in_its_backoff(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """A step backing off holds no lease to be refused: it looks at the run instead.
+
+    Before, the driver kept the cancelled run for the whole backoff (here
+    past the test's limit) and only then found its next claim refused.
+    """
+    flow = new_flow()
+    failed = anyio.Event()
+    attempts: list[int] = []
+
+    @flow.step(retry=RetryPolicy(retries=3, initial_delay=LIMIT * 2, jitter=0))
+    async def flaky(ctx: StepContext) -> None:
+        attempts.append(ctx.attempt)
+        failed.set()
+        raise ConnectionError("rate limited")
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store, lease_ms=300) as driver:
+            run_id = await driver.start(flow)
+            await failed.wait()
+            await Engine(store).cancel(run_id)
+            final = await driver.wait(run_id)
+
+    assert final.status == RunStatus.CANCELLED
+    assert attempts == [1]
+    assert (await steps_by_name(store, run_id))["flaky"].status == StepStatus.CANCELLED
+
+
+@pytest.mark.parametrize("ends", ["returns", "raises"])
+async def test_a_step_whose_lease_lapsed_as_another_process_cancelled_the_run_is_cancelled(
+    store: WorkflowStore, new_flow: NewFlow, ends: str
+) -> None:
+    """Its lapsed lease can be neither renewed (the run is cancelled) nor written under.
+
+    What it did is dropped and the step is marked ``cancelled``, as a step the
+    cancel stopped. Before, the write was taken for a takeover and the row
+    stayed ``running`` in the cancelled run.
+    """
+    flow = new_flow()
+
+    @flow.step()
+    async def stalled(ctx: StepContext) -> int:
+        await Engine(store).cancel(ctx.run_id)  # another process's cancel
+        time.sleep(0.5)  # noqa: ASYNC251 (the loop stalls: the 150 ms lease lapses unrenewed)
+        if ends == "raises":
+            raise ConnectionError("late failure")
+        return 42
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store, lease_ms=150) as driver:
+            run_id = await driver.start(flow)
+            final = await driver.wait(run_id)
+
+    assert final.status == RunStatus.CANCELLED
+    assert (await steps_by_name(store, run_id))["stalled"].status == StepStatus.CANCELLED
+
+
+async def test_a_step_claimed_ahead_does_not_start_once_another_process_cancelled_the_run(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """``first``'s completion claims ``second``, which then waits for the only slot.
+
+    The cancel refuses the renewal of ``second``'s lease meanwhile; before,
+    ``second`` still ran once it had the slot.
+    """
+    flow, other = new_flow(), new_flow()
+    ran: list[str] = []
+    first_may_end, first_ended, holder_may_end = anyio.Event(), anyio.Event(), anyio.Event()
+
+    @flow.step()
+    async def first(ctx: StepContext) -> None:
+        await first_may_end.wait()
+        first_ended.set()
+
+    @flow.step(after=[first])
+    async def second(ctx: StepContext) -> None:
+        ran.append("second")
+
+    @other.step()
+    async def holder(ctx: StepContext) -> None:
+        await holder_may_end.wait()
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store, lease_ms=150, max_concurrency=1) as driver:
+            run_id = await driver.start(flow)
+            await anyio.sleep(0.05)  # first holds the only slot
+            other_id = await driver.start(other)
+            await anyio.sleep(0.05)  # holder waits for it
+            first_may_end.set()
+            await first_ended.wait()  # second is claimed; holder takes the slot
+            await anyio.sleep(0.05)
+            await Engine(store).cancel(run_id)
+            await anyio.sleep(1.0)  # twenty renewal periods: second's is refused
+            holder_may_end.set()
+            final = await driver.wait(run_id)
+            await driver.wait(other_id)
+
+    assert final.status == RunStatus.CANCELLED
+    assert ran == []
+    assert (await steps_by_name(store, run_id))["second"].status == StepStatus.CANCELLED
+
+
+async def test_a_step_another_process_resumed_after_the_cancel_is_left_to_it(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """Driver A, stopped by a cancel, marks its steps cancelled, but not one B runs already.
+
+    B resumes the run the moment A reads it back cancelled. Before, A marked
+    B's running step ``cancelled`` while B ran it.
+    """
+    flow = new_flow()
+    first_parked, second_running, second_may_end = anyio.Event(), anyio.Event(), anyio.Event()
+
+    @flow.step()
+    async def long(ctx: StepContext) -> int:
+        if count(ctx, flow) == 1:
+            first_parked.set()
+            await anyio.sleep(LIMIT * 2)
+        second_running.set()
+        await second_may_end.wait()
+        return 1
+
+    class ResumedOnReadBack(PassThroughStore):
+        armed = False
+
+        async def get_run(self, run_id: str) -> stepflow.RunRecord | None:
+            record = await self.inner.get_run(run_id)
+            if self.armed and record is not None and record.status == RunStatus.CANCELLED:
+                self.armed = False
+                await engine_b.resume(run_id)
+                await second_running.wait()
+            return record
+
+    store_a = ResumedOnReadBack(store)
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as engine_b:
+            engine_a = Engine(cast(WorkflowStore, store_a), lease_ms=300)
+            stopped: list[stepflow.RunRecord] = []
+
+            async def drive_a() -> None:
+                stopped.append(await engine_a.run(flow, run_id="resumed-elsewhere"))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(drive_a)
+                await first_parked.wait()
+                store_a.armed = True
+                await Engine(store).cancel("resumed-elsewhere")
+            row_while_b_runs = (await steps_by_name(store, "resumed-elsewhere"))["long"]
+            second_may_end.set()
+            final = await engine_b.wait("resumed-elsewhere")
+
+    assert stopped[0].status == RunStatus.CANCELLED
+    assert row_while_b_runs.status == StepStatus.RUNNING
+    assert final.status == RunStatus.COMPLETED
+
+
 async def test_cancel_of_a_finished_run_leaves_it_as_is(
     store: WorkflowStore, new_flow: NewFlow
 ) -> None:

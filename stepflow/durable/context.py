@@ -23,6 +23,7 @@ from stepflow.errors import (
     ChildRunFailedError,
     EventTimeoutError,
     InvalidArgumentError,
+    RunCancelledError,
     StepAlreadyCompletedError,
     StepFailedError,
 )
@@ -140,6 +141,9 @@ class WorkflowContext:
                     slot.give_back()
             except LeaseLost:
                 continue  # another driver took the step over: await its result or lapse
+            except RunCancelledError:  # stopped in flight or in its backoff, or not begun
+                runner.note_cancelled_elsewhere()
+                raise
             except StepAlreadyCompletedError:
                 # Another driver of this run (a second resume) completed it: its result counts.
                 await runner.refresh()

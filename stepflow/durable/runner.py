@@ -17,6 +17,7 @@ from functools import wraps
 from typing import Any, cast
 
 import anyio
+import anyio.lowlevel
 
 from stepflow.durable.context import ContinueAsNew, WorkflowContext
 from stepflow.durable.definition import DurableWorkflow
@@ -46,12 +47,19 @@ class _FailureNotingStore:
 
     What a step raises reaches the workflow as `StepFailedError` and a bad
     argument to a ctx call is raised before any store call, so this sees
-    the store's own failures only.
+    the store's own failures only. A refusal because the run was cancelled
+    is reported too (``note_cancel``).
     """
 
-    def __init__(self, store: WorkflowStore, note: Callable[[Exception], None]) -> None:
+    def __init__(
+        self,
+        store: WorkflowStore,
+        note: Callable[[Exception], None],
+        note_cancel: Callable[[], None],
+    ) -> None:
         self._store = store
         self._note = note
+        self._note_cancel = note_cancel
 
     def __getattr__(self, name: str) -> Any:
         """The store's attribute, a coroutine method wrapped once and kept (every step calls)."""
@@ -63,6 +71,9 @@ class _FailureNotingStore:
         async def noted(*args: Any, **kwargs: Any) -> Any:
             try:
                 return await attribute(*args, **kwargs)
+            except RunCancelledError:
+                self._note_cancel()
+                raise
             except StepflowError:
                 raise
             except Exception as exc:
@@ -83,8 +94,11 @@ class DurableRunner:
         record: RunRecord,
         services: RunnerServices,
     ) -> None:
-        self.store = cast(WorkflowStore, _FailureNotingStore(store, self.note_store_failure))
-        """The store, noting its failures for ``_raise_store_failure``."""
+        self.store = cast(
+            WorkflowStore,
+            _FailureNotingStore(store, self.note_store_failure, self.note_cancelled_elsewhere),
+        )
+        """The store, noting its failures for ``_raise_store_failure``, and a cancel."""
         self._renewals_store = store
         """The lease keeper's: a renewal the store fails is only tried again."""
         self.definition = definition
@@ -93,6 +107,9 @@ class DurableRunner:
         self.replay = Replay(record.run_id, [])
         self._keeper: LeaseKeeper | None = None
         self._store_failure: Exception | None = None
+        self._workflow_scope = anyio.CancelScope()
+        """Around the workflow function; cancelled once another process cancelled the run."""
+        self._cancelled_elsewhere = False
 
     @property
     def run_id(self) -> str:
@@ -131,10 +148,16 @@ class DurableRunner:
         while True:
             history = await self.store.read_history(self.run_id, self.execution_id)
             self.replay = Replay(self.run_id, history)
+            self._workflow_scope = anyio.CancelScope()
             try:
-                output = await self.definition.fn(WorkflowContext(self), self.record.input)
+                with self._workflow_scope:
+                    output = await self.definition.fn(WorkflowContext(self), self.record.input)
+                if self._cancelled_elsewhere:  # the workflow was stopped
+                    return await self._stored()
             except ContinueAsNew as request:
                 self._raise_store_failure()
+                if self._cancelled_elsewhere:
+                    return await self._stored()
                 if (diverged := self.replay.divergence()) is not None:
                     return await self._finish(RunStatus.FAILED, error=describe_error(diverged))
                 await self._continue_as_new(request)
@@ -146,12 +169,25 @@ class DurableRunner:
                 raise
             except Exception as exc:
                 self._raise_store_failure()
+                if self._cancelled_elsewhere:  # what it raised is the refusal, or came of it
+                    return await self._stored()
                 failure = self.replay.diverged or exc  # a caught mismatch comes first
                 return await self._finish(RunStatus.FAILED, error=describe_error(failure))
             self._raise_store_failure()
             if (diverged := self.replay.divergence()) is not None:
                 return await self._finish(RunStatus.FAILED, error=describe_error(diverged))
             return await self._finish(RunStatus.COMPLETED, output=output)
+
+    def note_cancelled_elsewhere(self) -> None:
+        """The store refused a ctx call: another process cancelled the run. Stop the workflow.
+
+        The refusal reaches the workflow as `RunCancelledError`; a workflow that
+        catches it (a retry loop around ``ctx.step``) is stopped at its next
+        await anyway, as a cancel by this engine would stop it, rather than go
+        on against a run that takes no more work.
+        """
+        self._cancelled_elsewhere = True
+        self._workflow_scope.cancel()
 
     def note_store_failure(self, exc: Exception) -> None:
         """The store failed (see ``_raise_store_failure``)."""
@@ -189,13 +225,16 @@ class DurableRunner:
             )
         except RunCancelledError:
             # Another process cancelled the run while this one finished it: that stands.
-            record = await self.store.get_run(self.run_id)
-            return record if record is not None else self.record
+            return await self._stored()
         except StepflowError as exc:
             if status != RunStatus.COMPLETED:
                 raise
             # The output itself was refused (not JSON, too large): fail clearly.
             return await self._finish(RunStatus.FAILED, error=describe_error(exc))
+
+    async def _stored(self) -> RunRecord:
+        record = await self.store.get_run(self.run_id)
+        return record if record is not None else self.record
 
     async def _continue_as_new(self, request: ContinueAsNew) -> None:
         """End this execution and start the next, carrying unconsumed raised events.
@@ -240,6 +279,13 @@ class DurableRunner:
     # -- services for WorkflowContext ---------------------------------------------
 
     async def append(self, kind: EventKind, payload: Any) -> Event:
+        """Append to the run's history, unless the workflow is being stopped.
+
+        A store call need not yield before it writes, so a workflow that caught
+        the `RunCancelledError` of a cancel elsewhere would still record its
+        next command (a timer, say) in the cancelled run without this check.
+        """
+        await anyio.lowlevel.checkpoint_if_cancelled()
         event = await self.store.append_event(
             self.run_id, NewEvent(kind=kind, payload=payload), execution_id=self.execution_id
         )
@@ -247,9 +293,19 @@ class DurableRunner:
         return event
 
     async def refresh(self) -> None:
-        """Take in events written by others (raised events) or by the store (step results)."""
+        """Take in events written by others (raised events) or by the store (step results).
+
+        A ``run_cancelled`` after the run's last ``run_started`` is a cancel by
+        another process (a resume records a new ``run_started``): the workflow
+        is stopped (see `note_cancelled_elsewhere`).
+        """
+        lifecycle: EventKind | None = None
         for event in await self.store.read_history(self.run_id, self.execution_id):
             self.replay.add(event)
+            if event.kind in (EventKind.RUN_STARTED, EventKind.RUN_CANCELLED):
+                lifecycle = event.kind
+        if lifecycle == EventKind.RUN_CANCELLED:
+            self.note_cancelled_elsewhere()
 
     def note_recorded(self, event: Event | None) -> None:
         if event is not None:
@@ -257,9 +313,20 @@ class DurableRunner:
             self.replay.clock = max(self.replay.clock, event.timestamp)
 
     async def sleep_until(self, fire_at: int) -> None:
-        # The store's clock decides; sleeping on ours may wake a little early.
-        while (remaining := fire_at - await self.store.time_ms()) > 0:  # noqa: ASYNC110
-            await anyio.sleep(remaining / 1000)
+        """Sleep until the store's clock reaches ``fire_at`` (ms), watching for a cancel.
+
+        The store's clock decides; sleeping on ours may wake a little early. A
+        long timer looks at the run as often as a running step renews its
+        lease, so a cancel by another process stops the workflow (see
+        `note_cancelled_elsewhere`) rather than wait for the timer.
+        """
+        period_ms = self.lease_ms / 3
+        while (remaining := fire_at - await self.store.time_ms()) > 0:
+            await anyio.sleep(min(remaining, period_ms) / 1000)
+            if remaining > period_ms:
+                record = await self.store.get_run(self.run_id)
+                if record is not None and record.status == RunStatus.CANCELLED:
+                    self.note_cancelled_elsewhere()
 
     async def wait_for_news(self, seconds: float) -> None:
         await self.services.wait_for_news(self.run_id, max(seconds, 0.0))

@@ -32,7 +32,7 @@ from stepflow.errors import (
     StepflowError,
     StepTimeoutError,
 )
-from stepflow.models import Event, EventKind, Lease, NewEvent, RunRecord, StepClaim
+from stepflow.models import Event, EventKind, Lease, NewEvent, RunRecord, RunStatus, StepClaim
 from stepflow.retry import RetryPolicy
 from stepflow.store.base import WorkflowStore
 
@@ -63,12 +63,17 @@ class LeaseLost(StepflowError):
 
 
 class RunCancelledElsewhere(RunCancelledError):
-    """The store refused a step's heartbeat: another process cancelled the run.
+    """The store refused a step's lease renewal: another process cancelled the run.
 
-    Raised by `execute_step` after it stopped the step and handed its lease
-    back; a class of its own, so a step that raises `RunCancelledError`
-    itself is a failed attempt, not taken for this.
+    Raised by `execute_step` after it stopped the step (and handed its lease
+    back, unless it had lapsed); a class of its own, so a step that raises
+    `RunCancelledError` itself is a failed attempt, not taken for this.
     """
+
+    def __init__(self, lease: Lease) -> None:
+        super().__init__(lease.run_id)
+        self.attempt = lease.attempt
+        """The attempt stopped: its row is this runner's to mark while it is still at it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,7 +326,8 @@ async def execute_step(
         attempt = hold.lease.attempt
         tries += 1
         try:
-            await keeper.attempt(call, attempt, hold)
+            if not hold.lost:  # a lease claimed ahead can be refused while its step waits
+                await keeper.attempt(call, attempt, hold)
             result = _result(call, hold)
         except RunCancelledElsewhere:
             with anyio.CancelScope(shield=True):
@@ -367,7 +373,7 @@ def _result(call: StepCall, hold: Hold) -> Any:
     # was taken over meanwhile (then it is dropped) or just our lease ran out.
     if hold.lost and (hold.outcome is None or hold.outcome[1] is not None):
         if hold.cancelled:
-            raise RunCancelledElsewhere(call.run_id)
+            raise RunCancelledElsewhere(hold.lease)
         raise LeaseLost(f"lost the lease on step {call.name!r} of run {call.run_id!r}")
     assert hold.outcome is not None, "an attempt cancelled by its keeper is lost or failed"
     result, error = hold.outcome
@@ -426,9 +432,14 @@ async def _renew_lapsed(
     Our lease may only have run out (a stalled loop) with nobody claiming the
     step since: then renewing it succeeds and the write is made under it. When
     another owner claimed the step, or the run is gone, the step is not ours.
+    When another process cancelled the run meanwhile, the lapsed lease cannot
+    be renewed and the write is dropped (`RunCancelledElsewhere`): the step
+    counts as stopped by the cancel, and a resume runs it again.
     """
     try:
         return await store.renew_lease(lease, lease_ms=lease_ms)
+    except RunCancelledError as cancelled:
+        raise RunCancelledElsewhere(lease) from cancelled
     except StepflowError:
         raise LeaseLost(str(refusal)) from refusal
 
@@ -485,11 +496,27 @@ async def _failed_attempt(
         await _record_failure(store, call, lease, error, final, lease_ms)
     if final:
         raise StepFailedError(call.name, error) from exc
-    delay = call.policy.delay(tries)
-    if slot is None:
-        await anyio.sleep(delay)
-    else:
-        await slot.wait_unheld(delay)
+    if slot is not None:
+        slot.give_back()  # nothing runs during the backoff: others may
+    await _back_off(store, call.run_id, call.policy.delay(tries), lease_ms / 3000)
+    if slot is not None:
+        await slot.take()
+
+
+async def _back_off(store: WorkflowStore, run_id: str, delay: float, period: float) -> None:
+    """Sleep ``delay`` seconds; `RunCancelledError` once another process cancelled the run.
+
+    A step backing off holds no lease, so no refused renewal tells it of a
+    cancel; it looks at the run every ``period`` (as often as a running step
+    renews its lease) instead of sleeping out a backoff of up to ``max_delay``.
+    """
+    deadline = anyio.current_time() + delay
+    while (left := deadline - anyio.current_time()) > 0:
+        await anyio.sleep(min(left, period))
+        if deadline - anyio.current_time() > 0:
+            record = await store.get_run(run_id)
+            if record is not None and record.status == RunStatus.CANCELLED:
+                raise RunCancelledError(run_id)
 
 
 async def _capture(call: StepCall, attempt: int) -> tuple[Any, Exception | None]:

@@ -26,6 +26,7 @@ from stepflow.engine.attempts import (
     Hold,
     LeaseKeeper,
     LeaseLost,
+    RunCancelledElsewhere,
     StepCall,
     describe_error,
     execute_step,
@@ -89,6 +90,8 @@ class DagRunner:
         """Output of every step done (completed, or skipped by its condition)."""
         self.started: set[str] = set()
         self.interrupted: set[str] = set()
+        self._stopped_attempts: dict[str, int] = {}
+        """Per step another process's cancel stopped in flight: the attempt stopped."""
         self.attempts: dict[str, int] = {}
         self.failure: StepFailedError | None = None
         self.crash: Exception | None = None
@@ -190,13 +193,24 @@ class DagRunner:
 
         After a cancel, the steps this runner stopped are marked ``cancelled``,
         as a cancel by this engine marks them; a takeover leaves every row to
-        the new owner.
+        the new owner. So does a resume by another process right after the
+        cancel: a step running under an attempt that is not the one this runner
+        stopped is that process's.
         """
         record = await self._reload()
-        if record.status == RunStatus.CANCELLED:
-            for name in self.flow.step_names:
-                if name in self.interrupted and name not in self.outputs:
-                    await self._record(name, StepStatus.CANCELLED, error=_CANCELLED)
+        if record.status != RunStatus.CANCELLED:
+            return record
+        for name in self.flow.step_names:
+            if name not in self.interrupted or name in self.outputs:
+                continue
+            row = await self.store.get_step(self.run_id, name)
+            resumed_elsewhere = (
+                row is not None
+                and row.status == StepStatus.RUNNING
+                and row.attempt != self._stopped_attempts.get(name)
+            )
+            if not resumed_elsewhere:
+                await self._record(name, StepStatus.CANCELLED, error=_CANCELLED, current=row)
         return record
 
     async def _reload(self) -> RunRecord:
@@ -325,8 +339,11 @@ class DagRunner:
             self.lost_lease = True
             tg.cancel_scope.cancel()
             return [], None
-        except RunCancelledError:  # by another process: stopped at its heartbeat, or not begun
+        except RunCancelledError as cancelled:  # by another process
+            # Stopped at a lease renewal or in its backoff, or never begun.
             self.interrupted.add(name)
+            if isinstance(cancelled, RunCancelledElsewhere):
+                self._stopped_attempts[name] = cancelled.attempt
             self.lost_lease = True
             tg.cancel_scope.cancel()
             return [], None
@@ -406,9 +423,15 @@ class DagRunner:
                     ready.append(dependent)
         return ready
 
-    async def _record(self, name: str, status: StepStatus, *, error: Any) -> None:
-        """Write a step row that no attempt wrote: skipped, or cancelled after release."""
-        current = await self.store.get_step(self.run_id, name)
+    async def _record(
+        self, name: str, status: StepStatus, *, error: Any, current: StepState | None = None
+    ) -> None:
+        """Write a step row that no attempt wrote: skipped, or cancelled after release.
+
+        ``current`` is the row as just read, if the caller read it.
+        """
+        if current is None:
+            current = await self.store.get_step(self.run_id, name)
         base = current or StepState(step_id=name, name=name, execution_id=self.execution_id)
         await self.store.upsert_step(
             self.run_id,

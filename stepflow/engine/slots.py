@@ -44,9 +44,3 @@ class Slot:
         if self._held:
             self._held = False
             self._limiter.release()
-
-    async def wait_unheld(self, seconds: float) -> None:
-        """Sleep ``seconds`` with the slot free for others, then take it again."""
-        self.give_back()
-        await anyio.sleep(seconds)
-        await self.take()
