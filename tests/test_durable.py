@@ -746,6 +746,28 @@ async def test_an_uncaught_event_timeout_fails_the_run(
     assert "never" in record.error["message"]
 
 
+async def test_an_engine_keeps_no_wake_up_per_finished_run(
+    store: WorkflowStore, define: Define
+) -> None:
+    """A long-lived engine's memory must not grow with the runs that ever waited.
+
+    Before, the wake-up a waiting run registers stayed in the engine for
+    good unless this engine raised an event for that run.
+    """
+
+    @define()
+    async def flow(ctx: WorkflowContext, _: None) -> None:
+        with contextlib.suppress(EventTimeoutError):
+            await ctx.wait_for_event("never", timeout=0.01)
+
+    with anyio.fail_after(LIMIT):
+        engine = Engine(store)
+        for _ in range(5):
+            assert (await engine.run(flow)).status == RunStatus.COMPLETED
+
+    assert engine._news == {}  # the engine's per-run wake-ups (white box: no other trace)
+
+
 async def test_raise_event_on_an_unknown_or_finished_run_is_refused(
     store: WorkflowStore, define: Define
 ) -> None:

@@ -346,6 +346,7 @@ class Engine:
         finally:
             active.finished.set()
             self._active.pop(run_id, None)
+            self._news.pop(run_id, None)  # else kept for every run that ever waited
 
     # -- watching and stopping runs ------------------------------------------------
 
