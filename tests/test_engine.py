@@ -1362,6 +1362,40 @@ async def test_a_step_another_process_resumed_after_the_cancel_is_left_to_it(
     assert final.status == RunStatus.COMPLETED
 
 
+async def test_a_cancel_that_read_the_run_before_it_finished_leaves_it_finished(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """Engine B reads the run running; the run completes; B's cancel must not overwrite that.
+
+    Before, the store took the cancel and the completed run became ``cancelled``.
+    """
+    flow = new_flow()
+    may_finish = anyio.Event()
+
+    @flow.step()
+    async def only(ctx: StepContext) -> int:
+        await may_finish.wait()
+        return 1
+
+    class ReadBeforeTheFinish(PassThroughStore):
+        async def get_run(self, run_id: str) -> stepflow.RunRecord | None:
+            record = await self.inner.get_run(run_id)  # running, as read
+            may_finish.set()
+            await driver.wait(run_id)  # ... and completed before the cancel is written
+            return record
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as driver:
+            run_id = await driver.start(flow)
+            late = Engine(cast(WorkflowStore, ReadBeforeTheFinish(store)))
+            answered = await late.cancel(run_id)
+            final = await driver.wait(run_id)
+
+    assert answered.status == RunStatus.COMPLETED
+    assert final.status == RunStatus.COMPLETED
+    assert final.output == {"only": 1}
+
+
 async def test_cancel_of_a_finished_run_leaves_it_as_is(
     store: WorkflowStore, new_flow: NewFlow
 ) -> None:

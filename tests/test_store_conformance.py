@@ -384,6 +384,21 @@ async def test_set_run_status_on_another_execution_conflicts(store: WorkflowStor
     assert await snapshot(store) == before
 
 
+@pytest.mark.parametrize("finished", [RunStatus.COMPLETED, RunStatus.FAILED])
+async def test_a_finished_run_is_not_cancelled(store: WorkflowStore, finished: RunStatus) -> None:
+    """A cancel that read the run before it finished must not overwrite its outcome."""
+    await new_run(store, status=RunStatus.RUNNING)
+    await store.set_run_status("r1", finished, execution_id=1, output={"answer": 42})
+    before = await snapshot(store)
+    with pytest.raises(ConflictError, match=f"it is {finished}"):
+        await store.set_run_status(
+            "r1", RunStatus.CANCELLED, execution_id=1, event=event(EventKind.RUN_CANCELLED)
+        )
+    assert await snapshot(store) == before
+    resumed = await store.set_run_status("r1", RunStatus.RUNNING, execution_id=1)
+    assert resumed.status == RunStatus.RUNNING  # a resume of a failed run is still allowed
+
+
 async def test_set_run_status_of_unknown_run_raises_not_found(store: WorkflowStore) -> None:
     with pytest.raises(RunNotFoundError):
         await store.set_run_status("ghost", RunStatus.COMPLETED, execution_id=1)

@@ -226,6 +226,11 @@ class DurableRunner:
         except RunCancelledError:
             # Another process cancelled the run while this one finished it: that stands.
             return await self._stored()
+        except ConflictError:
+            if status != RunStatus.CANCELLED:
+                raise
+            # Another driver finished the run (or continued it) meanwhile: that stands.
+            return await self._stored()
         except StepflowError as exc:
             if status != RunStatus.COMPLETED:
                 raise

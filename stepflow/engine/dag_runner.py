@@ -13,6 +13,7 @@ and fails the run with the step's error. Nothing completed is lost: a later
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Literal
@@ -35,6 +36,7 @@ from stepflow.engine.attempts import (
 from stepflow.engine.context import StepContext
 from stepflow.engine.slots import Slot
 from stepflow.errors import (
+    ConflictError,
     InvalidPayloadError,
     RunCancelledError,
     StepAlreadyCompletedError,
@@ -461,13 +463,15 @@ class DagRunner:
         await self._mark_unfinished(
             interrupted=StepStatus.CANCELLED, unstarted=StepStatus.CANCELLED, reason=_CANCELLED
         )
-        await self.store.set_run_status(
-            self.run_id,
-            RunStatus.CANCELLED,
-            execution_id=self.execution_id,
-            error=_CANCELLED,
-            event=NewEvent(kind=EventKind.RUN_CANCELLED, payload=None),
-        )
+        # Refused when another driver finished the run (or continued it) meanwhile: that stands.
+        with contextlib.suppress(ConflictError):
+            await self.store.set_run_status(
+                self.run_id,
+                RunStatus.CANCELLED,
+                execution_id=self.execution_id,
+                error=_CANCELLED,
+                event=NewEvent(kind=EventKind.RUN_CANCELLED, payload=None),
+            )
 
 
 _CANCELLED = {"type": "Cancelled", "message": "the run was cancelled"}

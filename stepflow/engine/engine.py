@@ -56,7 +56,8 @@ from stepflow.store.base import DEFAULT_LEASE_MS, WorkflowStore, validate_run_id
 
 _POLL_START = 0.02
 _POLL_MAX = 0.5
-_RAISE_ATTEMPTS = 10
+_ATTEMPTS_WHILE_THE_RUN_MOVES = 10
+"""How often raise_event and a cancel try again when the run moved on since it was read."""
 _CRASHES_KEPT = 1000
 
 _logger = logging.getLogger("stepflow.engine")
@@ -400,17 +401,25 @@ class Engine:
         return await self._mark_cancelled(await self._existing(run_id))
 
     async def _mark_cancelled(self, record: RunRecord) -> RunRecord:
-        """Record a run that no task of this engine drives as cancelled; a finished one stays."""
-        if record.status.is_terminal:
-            return record
-        run_id = record.run_id
-        return await self.store.set_run_status(
-            run_id,
-            RunStatus.CANCELLED,
-            execution_id=record.current_execution_id,
-            error={"type": "Cancelled", "message": "the run was cancelled"},
-            event=NewEvent(kind=EventKind.RUN_CANCELLED, payload=None),
-        )
+        """Record a run that no task of this engine drives as cancelled; a finished one stays.
+
+        The store refuses the cancel when the run finished, or continued as
+        new, since ``record`` was read: it is read again and judged again.
+        """
+        for _ in range(_ATTEMPTS_WHILE_THE_RUN_MOVES):
+            if record.status.is_terminal:
+                return record
+            try:
+                return await self.store.set_run_status(
+                    record.run_id,
+                    RunStatus.CANCELLED,
+                    execution_id=record.current_execution_id,
+                    error={"type": "Cancelled", "message": "the run was cancelled"},
+                    event=NewEvent(kind=EventKind.RUN_CANCELLED, payload=None),
+                )
+            except ConflictError:
+                record = await self._existing(record.run_id)
+        raise ConflictError(f"run {record.run_id!r} kept moving to new executions; cancel again")
 
     # -- events -------------------------------------------------------------------
 
@@ -424,7 +433,7 @@ class Engine:
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError("event name must be a non-empty str")
         event = NewEvent(kind=EventKind.EVENT_RAISED, payload={"name": name, "payload": payload})
-        for _ in range(_RAISE_ATTEMPTS):
+        for _ in range(_ATTEMPTS_WHILE_THE_RUN_MOVES):
             record = await self._existing(run_id)
             if record.status.is_terminal:
                 raise ConflictError(f"run {run_id!r} is {record.status}; it takes no more events")

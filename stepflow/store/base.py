@@ -148,7 +148,9 @@ class WorkflowStore(Protocol):
 
         A cancelled run only moves to ``running`` (a resume) or stays
         cancelled; anything else raises `RunCancelledError`, so a process still
-        finishing a run another process cancelled cannot overwrite that.
+        finishing a run another process cancelled cannot overwrite that. A
+        completed or failed run is not cancelled (`ConflictError`), so a
+        cancel that read the run before it finished cannot overwrite that.
         ``execution_id`` must be the run's current execution (else
         `ConflictError`): an engine that lost a race with continue-as-new
         cannot finish the newer execution. Terminal statuses set

@@ -93,6 +93,8 @@ class _Run:
 
 _AFTER_CANCEL = (RunStatus.RUNNING, RunStatus.CANCELLED)
 """A cancelled run stays cancelled unless resumed: a late finish must not overwrite it."""
+_NOT_CANCELLED = (RunStatus.COMPLETED, RunStatus.FAILED)
+"""A finished run is not cancelled: a late cancel must not overwrite its outcome."""
 
 
 def _status_refusal(
@@ -100,12 +102,17 @@ def _status_refusal(
 ) -> StepflowError | None:
     """Why the run may not move to ``status`` from ``execution_id`` (None: it may).
 
-    A cancelled run stays cancelled unless resumed (to running); only the
-    current execution moves the run. ``set_run_status.lua`` and
-    ``complete_step.lua`` ask the same through ``sf_status_refusal``.
+    A cancelled run stays cancelled unless resumed (to running); a finished
+    run is not cancelled; only the current execution moves the run.
+    ``set_run_status.lua`` and ``complete_step.lua`` ask the same through
+    ``sf_status_refusal``.
     """
     if record.status == RunStatus.CANCELLED and status not in _AFTER_CANCEL:
         return RunCancelledError(record.run_id)
+    if status == RunStatus.CANCELLED and record.status in _NOT_CANCELLED:
+        return ConflictError(
+            f"run {record.run_id!r}: it is {record.status}, and a finished run is not cancelled"
+        )
     if record.current_execution_id != execution_id:
         return ConflictError(
             f"run {record.run_id!r} is at execution {record.current_execution_id}, "

@@ -121,10 +121,15 @@ end
 -- Why a run whose status is run_status (JSON) and whose current execution is
 -- current may not move to status (JSON) from execution xid: nil when it may,
 -- else the code and detail to refuse with. A cancelled run stays cancelled
--- unless resumed (to running); only the current execution moves the run.
+-- unless resumed (to running); a finished run is not cancelled (a cancel
+-- read it running, then it finished); only the current execution moves the run.
 local function sf_status_refusal(run_status, current, xid, status)
   if run_status == '"cancelled"' and status ~= '"running"' and status ~= '"cancelled"' then
     return 'CANCELLED', 'run'
+  end
+  if status == '"cancelled"' and (run_status == '"completed"' or run_status == '"failed"') then
+    return 'CONFLICT',
+      'it is ' .. string.sub(run_status, 2, -2) .. ', and a finished run is not cancelled'
   end
   if current ~= xid then
     return 'CONFLICT', 'the run is at execution ' .. tostring(current) .. ', not ' .. xid
