@@ -914,6 +914,32 @@ async def test_cancelling_a_parent_cancels_the_child_it_awaits(
     assert parent_record.status == RunStatus.CANCELLED
 
 
+async def test_a_cancel_from_another_process_cancels_the_child_the_parent_awaits(
+    store: WorkflowStore, define: Define
+) -> None:
+    """As a cancel by the driving engine does; before, the child ran on to its end."""
+
+    @define()
+    async def child(ctx: WorkflowContext, _: None) -> Any:
+        return await ctx.wait_for_event("never")
+
+    @define()
+    async def parent(ctx: WorkflowContext, _: None) -> Any:
+        return await ctx.child(child)
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store, lease_ms=300) as driver:
+            run_id = await driver.start(parent, None)
+            await history_until(store, run_id, has(EventKind.CHILD_STARTED))
+            cancelled = await Engine(store).cancel(run_id)
+            parent_record = await driver.wait(run_id)
+            child_record = await driver.wait(f"{run_id}.1.1")
+
+    assert cancelled.status == RunStatus.CANCELLED
+    assert parent_record.status == RunStatus.CANCELLED
+    assert child_record.status == RunStatus.CANCELLED
+
+
 # --- continue-as-new ---------------------------------------------------------------------------
 
 

@@ -405,12 +405,14 @@ class Engine:
 
         The store refuses the cancel when the run finished, or continued as
         new, since ``record`` was read: it is read again and judged again.
+        Its sub-runs still going are cancelled with it, as this engine's
+        cancel of a run stops the child it awaits.
         """
         for _ in range(_ATTEMPTS_WHILE_THE_RUN_MOVES):
             if record.status.is_terminal:
                 return record
             try:
-                return await self.store.set_run_status(
+                cancelled = await self.store.set_run_status(
                     record.run_id,
                     RunStatus.CANCELLED,
                     execution_id=record.current_execution_id,
@@ -419,7 +421,25 @@ class Engine:
                 )
             except ConflictError:
                 record = await self._existing(record.run_id)
+                continue
+            await self._cancel_children(record.run_id)
+            return cancelled
         raise ConflictError(f"run {record.run_id!r} kept moving to new executions; cancel again")
+
+    async def _cancel_children(self, run_id: str) -> None:
+        """Cancel the run's sub-runs (and theirs) that are still going.
+
+        The children are listed by the admin operations
+        (`AdminStore.list_children`), which both stores implement; with a
+        store that lacks them, the parent alone is cancelled.
+        """
+        list_children = getattr(self.store, "list_children", None)
+        if list_children is None:
+            return
+        for child_id in await list_children(run_id):
+            child = await self.store.get_run(child_id)
+            if child is not None:
+                await self._mark_cancelled(child)
 
     # -- events -------------------------------------------------------------------
 
