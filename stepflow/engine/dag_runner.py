@@ -255,14 +255,16 @@ class DagRunner:
         A chain of steps so costs one task, not one per step; the other
         unblocked steps get tasks of their own. The step run next in this
         task is claimed by the completion of the one before it, in the same
-        store call.
+        store call. The task's `Slot` of the engine's concurrency is taken
+        for each step's run and given back after it.
         """
+        slot = Slot(self.limiter)
         try:
-            ready, claimed = await self._step(tg, name, claimed)
+            ready, claimed = await self._step(tg, name, claimed, slot)
             while ready:
                 self._launch(tg, ready[1:])
                 self.started.add(ready[0])
-                ready, claimed = await self._step(tg, ready[0], claimed)
+                ready, claimed = await self._step(tg, ready[0], claimed, slot)
         except Exception as exc:  # the store failed (a step's own errors are recorded)
             self.crash = self.crash or exc
             tg.cancel_scope.cancel()
@@ -279,7 +281,7 @@ class DagRunner:
                 await release(self.store, claimed.lease)
 
     async def _step(
-        self, tg: TaskGroup, name: str, claimed: Hold | None
+        self, tg: TaskGroup, name: str, claimed: Hold | None, slot: Slot
     ) -> tuple[list[str], Hold | None]:
         """Run one step (under ``claimed``, a lease taken ahead, if given).
 
@@ -307,7 +309,6 @@ class DagRunner:
                     # a cancel here finds the step skipped, not interrupted).
                     await anyio.lowlevel.checkpoint()
                     return ready, None
-            slot = Slot(self.limiter)
             try:
                 await slot.take()
             except BaseException:
