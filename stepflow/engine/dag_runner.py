@@ -193,17 +193,17 @@ class DagRunner:
     async def _lost(self) -> RunRecord:
         """The run as stored, once another owner took a step over or another process cancelled it.
 
-        After a cancel, the steps this runner stopped are marked ``cancelled``,
-        as a cancel by this engine marks them; a takeover leaves every row to
-        the new owner. So does a resume by another process right after the
-        cancel: a step running under an attempt that is not the one this runner
-        stopped is that process's.
+        After a cancel, the steps not done are marked ``cancelled``, those this
+        runner stopped and those it had not started, as a cancel by this engine
+        marks them; a takeover leaves every row to the new owner. So does a
+        resume by another process right after the cancel: a step running under
+        an attempt that is not one this runner stopped is that process's.
         """
         record = await self._reload()
         if record.status != RunStatus.CANCELLED:
             return record
         for name in self.flow.step_names:
-            if name not in self.interrupted or name in self.outputs:
+            if name in self.outputs:
                 continue
             row = await self.store.get_step(self.run_id, name)
             resumed_elsewhere = (
@@ -344,7 +344,6 @@ class DagRunner:
             return [], None
         except RunCancelledError as cancelled:  # by another process
             # Stopped at a lease renewal or in its backoff, or never begun.
-            self.interrupted.add(name)
             if isinstance(cancelled, RunCancelledElsewhere):
                 self._stopped_attempts[name] = cancelled.attempt
             self.lost_lease = True
