@@ -20,7 +20,7 @@ from typing import Any, cast
 import anyio
 import anyio.lowlevel
 import pytest
-from conftest import FailingCompletions, FailingRenewals, StoreDown, nth_calls
+from conftest import FailingCompletions, FailingRenewals, PassThroughStore, StoreDown, nth_calls
 
 import stepflow
 from stepflow import (
@@ -940,7 +940,109 @@ async def test_a_cancel_from_another_process_cancels_the_child_the_parent_awaits
     assert child_record.status == RunStatus.CANCELLED
 
 
+async def test_a_child_started_just_after_a_cancel_from_another_process_stops_the_parent(
+    store: WorkflowStore, define: Define
+) -> None:
+    """The cancel lands during a short timer; the parent then starts a child.
+
+    A cancelled run's history takes no more events, so the parent stops at
+    the child's ``child_started`` and does not drive it. Before, it drove the
+    child, which waited for good, and the parent with it.
+    """
+    sleeping = anyio.Event()
+
+    @define()
+    async def child(ctx: WorkflowContext, _: None) -> Any:
+        return await ctx.wait_for_event("never")
+
+    @define()
+    async def parent(ctx: WorkflowContext, _: None) -> Any:
+        sleeping.set()
+        await ctx.sleep(0.3)
+        return await ctx.child(child)
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store, lease_ms=3000) as driver:
+            run_id = await driver.start(parent, None)
+            await sleeping.wait()
+            await Engine(store).cancel(run_id)
+            final = await driver.wait(run_id)
+
+    assert final.status == RunStatus.CANCELLED
+    kinds = [event.kind for event in await store.read_history(run_id)]
+    assert EventKind.CHILD_STARTED not in kinds
+
+
+async def test_one_failed_look_at_the_run_during_a_timer_does_not_stop_it(
+    store: WorkflowStore, define: Define
+) -> None:
+    """A long timer looks at the run for a cancel; a look the store fails is only logged."""
+
+    class OneBlip(PassThroughStore):
+        armed = False
+
+        async def get_run(self, run_id: str) -> stepflow.RunRecord | None:
+            if self.armed:
+                self.armed = False
+                raise StoreDown("get_run")
+            return await self.inner.get_run(run_id)
+
+    blippy = OneBlip(store)
+
+    async def arm() -> None:
+        blippy.armed = True
+
+    @define()
+    async def flow(ctx: WorkflowContext, _: None) -> int:
+        await ctx.step(arm)
+        await ctx.sleep(0.3)
+        return 1
+
+    with anyio.fail_after(LIMIT):
+        final = await Engine(cast(WorkflowStore, blippy), lease_ms=150).run(flow)
+
+    assert final.status == RunStatus.COMPLETED
+    assert not blippy.armed, "the timer never looked at the run"
+
+
 # --- continue-as-new ---------------------------------------------------------------------------
+# --- continue-as-new ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("each_execution", ["sleeps", "runs a step"])
+async def test_continue_as_new_does_not_undo_a_cancel_from_another_process(
+    store: WorkflowStore, define: Define, each_execution: str
+) -> None:
+    """An eternal workflow cancelled from another process stops; it is not revived.
+
+    Before, the store took the continue-as-new of the cancelled run and it
+    ran on in a new execution, as ``running``.
+    """
+    looping = anyio.Event()
+
+    async def work(n: int) -> int:
+        await anyio.sleep(0.05)
+        return n
+
+    @define()
+    async def eternal(ctx: WorkflowContext, n: int) -> None:
+        if n >= 3:
+            looping.set()
+        if each_execution == "sleeps":
+            await ctx.sleep(0.02)
+        else:
+            await ctx.step(work, n)
+        ctx.continue_as_new(n + 1)
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store, lease_ms=3000) as driver:
+            run_id = await driver.start(eternal, 0)
+            await looping.wait()
+            cancelled = await Engine(store).cancel(run_id)
+            final = await driver.wait(run_id)
+
+    assert final.status == RunStatus.CANCELLED
+    assert final.current_execution_id == cancelled.current_execution_id
 
 
 async def test_continue_as_new_starts_executions_with_their_own_history(

@@ -1263,6 +1263,77 @@ async def test_a_step_whose_lease_lapsed_as_another_process_cancelled_the_run_is
     assert (await steps_by_name(store, run_id))["stalled"].status == StepStatus.CANCELLED
 
 
+async def test_steps_whose_leases_lapsed_are_marked_cancelled_after_a_cancel_elsewhere(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """A loop stall lapses both leases; the cancel stops ``a``, and ``b`` is stopped with it.
+
+    ``b``'s lease cannot be handed back (it lapsed), so its row is still
+    ``running`` under this runner's own attempt: not a resume elsewhere.
+    """
+    flow = new_flow()
+
+    @flow.step()
+    async def a(ctx: StepContext) -> None:
+        await anyio.sleep(0.05)  # b is running
+        await Engine(store).cancel(ctx.run_id)
+        time.sleep(0.5)  # noqa: ASYNC251 (the loop stalls past both 150 ms leases)
+        await anyio.sleep(LIMIT * 2)
+
+    @flow.step()
+    async def b(ctx: StepContext) -> None:
+        await anyio.sleep(LIMIT * 2)
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store, lease_ms=150) as driver:
+            run_id = await driver.start(flow)
+            final = await driver.wait(run_id)
+
+    assert final.status == RunStatus.CANCELLED
+    steps = await steps_by_name(store, run_id)
+    assert {name: step.status for name, step in steps.items()} == {
+        "a": StepStatus.CANCELLED,
+        "b": StepStatus.CANCELLED,
+    }
+
+
+async def test_one_failed_look_at_the_run_during_a_backoff_does_not_stop_it(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """A step backing off looks at the run for a cancel; a look the store fails is only logged.
+
+    The lease keeper treats a renewal the store fails the same way.
+    """
+    flow = new_flow()
+    attempts: list[int] = []
+
+    class OneBlip(PassThroughStore):
+        armed = False
+
+        async def get_run(self, run_id: str) -> stepflow.RunRecord | None:
+            if self.armed:
+                self.armed = False
+                raise StoreDown("get_run")
+            return await self.inner.get_run(run_id)
+
+    blippy = OneBlip(store)
+
+    @flow.step(retry=RetryPolicy(retries=2, initial_delay=0.3, jitter=0))
+    async def flaky(ctx: StepContext) -> int:
+        attempts.append(ctx.attempt)
+        if len(attempts) == 1:
+            blippy.armed = True
+            raise ConnectionError("rate limited")
+        return 1
+
+    with anyio.fail_after(LIMIT):
+        final = await Engine(cast(WorkflowStore, blippy), lease_ms=150).run(flow)
+
+    assert final.status == RunStatus.COMPLETED
+    assert attempts == [1, 2]
+    assert not blippy.armed, "the backoff never looked at the run"
+
+
 async def test_a_step_claimed_ahead_does_not_start_once_another_process_cancelled_the_run(
     store: WorkflowStore, new_flow: NewFlow
 ) -> None:

@@ -575,6 +575,24 @@ async def test_renew_lease_is_refused_once_the_run_is_cancelled(store: WorkflowS
     assert (await step_of(store)).status == StepStatus.PENDING
 
 
+async def test_a_cancelled_runs_history_takes_no_more_events(store: WorkflowStore) -> None:
+    """A process still driving a run another process cancelled records nothing more.
+
+    A resume (to running) reopens it.
+    """
+    await new_run(store)
+    await store.set_run_status("r1", RunStatus.CANCELLED, execution_id=1)
+    before = await snapshot(store)
+    with pytest.raises(RunCancelledError):
+        await store.append_event("r1", event(EventKind.TIMER_FIRED), execution_id=1)
+    with pytest.raises(RunCancelledError):
+        await store.continue_as_new("r1", "next", execution_id=1)
+    assert await snapshot(store) == before
+    await store.set_run_status("r1", RunStatus.RUNNING, execution_id=1)
+    await store.append_event("r1", event(EventKind.TIMER_FIRED), execution_id=1)
+    assert await store.continue_as_new("r1", "next", execution_id=1) == 2
+
+
 async def test_complete_step_records_output_context_and_event_together(
     store: WorkflowStore,
 ) -> None:

@@ -22,7 +22,12 @@ import anyio.lowlevel
 from stepflow.durable.context import ContinueAsNew, WorkflowContext
 from stepflow.durable.definition import DurableWorkflow
 from stepflow.durable.replay import Replay
-from stepflow.engine.attempts import LeaseKeeper, describe_error, with_lease_keeper
+from stepflow.engine.attempts import (
+    LeaseKeeper,
+    describe_error,
+    sleep_watching_for_cancel,
+    with_lease_keeper,
+)
 from stepflow.engine.runners import RunnerServices
 from stepflow.errors import ConflictError, RunCancelledError, StepflowError
 from stepflow.models import (
@@ -160,7 +165,10 @@ class DurableRunner:
                     return await self._stored()
                 if (diverged := self.replay.divergence()) is not None:
                     return await self._finish(RunStatus.FAILED, error=describe_error(diverged))
-                await self._continue_as_new(request)
+                try:
+                    await self._continue_as_new(request)
+                except RunCancelledError:  # by another process meanwhile: that stands
+                    return await self._stored()
                 continue
             except anyio.get_cancelled_exc_class():
                 with anyio.CancelScope(shield=True):
@@ -323,15 +331,14 @@ class DurableRunner:
         The store's clock decides; sleeping on ours may wake a little early. A
         long timer looks at the run as often as a running step renews its
         lease, so a cancel by another process stops the workflow (see
-        `note_cancelled_elsewhere`) rather than wait for the timer.
+        `note_cancelled_elsewhere`) rather than wait for the timer. Those
+        looks go to the store itself: one that fails is only logged.
         """
-        period_ms = self.lease_ms / 3
         while (remaining := fire_at - await self.store.time_ms()) > 0:
-            await anyio.sleep(min(remaining, period_ms) / 1000)
-            if remaining > period_ms:
-                record = await self.store.get_run(self.run_id)
-                if record is not None and record.status == RunStatus.CANCELLED:
-                    self.note_cancelled_elsewhere()
+            if await sleep_watching_for_cancel(
+                self._renewals_store, self.run_id, remaining / 1000, self.lease_ms / 3000
+            ):
+                self.note_cancelled_elsewhere()
 
     async def wait_for_news(self, seconds: float) -> None:
         await self.services.wait_for_news(self.run_id, max(seconds, 0.0))

@@ -336,7 +336,7 @@ async def execute_step(
         except LeaseLost:  # another owner claimed the step: it carries the step on
             raise
         except Exception as exc:
-            await _failed_attempt(store, call, hold.lease, exc, tries, keeper.lease_ms, slot)
+            await _failed_attempt(store, call, hold.lease, exc, tries, keeper, slot)
             hold = None
             continue
         except BaseException:
@@ -359,7 +359,7 @@ async def execute_step(
         except InvalidPayloadError as exc:
             # Not storable (a set, NaN, too large...): the store refused it before
             # writing anything, so the attempt failed like a step that raised.
-            await _failed_attempt(store, call, hold.lease, exc, tries, keeper.lease_ms, slot)
+            await _failed_attempt(store, call, hold.lease, exc, tries, keeper, slot)
             hold = None
             continue
         recorded, next_lease, finished = committed
@@ -482,7 +482,7 @@ async def _failed_attempt(
     lease: Lease,
     exc: Exception,
     tries: int,
-    lease_ms: int,
+    keeper: LeaseKeeper,
     slot: Slot | None,
 ) -> None:
     """Record a failed attempt; raise `StepFailedError` if final, else wait out the backoff.
@@ -493,30 +493,47 @@ async def _failed_attempt(
     error = describe_error(exc, step=call.name, attempt=lease.attempt)
     final = not call.policy.should_retry(exc, tries)
     with anyio.CancelScope(shield=True):  # a cancel must not leave the lease held
-        await _record_failure(store, call, lease, error, final, lease_ms)
+        await _record_failure(store, call, lease, error, final, keeper.lease_ms)
     if final:
         raise StepFailedError(call.name, error) from exc
     if slot is not None:
         slot.give_back()  # nothing runs during the backoff: others may
-    await _back_off(store, call.run_id, call.policy.delay(tries), lease_ms / 3000)
+    # A step backing off holds no lease, so no refused renewal tells it of a
+    # cancel: it looks at the run instead of sleeping out up to `max_delay`,
+    # through the keeper's store, as its renewals go.
+    if await sleep_watching_for_cancel(
+        keeper.store, call.run_id, call.policy.delay(tries), keeper.lease_ms / 3000
+    ):
+        raise RunCancelledError(call.run_id)
     if slot is not None:
         await slot.take()
 
 
-async def _back_off(store: WorkflowStore, run_id: str, delay: float, period: float) -> None:
-    """Sleep ``delay`` seconds; `RunCancelledError` once another process cancelled the run.
+async def sleep_watching_for_cancel(
+    store: WorkflowStore, run_id: str, seconds: float, period: float
+) -> bool:
+    """Sleep ``seconds``, looking at the run every ``period``; True once it is cancelled.
 
-    A step backing off holds no lease, so no refused renewal tells it of a
-    cancel; it looks at the run every ``period`` (as often as a running step
-    renews its lease) instead of sleeping out a backoff of up to ``max_delay``.
+    ``period`` is how often a running step renews its lease, so waiting and
+    running work hear of a cancel from another process as soon. A look the
+    store fails (a dropped connection) is logged and skipped: the sleep goes
+    on, as a lease renewal the store fails is only tried again.
     """
-    deadline = anyio.current_time() + delay
+    deadline = anyio.current_time() + seconds
     while (left := deadline - anyio.current_time()) > 0:
         await anyio.sleep(min(left, period))
-        if deadline - anyio.current_time() > 0:
+        if deadline - anyio.current_time() <= 0:
+            return False
+        try:
             record = await store.get_run(run_id)
-            if record is not None and record.status == RunStatus.CANCELLED:
-                raise RunCancelledError(run_id)
+        except StepflowError:
+            raise
+        except Exception as exc:
+            _logger.warning("looking at run %r for a cancel failed (%r)", run_id, exc)
+            continue
+        if record is not None and record.status == RunStatus.CANCELLED:
+            return True
+    return False
 
 
 async def _capture(call: StepCall, attempt: int) -> tuple[Any, Exception | None]:

@@ -92,8 +92,8 @@ class DagRunner:
         """Output of every step done (completed, or skipped by its condition)."""
         self.started: set[str] = set()
         self.interrupted: set[str] = set()
-        self._stopped_attempts: dict[str, int] = {}
-        """Per step another process's cancel stopped in flight: the attempt stopped."""
+        self._own_attempts: dict[str, int] = {}
+        """Per step: the newest attempt this runner held its lease for (see `_lost`)."""
         self.attempts: dict[str, int] = {}
         self.failure: StepFailedError | None = None
         self.crash: Exception | None = None
@@ -197,7 +197,7 @@ class DagRunner:
         runner stopped and those it had not started, as a cancel by this engine
         marks them; a takeover leaves every row to the new owner. So does a
         resume by another process right after the cancel: a step running under
-        an attempt that is not one this runner stopped is that process's.
+        an attempt this runner never held is that process's.
         """
         record = await self._reload()
         if record.status != RunStatus.CANCELLED:
@@ -209,7 +209,7 @@ class DagRunner:
             resumed_elsewhere = (
                 row is not None
                 and row.status == StepStatus.RUNNING
-                and row.attempt != self._stopped_attempts.get(name)
+                and row.attempt != self._own_attempts.get(name)
             )
             if not resumed_elsewhere:
                 await self._record(name, StepStatus.CANCELLED, error=_CANCELLED, current=row)
@@ -290,6 +290,8 @@ class DagRunner:
         """
         spec = self.flow.steps[name]
         next_hold: Hold | None = None
+        if claimed is not None:
+            self._own_attempts[name] = claimed.lease.attempt
         try:
             if spec.when is not None:  # never claimed ahead (see _claim_ahead)
                 first_attempt = self.attempts.get(name, 0) + 1
@@ -345,7 +347,7 @@ class DagRunner:
         except RunCancelledError as cancelled:  # by another process
             # Stopped at a lease renewal or in its backoff, or never begun.
             if isinstance(cancelled, RunCancelledElsewhere):
-                self._stopped_attempts[name] = cancelled.attempt
+                self._own_attempts[name] = cancelled.attempt
             self.lost_lease = True
             tg.cancel_scope.cancel()
             return [], None
@@ -399,6 +401,7 @@ class DagRunner:
 
     def _call(self, spec: StepSpec) -> StepCall:
         def invoke(attempt: int) -> Any:
+            self._own_attempts[spec.name] = attempt  # (a sync step's thread: one dict store)
             return spec.fn(self._context(spec.name, attempt))
 
         return StepCall(

@@ -38,6 +38,7 @@ from stepflow.engine.runners import Definition, RunnerServices, is_definition, m
 from stepflow.errors import (
     ConflictError,
     InvalidArgumentError,
+    RunCancelledError,
     RunNotFoundError,
     StepflowError,
     WaitTimeoutError,
@@ -406,25 +407,32 @@ class Engine:
         The store refuses the cancel when the run finished, or continued as
         new, since ``record`` was read: it is read again and judged again.
         Its sub-runs still going are cancelled with it, as this engine's
-        cancel of a run stops the child it awaits.
+        cancel of a run stops the child it awaits; also when the run was
+        cancelled already, so a cancel cut short by the store is completed
+        by the next.
         """
         for _ in range(_ATTEMPTS_WHILE_THE_RUN_MOVES):
+            if record.status == RunStatus.CANCELLED:
+                break
             if record.status.is_terminal:
                 return record
             try:
-                cancelled = await self.store.set_run_status(
+                record = await self.store.set_run_status(
                     record.run_id,
                     RunStatus.CANCELLED,
                     execution_id=record.current_execution_id,
                     error={"type": "Cancelled", "message": "the run was cancelled"},
                     event=NewEvent(kind=EventKind.RUN_CANCELLED, payload=None),
                 )
+                break
             except ConflictError:
                 record = await self._existing(record.run_id)
-                continue
-            await self._cancel_children(record.run_id)
-            return cancelled
-        raise ConflictError(f"run {record.run_id!r} kept moving to new executions; cancel again")
+        else:
+            raise ConflictError(
+                f"run {record.run_id!r} kept moving to new executions; cancel again"
+            )
+        await self._cancel_children(record.run_id)
+        return record
 
     async def _cancel_children(self, run_id: str) -> None:
         """Cancel the run's sub-runs (and theirs) that are still going.
@@ -467,6 +475,10 @@ class Engine:
                 break
             except ConflictError:
                 continue  # the run continued as new meanwhile: raise it in the new execution
+            except RunCancelledError as exc:  # cancelled since it was read
+                raise ConflictError(
+                    f"run {run_id!r} is cancelled; it takes no more events"
+                ) from exc
         else:
             raise ConflictError(f"run {run_id!r} kept moving to new executions; raise again")
         news = self._news.pop(run_id, None)

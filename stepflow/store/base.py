@@ -322,6 +322,8 @@ class WorkflowStore(Protocol):
         With ``only_if_current``, `ConflictError` when the run moved on to
         another execution (an event raised during continue-as-new is then sent
         again to the new execution instead of landing in the finished one).
+        `RunCancelledError` when the run is cancelled: a process still driving
+        it records nothing more (a resume, to ``running``, reopens it).
         """
 
     async def read_history(self, run_id: str, execution_id: int | None = None) -> list[Event]:
@@ -353,7 +355,8 @@ class WorkflowStore(Protocol):
         ``seen_events``, `ConflictError` when the old execution holds another
         number of events (one arrived after the caller read it: read again).
         Returns the new execution id. `ConflictError` when
-        ``execution_id`` is not the current execution.
+        ``execution_id`` is not the current execution; `RunCancelledError`
+        when the run is cancelled (it does not go on in a new execution).
         """
 
     async def prune_executions(self, run_id: str, options: PruneOptions) -> PruneResult:

@@ -626,6 +626,8 @@ class MemoryStore(MemoryAdmin):
         validate_run_id(run_id)
         payload = self._codec.encode_event(event)
         run = self._run(run_id)
+        if run.record.status == RunStatus.CANCELLED:
+            raise RunCancelledError(run_id)
         execution = self._execution(run, execution_id)
         if only_if_current and run.record.current_execution_id != execution_id:
             raise ConflictError(f"run {run_id!r}: execution {execution_id} is no longer current")
@@ -669,6 +671,8 @@ class MemoryStore(MemoryAdmin):
         input_json = self._codec.encode(input, "continue-as-new input")
         carried = [(event.kind, self._codec.encode_event(event)) for event in carry]
         run = self._run(run_id)
+        if run.record.status == RunStatus.CANCELLED:
+            raise RunCancelledError(run_id)
         if run.record.current_execution_id != execution_id:
             raise ConflictError(
                 f"run {run_id!r} is at execution {run.record.current_execution_id}, "

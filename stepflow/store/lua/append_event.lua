@@ -4,12 +4,14 @@
 -- KEYS[4] execs hash  KEYS[5] events list of the execution
 -- ARGV[1] request id  ARGV[2] execution id  ARGV[3] kind  ARGV[4] payload (JSON)
 -- ARGV[5] '1' to append only if that execution is the run's current one
--- Returns '<event_id>|<timestamp ms>'. Errors: SF_NOTFOUND, SF_DELETING, SF_NOEXEC,
+-- Returns '<event_id>|<timestamp ms>'. Errors: SF_NOTFOUND, SF_DELETING, SF_CANCELLED
+-- (a cancelled run's history takes nothing more until a resume), SF_NOEXEC,
 -- SF_CONFLICT (not the current execution, with ARGV[5] = '1').
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return done end
 local refused, run = sf_writable(KEYS[1], 'current_execution_id')
 if refused then return refused end
+if run[1] == '"cancelled"' then return sf_fail('CANCELLED', 'run') end
 if redis.call('HEXISTS', KEYS[4], ARGV[2] .. '|status') == 0 then
   return sf_fail('NOEXEC', ARGV[2])
 end

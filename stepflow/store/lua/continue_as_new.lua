@@ -17,8 +17,9 @@
 -- event with the counts. The run's events are settled (see sf_settle).
 -- Returns {change in the number of stored executions, change of the global
 -- event count}.
--- Errors: SF_NOTFOUND, SF_DELETING, SF_CONFLICT (not the current execution, or
--- events arrived since the caller read the history: it reads again).
+-- Errors: SF_NOTFOUND, SF_DELETING, SF_CANCELLED (a cancelled run does not go on),
+-- SF_CONFLICT (not the current execution, or events arrived since the caller read
+-- the history: it reads again).
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then
   local dx, de = string.match(done, '^(-?%d+)|(-?%d+)$')
@@ -26,6 +27,7 @@ if done then
 end
 local refused, run = sf_writable(KEYS[1], 'current_execution_id')
 if refused then return refused end
+if run[1] == '"cancelled"' then return sf_fail('CANCELLED', 'run') end
 local current = run[3]
 if current ~= ARGV[2] then
   return sf_fail('CONFLICT', 'the run is at execution ' .. tostring(current) ..
