@@ -746,6 +746,49 @@ async def test_an_uncaught_event_timeout_fails_the_run(
     assert "never" in record.error["message"]
 
 
+async def test_a_run_waiting_for_an_event_reads_only_what_is_new(
+    store: WorkflowStore, define: Define
+) -> None:
+    """Each look for the event reads the events after those read before.
+
+    Before, every look (up to one a second per waiting run) read and parsed
+    the whole history again: here 40 steps' worth of events per look.
+    """
+
+    class CountingReads(PassThroughStore):
+        counting = False
+        events_read = 0
+
+        async def read_history(self, *args: Any, **kwargs: Any) -> list[Event]:
+            events: list[Event] = await self.inner.read_history(*args, **kwargs)
+            if self.counting:
+                self.events_read += len(events)
+            return events
+
+    counting = CountingReads(store)
+
+    async def work(n: int) -> int:
+        return n
+
+    @define()
+    async def flow(ctx: WorkflowContext, _: None) -> Any:
+        for n in range(40):
+            await ctx.step(work, n)
+        return await ctx.wait_for_event("go")
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(cast(WorkflowStore, counting)) as engine:
+            run_id = await engine.start(flow, None)
+            await history_until(store, run_id, has(EventKind.STEP_COMPLETED, 40))
+            counting.counting = True
+            await anyio.sleep(0.5)  # several looks for the event
+            await Engine(store).raise_event(run_id, "go", "went")
+            record = await engine.wait(run_id)
+
+    assert record.output == "went"
+    assert 1 <= counting.events_read <= 3  # the raised event, not 40 steps' worth per look
+
+
 async def test_an_engine_keeps_no_wake_up_per_finished_run(
     store: WorkflowStore, define: Define
 ) -> None:

@@ -19,6 +19,7 @@ from stepflow import (
     ConflictError,
     EventKind,
     ExecutionNotFoundError,
+    InvalidArgumentError,
     InvalidPayloadError,
     InvalidRunIdError,
     Lease,
@@ -1108,6 +1109,31 @@ async def test_read_history_defaults_to_the_current_execution(store: WorkflowSto
     assert [(e.event_id, e.kind, e.payload) for e in current] == [
         (1, EventKind.RUN_STARTED, {"round": 2})
     ]
+
+
+async def test_read_history_after_an_event_reads_only_the_later_ones(
+    store: WorkflowStore,
+) -> None:
+    await new_run(store)  # no events yet
+    for n in range(4):
+        await store.append_event("r1", event(payload={"n": n}), execution_id=1)
+    whole = await store.read_history("r1", 1)
+    assert [e.event_id for e in whole] == [1, 2, 3, 4]
+    assert await store.read_history("r1", 1, after_event_id=2) == whole[2:]
+    assert await store.read_history("r1", after_event_id=4) == []
+    assert await store.read_history("r1", after_event_id=9) == []
+    assert await store.read_history("r1", after_event_id=0) == whole
+
+
+@pytest.mark.parametrize("bad", [-1, True, "2", 1.5])
+async def test_read_history_refuses_a_bad_event_id_to_read_after(
+    store: WorkflowStore, bad: Any
+) -> None:
+    await new_run(store)
+    with pytest.raises(InvalidArgumentError):
+        await store.read_history("r1", after_event_id=bad)
+    with pytest.raises(InvalidRunIdError):  # ids first, as everywhere
+        await store.read_history("bad id", after_event_id=bad)
 
 
 async def test_continue_as_new_carries_events_in_the_same_step(store: WorkflowStore) -> None:

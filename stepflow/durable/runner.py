@@ -114,6 +114,10 @@ class DurableRunner:
         self._store_failure: Exception | None = None
         self._workflow_scope = anyio.CancelScope()
         """Around the workflow function; cancelled once another process cancelled the run."""
+        self._read_to = 0
+        """The newest event of the current execution `refresh` has read."""
+        self._lifecycle: EventKind | None = None
+        """Of the events read: the kind of the last ``run_started`` or ``run_cancelled``."""
         self._cancelled_elsewhere = False
 
     @property
@@ -153,6 +157,8 @@ class DurableRunner:
         while True:
             history = await self.store.read_history(self.run_id, self.execution_id)
             self.replay = Replay(self.run_id, history)
+            self._read_to, self._lifecycle = 0, None
+            self._note_read(history)
             self._workflow_scope = anyio.CancelScope()
             try:
                 with self._workflow_scope:
@@ -308,22 +314,40 @@ class DurableRunner:
     async def refresh(self) -> None:
         """Take in events written by others (raised events) or by the store (step results).
 
-        A ``run_cancelled`` after the run's last ``run_started`` is a cancel by
+        Only the events after those read before are read: a run waiting for
+        an event reads what is new each time, not its whole history. A
+        ``run_cancelled`` after the run's last ``run_started`` is a cancel by
         another process (a resume records a new ``run_started``): the workflow
         is stopped (see `note_cancelled_elsewhere`).
         """
-        lifecycle: EventKind | None = None
-        for event in await self.store.read_history(self.run_id, self.execution_id):
+        news = await self.store.read_history(
+            self.run_id, self.execution_id, after_event_id=self._read_to
+        )
+        for event in news:
             self.replay.add(event)
-            if event.kind in (EventKind.RUN_STARTED, EventKind.RUN_CANCELLED):
-                lifecycle = event.kind
-        if lifecycle == EventKind.RUN_CANCELLED:
+        self._note_read(news)
+        if self._lifecycle == EventKind.RUN_CANCELLED:
             self.note_cancelled_elsewhere()
 
+    def _note_read(self, events: list[Event]) -> None:
+        """Move past ``events``, read from the current execution's history, oldest first."""
+        for event in events:
+            if event.kind in (EventKind.RUN_STARTED, EventKind.RUN_CANCELLED):
+                self._lifecycle = event.kind
+        if events:
+            self._read_to = events[-1].event_id
+
     def note_recorded(self, event: Event | None) -> None:
+        """Take in an event this runner wrote; the next `refresh` reads after it if it can.
+
+        Only when it is the one right after those read: an event another
+        process wrote in between (a raised event) must still be read.
+        """
         if event is not None:
             self.replay.add(event)
             self.replay.clock = max(self.replay.clock, event.timestamp)
+            if event.event_id == self._read_to + 1:
+                self._note_read([event])
 
     async def sleep_until(self, fire_at: int) -> None:
         """Sleep until the store's clock reaches ``fire_at`` (ms), watching for a cancel.

@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from stepflow.errors import InvalidRunIdError
+from stepflow.errors import InvalidArgumentError, InvalidRunIdError
 from stepflow.models import (
     DeleteResult,
     Event,
@@ -64,6 +64,17 @@ def validate_step_id(step_id: object) -> str:
     if _RUN_ID.fullmatch(step_id) is None:
         raise InvalidRunIdError(step_id, "is not a valid step id")
     return step_id
+
+
+def check_event_id(after_event_id: object) -> int:
+    """An event id to read after: an int from 0 (0 reads the whole history)."""
+    if isinstance(after_event_id, bool) or not isinstance(after_event_id, int):
+        raise InvalidArgumentError(
+            f"after_event_id must be an int, not {type(after_event_id).__name__}"
+        )
+    if after_event_id < 0:
+        raise InvalidArgumentError(f"after_event_id must be >= 0, got {after_event_id}")
+    return after_event_id
 
 
 @runtime_checkable
@@ -326,8 +337,14 @@ class WorkflowStore(Protocol):
         it records nothing more (a resume, to ``running``, reopens it).
         """
 
-    async def read_history(self, run_id: str, execution_id: int | None = None) -> list[Event]:
-        """Events of one execution (default: the current one), oldest first."""
+    async def read_history(
+        self, run_id: str, execution_id: int | None = None, *, after_event_id: int = 0
+    ) -> list[Event]:
+        """Events of one execution (default: the current one), oldest first.
+
+        With ``after_event_id``, only those after it: a durable run waiting for
+        an event reads what is new each time, not its whole history again.
+        """
 
     async def list_executions(self, run_id: str) -> list[ExecutionInfo]:
         """The run's stored executions, ascending."""

@@ -51,7 +51,12 @@ from stepflow.models import (
     now_ms,
     parse_run_status,
 )
-from stepflow.store.base import DEFAULT_LEASE_MS, validate_run_id, validate_step_id
+from stepflow.store.base import (
+    DEFAULT_LEASE_MS,
+    check_event_id,
+    validate_run_id,
+    validate_step_id,
+)
 from stepflow.store.codec import Codec
 from stepflow.store.ids import new_token
 from stepflow.store.memory_admin import MemoryAdmin
@@ -636,10 +641,15 @@ class MemoryStore(MemoryAdmin):
     def _isolate_event(self, event: Event) -> Event:
         return event.model_copy(update={"payload": self._copy(_json.dumps(event.payload))})
 
-    async def read_history(self, run_id: str, execution_id: int | None = None) -> list[Event]:
+    async def read_history(
+        self, run_id: str, execution_id: int | None = None, *, after_event_id: int = 0
+    ) -> list[Event]:
+        validate_run_id(run_id)
+        check_event_id(after_event_id)
         run = self._run(run_id)
         xid = run.record.current_execution_id if execution_id is None else execution_id
-        return [self._isolate_event(e) for e in self._execution(run, xid).events]
+        events = self._execution(run, xid).events[after_event_id:]  # ids run 1..N
+        return [self._isolate_event(e) for e in events]
 
     async def list_executions(self, run_id: str) -> list[ExecutionInfo]:
         run = self._run(run_id)

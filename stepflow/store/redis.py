@@ -51,7 +51,12 @@ from stepflow.models import (
     StepState,
     parse_run_status,
 )
-from stepflow.store.base import DEFAULT_LEASE_MS, validate_run_id, validate_step_id
+from stepflow.store.base import (
+    DEFAULT_LEASE_MS,
+    check_event_id,
+    validate_run_id,
+    validate_step_id,
+)
 from stepflow.store.ids import new_request_id, new_token
 from stepflow.store.redis_admin import RedisAdmin
 from stepflow.store.redis_core import pairs, text
@@ -786,8 +791,11 @@ class RedisStore(RedisAdmin):
         )
         return _event_from_reply(reply, event.kind, payload)
 
-    async def read_history(self, run_id: str, execution_id: int | None = None) -> list[Event]:
+    async def read_history(
+        self, run_id: str, execution_id: int | None = None, *, after_event_id: int = 0
+    ) -> list[Event]:
         keys = self.keys.run(run_id)
+        check_event_id(after_event_id)
         if execution_id is None:
             current = await self.client.hget(keys.run, "current_execution_id")
             if current is None:
@@ -796,7 +804,7 @@ class RedisStore(RedisAdmin):
         raw = await self._call(
             "read_history",
             [keys.run, keys.execs, keys.events(execution_id)],
-            [execution_id],
+            [execution_id, after_event_id],
             run_id=run_id,
             execution_id=execution_id,
         )
