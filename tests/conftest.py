@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import fakeredis
 import pytest
 
-from stepflow import Lease, MemoryStore, RedisStore, WorkflowStore
+from stepflow import Engine, Lease, MemoryStore, RedisStore, RunRecord, WorkflowStore
 from stepflow.store import connection
 
 STORE_KINDS = ("memory", "fakeredis", "redis")
@@ -262,6 +263,28 @@ def nth_calls(wanted: Callable[[int], bool]) -> Callable[[Lease], bool]:
         return wanted(calls)
 
     return fails
+
+
+async def cancelled_elsewhere(
+    store: WorkflowStore,
+    definition: Any,
+    when: anyio.Event,
+    *,
+    input: Any = None,
+    lease_ms: int = 300,
+    limit: float = 5.0,
+) -> tuple[str, RunRecord]:
+    """Drive ``definition`` on one engine and, once ``when`` is set, cancel it from another.
+
+    The other engine stands for another process: it does not drive the run.
+    Returns the run id and the run as its driver ended it.
+    """
+    with anyio.fail_after(limit):
+        async with Engine(store, lease_ms=lease_ms) as driver:
+            run_id = await driver.start(definition, input)
+            await when.wait()
+            await Engine(store).cancel(run_id)
+            return run_id, await driver.wait(run_id)
 
 
 class FailingRenewals(PassThroughStore):

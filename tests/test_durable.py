@@ -20,7 +20,14 @@ from typing import Any, cast
 import anyio
 import anyio.lowlevel
 import pytest
-from conftest import FailingCompletions, FailingRenewals, PassThroughStore, StoreDown, nth_calls
+from conftest import (
+    FailingCompletions,
+    FailingRenewals,
+    PassThroughStore,
+    StoreDown,
+    cancelled_elsewhere,
+    nth_calls,
+)
 
 import stepflow
 from stepflow import (
@@ -295,12 +302,7 @@ async def test_a_cancel_from_another_process_stops_a_durable_step_at_its_heartbe
         await ctx.step(long)
         await ctx.step(after_it)
 
-    with anyio.fail_after(LIMIT):
-        async with Engine(store, lease_ms=300) as driver:
-            run_id = await driver.start(flow)
-            await parked.wait()
-            await Engine(store).cancel(run_id)
-            final = await driver.wait(run_id)
+    _, final = await cancelled_elsewhere(store, flow, parked)
 
     assert final.status == RunStatus.CANCELLED
     assert seen == ["long interrupted"]
@@ -331,12 +333,7 @@ async def test_a_workflow_retrying_around_ctx_step_stops_once_another_process_ca
                 caught.append(type(exc).__name__)
                 await ctx.sleep(0.05)
 
-    with anyio.fail_after(LIMIT):
-        async with Engine(store, lease_ms=300) as driver:
-            run_id = await driver.start(flow)
-            await parked.wait()
-            await Engine(store).cancel(run_id)
-            final = await driver.wait(run_id)
+    run_id, final = await cancelled_elsewhere(store, flow, parked)
 
     assert final.status == RunStatus.CANCELLED
     assert caught == ["RunCancelledElsewhere"]
@@ -362,12 +359,7 @@ async def test_a_workflow_waiting_stops_once_another_process_cancelled_it(
         else:
             await ctx.sleep(LIMIT * 2)
 
-    with anyio.fail_after(LIMIT):
-        async with Engine(store, lease_ms=300) as driver:
-            run_id = await driver.start(flow)
-            await waiting.wait()
-            await Engine(store).cancel(run_id)
-            final = await driver.wait(run_id)
+    _, final = await cancelled_elsewhere(store, flow, waiting)
 
     assert final.status == RunStatus.CANCELLED
 
@@ -933,34 +925,14 @@ async def test_a_completed_child_is_not_run_again_when_the_parent_replays(
     assert kinds.count("child_started") == kinds.count("child_completed") == 1
 
 
+@pytest.mark.parametrize("canceller", ["its driver", "another engine"])
 async def test_cancelling_a_parent_cancels_the_child_it_awaits(
-    store: WorkflowStore, define: Define
+    store: WorkflowStore, define: Define, canceller: str
 ) -> None:
-    @define()
-    async def child(ctx: WorkflowContext, _: None) -> Any:
-        return await ctx.wait_for_event("never")
+    """By the engine driving them, or from another process.
 
-    @define()
-    async def parent(ctx: WorkflowContext, _: None) -> Any:
-        return await ctx.child(child)
-
-    with anyio.fail_after(LIMIT):
-        async with Engine(store) as engine:
-            run_id = await engine.start(parent, None)
-            await history_until(store, run_id, has(EventKind.CHILD_STARTED))
-            await engine.cancel(run_id)
-            child_record = await engine.wait(f"{run_id}.1.1", timeout=LIMIT)
-
-    assert child_record.status == RunStatus.CANCELLED
-    parent_record = await store.get_run(run_id)
-    assert parent_record is not None
-    assert parent_record.status == RunStatus.CANCELLED
-
-
-async def test_a_cancel_from_another_process_cancels_the_child_the_parent_awaits(
-    store: WorkflowStore, define: Define
-) -> None:
-    """As a cancel by the driving engine does; before, the child ran on to its end."""
+    Before, a cancel from another process left the child to run to its end.
+    """
 
     @define()
     async def child(ctx: WorkflowContext, _: None) -> Any:
@@ -974,11 +946,10 @@ async def test_a_cancel_from_another_process_cancels_the_child_the_parent_awaits
         async with Engine(store, lease_ms=300) as driver:
             run_id = await driver.start(parent, None)
             await history_until(store, run_id, has(EventKind.CHILD_STARTED))
-            cancelled = await Engine(store).cancel(run_id)
+            await (driver if canceller == "its driver" else Engine(store)).cancel(run_id)
             parent_record = await driver.wait(run_id)
             child_record = await driver.wait(f"{run_id}.1.1")
 
-    assert cancelled.status == RunStatus.CANCELLED
     assert parent_record.status == RunStatus.CANCELLED
     assert child_record.status == RunStatus.CANCELLED
 
@@ -1004,12 +975,7 @@ async def test_a_child_started_just_after_a_cancel_from_another_process_stops_th
         await ctx.sleep(0.3)
         return await ctx.child(child)
 
-    with anyio.fail_after(LIMIT):
-        async with Engine(store, lease_ms=3000) as driver:
-            run_id = await driver.start(parent, None)
-            await sleeping.wait()
-            await Engine(store).cancel(run_id)
-            final = await driver.wait(run_id)
+    run_id, final = await cancelled_elsewhere(store, parent, sleeping, lease_ms=3000)
 
     assert final.status == RunStatus.CANCELLED
     kinds = [event.kind for event in await store.read_history(run_id)]
@@ -1048,7 +1014,6 @@ async def test_one_failed_look_at_the_run_during_a_timer_does_not_stop_it(
     assert not blippy.armed, "the timer never looked at the run"
 
 
-# --- continue-as-new ---------------------------------------------------------------------------
 # --- continue-as-new ---------------------------------------------------------------------------
 
 

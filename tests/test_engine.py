@@ -20,6 +20,7 @@ from conftest import (
     FailingRenewals,
     PassThroughStore,
     StoreDown,
+    cancelled_elsewhere,
     make_store,
     nth_calls,
 )
@@ -524,11 +525,14 @@ async def test_fail_fast_marks_a_step_claimed_ahead_but_never_run_skipped(
 ) -> None:
     """``bad`` fails while ``good``'s completion claims ``after_good``: it never started.
 
-    Before, the step handed back unrun was marked ``cancelled``, as if interrupted.
+    Before, the step handed back unrun was marked ``cancelled``, as if
+    interrupted. The claim counts in ``ctx.attempt`` (2 at its first run)
+    but not in its retry budget: after a resume its first failure is
+    retried. Before, it had failed for good there.
     """
     flow = new_flow()
     gate = anyio.Event()
-    ran: list[str] = []
+    attempts: list[int] = []
 
     @flow.step()
     async def opener(ctx: StepContext) -> None:
@@ -538,24 +542,32 @@ async def test_fail_fast_marks_a_step_claimed_ahead_but_never_run_skipped(
     @flow.step()
     async def bad(ctx: StepContext) -> None:
         await gate.wait()
-        raise RuntimeError("boom")
+        if count(ctx, flow) == 1:
+            raise RuntimeError("boom")
 
     @flow.step()
     async def good(ctx: StepContext) -> dict[str, int]:
         await gate.wait()
         return {"good": 1}
 
-    @flow.step(after=[good])
+    @flow.step(after=[good], retry=RetryPolicy(retries=1, initial_delay=0, jitter=0))
     async def after_good(ctx: StepContext) -> None:
-        ran.append("after_good")
+        attempts.append(ctx.attempt)
+        if len(attempts) == 1:
+            raise ConnectionError("flaky")
 
     with anyio.fail_after(LIMIT):
-        record = await Engine(store).run(flow)
-    steps = await steps_by_name(store, record.run_id)
-    assert record.status == RunStatus.FAILED
-    assert ran == []
+        failed = await Engine(store).run(flow)
+        steps = await steps_by_name(store, failed.run_id)
+        async with Engine(store) as engine:
+            await engine.resume(failed.run_id)
+            resumed = await engine.wait(failed.run_id)
+
+    assert failed.status == RunStatus.FAILED
     assert steps["good"].status == StepStatus.COMPLETED
     assert steps["after_good"].status == StepStatus.SKIPPED
+    assert resumed.status == RunStatus.COMPLETED
+    assert attempts == [2, 3]
 
 
 async def test_fail_fast_cancels_siblings_and_skips_downstream(
@@ -1190,12 +1202,7 @@ async def test_a_cancel_from_another_process_stops_a_running_step_at_its_heartbe
     async def after_it(ctx: StepContext) -> None:
         interrupted.append("after_it ran")
 
-    with anyio.fail_after(LIMIT):
-        async with Engine(store, lease_ms=300) as driver:
-            run_id = await driver.start(flow)
-            await parked.wait()
-            await Engine(store).cancel(run_id)
-            final = await driver.wait(run_id)
+    run_id, final = await cancelled_elsewhere(store, flow, parked)
 
     assert final.status == RunStatus.CANCELLED
     assert interrupted == ["long"]
@@ -1222,12 +1229,7 @@ async def test_a_cancel_from_another_process_stops_a_step_in_its_backoff(
         failed.set()
         raise ConnectionError("rate limited")
 
-    with anyio.fail_after(LIMIT):
-        async with Engine(store, lease_ms=300) as driver:
-            run_id = await driver.start(flow)
-            await failed.wait()
-            await Engine(store).cancel(run_id)
-            final = await driver.wait(run_id)
+    run_id, final = await cancelled_elsewhere(store, flow, failed)
 
     assert final.status == RunStatus.CANCELLED
     assert attempts == [1]
@@ -1656,52 +1658,6 @@ async def test_resume_of_a_failed_run_gives_its_step_the_retries_afresh(
     assert attempts == [1, 2, 3, 4]
     assert record.status == RunStatus.COMPLETED
     assert record.output == {"flaky": 4}
-
-
-async def test_a_step_claimed_ahead_and_handed_back_unrun_keeps_its_retries(
-    store: WorkflowStore, new_flow: NewFlow
-) -> None:
-    """Fail-fast hands back the lease ``good``'s completion took on ``after_good``.
-
-    That claim counts in ``ctx.attempt`` (2 at its first run) but not in its
-    retry budget: after a resume its first failure is retried.
-    """
-    flow = new_flow()
-    gate = anyio.Event()
-    attempts: list[int] = []
-
-    @flow.step()
-    async def opener(ctx: StepContext) -> None:
-        await anyio.sleep(0.05)
-        gate.set()
-
-    @flow.step()
-    async def bad(ctx: StepContext) -> None:
-        await gate.wait()
-        if count(ctx, flow) == 1:
-            raise RuntimeError("boom")
-
-    @flow.step()
-    async def good(ctx: StepContext) -> dict[str, int]:
-        await gate.wait()
-        return {"good": 1}
-
-    @flow.step(after=[good], retry=RetryPolicy(retries=1, initial_delay=0, jitter=0))
-    async def after_good(ctx: StepContext) -> None:
-        attempts.append(ctx.attempt)
-        if len(attempts) == 1:
-            raise ConnectionError("flaky")
-
-    with anyio.fail_after(LIMIT):
-        failed = await Engine(store).run(flow)
-        assert failed.status == RunStatus.FAILED
-        assert attempts == []
-        async with Engine(store) as engine:
-            await engine.resume(failed.run_id)
-            record = await engine.wait(failed.run_id)
-
-    assert record.status == RunStatus.COMPLETED
-    assert attempts == [2, 3]
 
 
 async def test_resume_of_a_completed_run_leaves_it_as_it_is(
