@@ -388,10 +388,11 @@ class Engine:
     async def cancel(self, run_id: str) -> RunRecord:
         """Cancel a run: running steps are interrupted, the rest never start.
 
-        A run driven by this engine stops at once; a run of another process
-        is marked ``cancelled`` in the store, and that process stops its steps
-        in flight at their next lease renewal (the store refuses it). A
-        finished run is left as is.
+        A run driven by this engine stops at once. A run of another process
+        is marked ``cancelled`` in the store, which from then on refuses its
+        leases' renewals, new steps and history events, so that process stops
+        it within a third of its ``lease_ms``. Its sub-runs still going are
+        cancelled with it. A finished run is left as is.
         """
         active = self._active.get(run_id)
         if active is not None:
