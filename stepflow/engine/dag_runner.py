@@ -145,7 +145,10 @@ class DagRunner:
             return self.finished
         try:
             if self.failure is not None:
-                return await self._finish_failed(self.failure)
+                # Decided: recorded even if the engine shuts down meanwhile, rather than
+                # left running for a resume to try the failed step again.
+                with anyio.CancelScope(shield=True):
+                    return await self._finish_failed(self.failure)
             if self.lost_lease:
                 # Another owner runs this run now, or it was cancelled: report the store's view.
                 return await self._lost()
