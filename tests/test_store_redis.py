@@ -178,6 +178,8 @@ async def test_a_prefix_in_another_storage_layout_is_refused_before_any_write(
 ) -> None:
     """Each way a prefix tells its layout: the marker, else its newest runs' step rows."""
     seeded = await seed(redis_store)
+    with pytest.raises(StoreLayoutError):  # a read too: it would misread the rows
+        await redis_store.get_step("old-run", "s1")
     with pytest.raises(StoreLayoutError) as refused:
         await redis_store.create_run(RunRecord(run_id="r1", workflow="wf"))
     assert (refused.value.found, refused.value.expected) == ("1", LAYOUT)

@@ -512,6 +512,7 @@ class RedisStore(RedisAdmin):
 
     async def get_step(self, run_id: str, step_id: str) -> StepState | None:
         keys = self.keys.run(run_id)
+        await self._ready()  # another layout's rows would read as no step at all
         line, claim, result = await self.client.hmget(
             keys.steps, [f"{step_id}|l", f"{step_id}|c", f"{step_id}|r"]
         )
