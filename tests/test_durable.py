@@ -946,40 +946,50 @@ async def test_cancelling_a_parent_cancels_the_child_it_awaits(
         async with Engine(store, lease_ms=300) as driver:
             run_id = await driver.start(parent, None)
             await history_until(store, run_id, has(EventKind.CHILD_STARTED))
-            await (driver if canceller == "its driver" else Engine(store)).cancel(run_id)
+            canceller_engine = driver if canceller == "its driver" else Engine(store)
+            cancelled = await canceller_engine.cancel(run_id)
             parent_record = await driver.wait(run_id)
             child_record = await driver.wait(f"{run_id}.1.1")
 
+    assert cancelled.status == RunStatus.CANCELLED
     assert parent_record.status == RunStatus.CANCELLED
     assert child_record.status == RunStatus.CANCELLED
 
 
-async def test_a_child_started_just_after_a_cancel_from_another_process_stops_the_parent(
+async def test_a_child_created_as_the_parent_is_cancelled_elsewhere_is_cancelled_too(
     store: WorkflowStore, define: Define
 ) -> None:
-    """The cancel lands during a short timer; the parent then starts a child.
+    """The cancel lands during a short step; the parent then creates its child.
 
-    A cancelled run's history takes no more events, so the parent stops at
-    the child's ``child_started`` and does not drive it. Before, it drove the
-    child, which waited for good, and the parent with it.
+    A cancelled run's history takes no ``child_started``, so the parent stops
+    there, and its driver cancels the child nobody will drive. Before
+    cf9bd89 the child was driven to its end; between it and this fix it was
+    left ``pending``, which also kept the tree from being deleted.
     """
-    sleeping = anyio.Event()
+    in_step = anyio.Event()
 
     @define()
     async def child(ctx: WorkflowContext, _: None) -> Any:
-        return await ctx.wait_for_event("never")
+        return 1
+
+    async def work() -> None:
+        in_step.set()
+        await anyio.sleep(0.2)  # the cancel lands; no renewal (lease 3 s) tells the step
 
     @define()
     async def parent(ctx: WorkflowContext, _: None) -> Any:
-        sleeping.set()
-        await ctx.sleep(0.3)
+        await ctx.step(work)
         return await ctx.child(child)
 
-    run_id, final = await cancelled_elsewhere(store, parent, sleeping, lease_ms=3000)
+    run_id, final = await cancelled_elsewhere(store, parent, in_step, lease_ms=3000)
 
     assert final.status == RunStatus.CANCELLED
+    [child_id] = await store.list_children(run_id)  # type: ignore[attr-defined]
+    assert (await store.get_run(child_id)).status == RunStatus.CANCELLED  # type: ignore[union-attr]
     kinds = [event.kind for event in await store.read_history(run_id)]
     assert EventKind.CHILD_STARTED not in kinds
+    await stepflow.Admin(store).delete_instance(run_id)  # type: ignore[arg-type]
+    assert await store.get_run(child_id) is None
 
 
 async def test_one_failed_look_at_the_run_during_a_timer_does_not_stop_it(

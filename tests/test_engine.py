@@ -559,11 +559,13 @@ async def test_fail_fast_marks_a_step_claimed_ahead_but_never_run_skipped(
     with anyio.fail_after(LIMIT):
         failed = await Engine(store).run(flow)
         steps = await steps_by_name(store, failed.run_id)
+        ran_before_the_resume = list(attempts)
         async with Engine(store) as engine:
             await engine.resume(failed.run_id)
             resumed = await engine.wait(failed.run_id)
 
     assert failed.status == RunStatus.FAILED
+    assert ran_before_the_resume == []
     assert steps["good"].status == StepStatus.COMPLETED
     assert steps["after_good"].status == StepStatus.SKIPPED
     assert resumed.status == RunStatus.COMPLETED
@@ -1369,6 +1371,46 @@ async def test_one_failed_look_at_the_run_during_a_backoff_does_not_stop_it(
     assert final.status == RunStatus.COMPLETED
     assert attempts == [1, 2]
     assert not blippy.armed, "the backoff never looked at the run"
+
+
+async def test_a_step_stopped_by_a_cancel_elsewhere_as_another_fails_is_marked_cancelled(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """``long`` is stopped at its renewal while ``bad`` fails: the run ends by the failure path.
+
+    That path marked only the steps it cancelled itself, so ``long`` was
+    left ``pending`` (handed back, "Interrupted").
+    """
+    flow = new_flow()
+
+    @flow.step()
+    async def long(ctx: StepContext) -> None:
+        await anyio.sleep(LIMIT * 2)
+
+    @flow.step()
+    async def starter(ctx: StepContext) -> None:
+        await anyio.sleep(0.05)  # bad's lease is taken half a period after long's
+
+    @flow.step(after=[starter])
+    async def bad(ctx: StepContext) -> None:
+        await Engine(store).cancel(ctx.run_id)
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(0.08)  # past long's renewal (100 ms), before bad's own
+        raise RuntimeError("boom")
+
+    @flow.step(after=[long])
+    async def after_long(ctx: StepContext) -> None:
+        pass
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store, lease_ms=300) as driver:
+            run_id = await driver.start(flow)
+            final = await driver.wait(run_id)
+
+    steps = await steps_by_name(store, run_id)
+    assert final.status == RunStatus.CANCELLED
+    assert steps["bad"].status == StepStatus.FAILED
+    assert steps["long"].status == StepStatus.CANCELLED
 
 
 async def test_a_step_claimed_ahead_does_not_start_once_another_process_cancelled_the_run(

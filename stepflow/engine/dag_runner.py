@@ -348,7 +348,9 @@ class DagRunner:
             tg.cancel_scope.cancel()
             return [], None
         except RunCancelledError as cancelled:  # by another process
-            # Stopped at a lease renewal or in its backoff, or never begun.
+            # Stopped at a lease renewal or in its backoff, or never begun: marked
+            # cancelled however the run ends here (`_lost`, or a failure beside it).
+            self.interrupted.add(name)
             if isinstance(cancelled, RunCancelledElsewhere):
                 self._own_attempts[name] = cancelled.attempt
             self.lost_lease = True

@@ -336,7 +336,12 @@ class Engine:
                     first_lease=created.first_lease if created is not None else None,
                 )
                 runner = make_runner(self.store, self.workflow(record.workflow), record, services)
-                return await runner.execute()
+                record = await runner.execute()
+                if record.status == RunStatus.CANCELLED:
+                    # By another process: a child the run created as the cancel landed
+                    # is not driven by anyone, and is cancelled with it.
+                    await self._cancel_children(run_id)
+                return record
             # Cancelled by Engine.cancel: the runner recorded it before leaving,
             # unless the cancel landed before the runner had started its steps.
             return await self._mark_cancelled(await self._existing(run_id))
@@ -390,9 +395,11 @@ class Engine:
 
         A run driven by this engine stops at once. A run of another process
         is marked ``cancelled`` in the store, which from then on refuses its
-        leases' renewals, new steps and history events, so that process stops
-        it within a third of its ``lease_ms``. Its sub-runs still going are
-        cancelled with it. A finished run is left as is.
+        leases' renewals, new steps and history events (a finishing step's
+        result aside), so that process stops it within a third of its
+        ``lease_ms``, or within a second while it waits for an event. Its
+        sub-runs still going are cancelled with it. A finished run is left
+        as is.
         """
         active = self._active.get(run_id)
         if active is not None:
