@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import threading
 import time
@@ -1411,6 +1412,38 @@ async def test_a_step_stopped_by_a_cancel_elsewhere_as_another_fails_is_marked_c
     assert final.status == RunStatus.CANCELLED
     assert steps["bad"].status == StepStatus.FAILED
     assert steps["long"].status == StepStatus.CANCELLED
+
+
+async def test_a_run_cancelled_elsewhere_ends_cleanly_when_its_sub_runs_cannot_be_listed(
+    store: WorkflowStore, new_flow: NewFlow, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its driver looks for sub-runs left going; a store that fails that look is a warning.
+
+    The run is cancelled as stored: not a failure of its driver (logged as an error).
+    """
+    flow = new_flow()
+    parked = anyio.Event()
+
+    @flow.step()
+    async def long(ctx: StepContext) -> None:
+        parked.set()
+        await anyio.sleep(LIMIT * 2)
+
+    class NoChildren(PassThroughStore):
+        async def list_children(self, run_id: str) -> list[str]:
+            raise StoreDown("list_children")
+
+    with anyio.fail_after(LIMIT), caplog.at_level(logging.WARNING, logger="stepflow.engine"):
+        async with Engine(cast(WorkflowStore, NoChildren(store)), lease_ms=300) as driver:
+            run_id = await driver.start(flow)
+            await parked.wait()
+            await Engine(store).cancel(run_id)
+            final = await driver.wait(run_id)
+
+    assert final.status == RunStatus.CANCELLED
+    logged = [record for record in caplog.records if record.name == "stepflow.engine"]
+    assert [record.levelname for record in logged] == ["WARNING"]
+    assert "list_children" in logged[0].getMessage()
 
 
 async def test_a_step_claimed_ahead_does_not_start_once_another_process_cancelled_the_run(

@@ -338,9 +338,7 @@ class Engine:
                 runner = make_runner(self.store, self.workflow(record.workflow), record, services)
                 record = await runner.execute()
                 if record.status == RunStatus.CANCELLED:
-                    # By another process: a child the run created as the cancel landed
-                    # is not driven by anyone, and is cancelled with it.
-                    await self._cancel_children(run_id)
+                    await self._cancel_orphans(run_id)
                 return record
             # Cancelled by Engine.cancel: the runner recorded it before leaving,
             # unless the cancel landed before the runner had started its steps.
@@ -441,6 +439,19 @@ class Engine:
             )
         await self._cancel_children(record.run_id)
         return record
+
+    async def _cancel_orphans(self, run_id: str) -> None:
+        """Cancel what a run that ended cancelled leaves going: a child nobody will drive.
+
+        A run cancelled by another process may have created a child as the
+        cancel landed. The run is cancelled as stored whatever happens here,
+        so a store that fails now is logged, not raised as the driver's
+        failure: cancelling the run again finishes the job.
+        """
+        try:
+            await self._cancel_children(run_id)
+        except Exception as exc:
+            _logger.warning("cancelling the sub-runs of cancelled run %r failed: %r", run_id, exc)
 
     async def _cancel_children(self, run_id: str) -> None:
         """Cancel the run's sub-runs (and theirs) that are still going.
