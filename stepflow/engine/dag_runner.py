@@ -145,10 +145,7 @@ class DagRunner:
             return self.finished
         try:
             if self.failure is not None:
-                # Decided: recorded even if the engine shuts down meanwhile, rather than
-                # left running for a resume to try the failed step again.
-                with anyio.CancelScope(shield=True):
-                    return await self._finish_failed(self.failure)
+                return await self._finish_failed(self.failure)
             if self.lost_lease:
                 # Another owner runs this run now, or it was cancelled: report the store's view.
                 return await self._lost()
