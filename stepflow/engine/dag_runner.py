@@ -195,24 +195,15 @@ class DagRunner:
 
         After a cancel, the steps not done are marked ``cancelled``, those this
         runner stopped and those it had not started, as a cancel by this engine
-        marks them; a takeover leaves every row to the new owner. So does a
-        resume by another process right after the cancel: a step running under
-        an attempt this runner never held is that process's.
+        marks them (but not one another process runs already, see `_record`);
+        a takeover leaves every row to the new owner.
         """
         record = await self._reload()
         if record.status != RunStatus.CANCELLED:
             return record
         for name in self.flow.step_names:
-            if name in self.outputs:
-                continue
-            row = await self.store.get_step(self.run_id, name)
-            resumed_elsewhere = (
-                row is not None
-                and row.status == StepStatus.RUNNING
-                and row.attempt != self._own_attempts.get(name)
-            )
-            if not resumed_elsewhere:
-                await self._record(name, StepStatus.CANCELLED, error=_CANCELLED, current=row)
+            if name not in self.outputs:
+                await self._record(name, StepStatus.CANCELLED, error=_CANCELLED)
         return record
 
     async def _reload(self) -> RunRecord:
@@ -430,15 +421,21 @@ class DagRunner:
                     ready.append(dependent)
         return ready
 
-    async def _record(
-        self, name: str, status: StepStatus, *, error: Any, current: StepState | None = None
-    ) -> None:
+    async def _record(self, name: str, status: StepStatus, *, error: Any) -> None:
         """Write a step row that no attempt wrote: skipped, or cancelled after release.
 
-        ``current`` is the row as just read, if the caller read it.
+        A row running under an attempt claimed since this runner started, and
+        not by it, is another owner's (a resume by another process after a
+        cancel, a takeover): it is left to that owner. One running under the
+        attempt the runner found at its start is a driver's that is gone.
         """
-        if current is None:
-            current = await self.store.get_step(self.run_id, name)
+        current = await self.store.get_step(self.run_id, name)
+        if (
+            current is not None
+            and current.status == StepStatus.RUNNING
+            and current.attempt not in (self._own_attempts.get(name), self.attempts.get(name))
+        ):
+            return
         base = current or StepState(step_id=name, name=name, execution_id=self.execution_id)
         await self.store.upsert_step(
             self.run_id,

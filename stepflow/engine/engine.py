@@ -463,7 +463,11 @@ class Engine:
         list_children = getattr(self.store, "list_children", None)
         if list_children is None:
             return
-        for child_id in await list_children(run_id):
+        children = await list_children(run_id)
+        parent = await self.store.get_run(run_id)
+        if parent is None or parent.status != RunStatus.CANCELLED:
+            return  # resumed since (by another process): its children are its own again
+        for child_id in children:
             child = await self.store.get_run(child_id)
             if child is not None:
                 await self._mark_cancelled(child)
