@@ -23,6 +23,7 @@ from stepflow.durable.context import ContinueAsNew, WorkflowContext
 from stepflow.durable.definition import DurableWorkflow
 from stepflow.durable.replay import Replay
 from stepflow.engine.attempts import (
+    CANCELLED_ERROR,
     LeaseKeeper,
     describe_error,
     sleep_watching_for_cancel,
@@ -179,7 +180,7 @@ class DurableRunner:
             except anyio.get_cancelled_exc_class():
                 with anyio.CancelScope(shield=True):
                     if self.services.stop_reason() == "cancel":
-                        await self._finish(RunStatus.CANCELLED, error=_CANCELLED)
+                        await self._finish(RunStatus.CANCELLED, error=CANCELLED_ERROR)
                 raise
             except Exception as exc:
                 self._raise_store_failure()
@@ -398,6 +399,3 @@ class DurableRunner:
         except StepflowError as exc:
             logger.warning("history prune of run %s failed: %s", self.run_id, exc)
             return describe_error(exc)
-
-
-_CANCELLED = {"type": "Cancelled", "message": "the run was cancelled"}

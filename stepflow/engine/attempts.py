@@ -70,10 +70,9 @@ class RunCancelledElsewhere(RunCancelledError):
     `RunCancelledError` itself is a failed attempt, not taken for this.
     """
 
-    def __init__(self, lease: Lease) -> None:
-        super().__init__(lease.run_id)
-        self.attempt = lease.attempt
-        """The attempt stopped: its row is this runner's to mark while it is still at it."""
+
+CANCELLED_ERROR = {"type": "Cancelled", "message": "the run was cancelled"}
+"""``RunRecord.error`` (and each stopped step's) of a cancelled run."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,9 +128,9 @@ class Hold:
     """`anyio.current_time` at which the keeper renews the lease next."""
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     """Wraps the user call only: the keeper cancels it when the lease is lost."""
-    lost: bool = False
-    cancelled: bool = False
-    """Lost because the run was cancelled (the step is still ours, to hand back)."""
+    refusal: StepflowError | None = None
+    """The store's refusal of a renewal, which ended the attempt: the lease is lost
+    (`RunCancelledError`: the run was cancelled, and the step is still ours to hand back)."""
     outcome: tuple[Any, Exception | None] | None = None
     """(result, error) of the user call; None when the keeper cancelled it."""
 
@@ -190,11 +189,8 @@ class LeaseKeeper:
         """
         try:
             lease = await self.store.renew_lease(hold.lease, lease_ms=self.lease_ms)
-        except RunCancelledError:
-            hold.cancelled = True
-            self._give_up(hold)
-        except StepflowError:
-            self._give_up(hold)
+        except StepflowError as refusal:
+            self._give_up(hold, refusal)
         except Exception as exc:
             _logger.warning(
                 "renewing the lease on step %r of run %r failed (%r); trying again",
@@ -207,10 +203,10 @@ class LeaseKeeper:
             hold.lease = lease
             hold.renew_at = anyio.current_time() + self._period
 
-    def _give_up(self, hold: Hold) -> None:
+    def _give_up(self, hold: Hold, refusal: StepflowError) -> None:
         if hold in self._holds:  # else the attempt ended meanwhile: nothing to stop
             self._holds.discard(hold)
-            hold.lost = True
+            hold.refusal = refusal
             hold.scope.cancel()
 
     def hold(self, lease: Lease) -> Hold:
@@ -326,7 +322,7 @@ async def execute_step(
         attempt = hold.lease.attempt
         tries += 1
         try:
-            if not hold.lost:  # a lease claimed ahead can be refused while its step waits
+            if hold.refusal is None:  # a lease claimed ahead can be refused while its step waits
                 await keeper.attempt(call, attempt, hold)
             result = _result(call, hold)
         except RunCancelledElsewhere:
@@ -371,9 +367,9 @@ def _result(call: StepCall, hold: Hold) -> Any:
     """The attempt's result, or raise what ended it."""
     # A result that arrived anyway is kept: recording it finds out whether the step
     # was taken over meanwhile (then it is dropped) or just our lease ran out.
-    if hold.lost and (hold.outcome is None or hold.outcome[1] is not None):
-        if hold.cancelled:
-            raise RunCancelledElsewhere(hold.lease)
+    if hold.refusal is not None and (hold.outcome is None or hold.outcome[1] is not None):
+        if isinstance(hold.refusal, RunCancelledError):
+            raise RunCancelledElsewhere(call.run_id) from hold.refusal
         raise LeaseLost(f"lost the lease on step {call.name!r} of run {call.run_id!r}")
     assert hold.outcome is not None, "an attempt cancelled by its keeper is lost or failed"
     result, error = hold.outcome
@@ -439,7 +435,7 @@ async def _renew_lapsed(
     try:
         return await store.renew_lease(lease, lease_ms=lease_ms)
     except RunCancelledError as cancelled:
-        raise RunCancelledElsewhere(lease) from cancelled
+        raise RunCancelledElsewhere(lease.run_id) from cancelled
     except StepflowError:
         raise LeaseLost(str(refusal)) from refusal
 

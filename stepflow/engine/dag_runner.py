@@ -24,10 +24,10 @@ from anyio.abc import TaskGroup
 
 from stepflow.dag import StepSpec, Workflow
 from stepflow.engine.attempts import (
+    CANCELLED_ERROR,
     Hold,
     LeaseKeeper,
     LeaseLost,
-    RunCancelledElsewhere,
     StepCall,
     describe_error,
     execute_step,
@@ -93,7 +93,7 @@ class DagRunner:
         self.started: set[str] = set()
         self.interrupted: set[str] = set()
         self._own_attempts: dict[str, int] = {}
-        """Per step: the newest attempt this runner held its lease for (see `_lost`)."""
+        """Per step: the newest attempt this runner held its lease for (see `_record`)."""
         self.attempts: dict[str, int] = {}
         self.failure: StepFailedError | None = None
         self.crash: Exception | None = None
@@ -203,7 +203,7 @@ class DagRunner:
             return record
         for name in self.flow.step_names:
             if name not in self.outputs:
-                await self._record(name, StepStatus.CANCELLED, error=_CANCELLED)
+                await self._record(name, StepStatus.CANCELLED, error=CANCELLED_ERROR)
         return record
 
     async def _reload(self) -> RunRecord:
@@ -335,12 +335,10 @@ class DagRunner:
             self.lost_lease = True
             tg.cancel_scope.cancel()
             return [], None
-        except RunCancelledError as cancelled:  # by another process
+        except RunCancelledError:  # by another process
             # Stopped at a lease renewal or in its backoff, or never begun: marked
             # cancelled however the run ends here (`_lost`, or a failure beside it).
             self.interrupted.add(name)
-            if isinstance(cancelled, RunCancelledElsewhere):
-                self._own_attempts[name] = cancelled.attempt
             self.lost_lease = True
             tg.cancel_scope.cancel()
             return [], None
@@ -463,7 +461,7 @@ class DagRunner:
 
     async def _finish_cancelled(self) -> None:
         await self._mark_unfinished(
-            interrupted=StepStatus.CANCELLED, unstarted=StepStatus.CANCELLED, reason=_CANCELLED
+            interrupted=StepStatus.CANCELLED, unstarted=StepStatus.CANCELLED, reason=CANCELLED_ERROR
         )
         # Refused when another driver finished the run (or continued it) meanwhile: that stands.
         with contextlib.suppress(ConflictError):
@@ -471,9 +469,6 @@ class DagRunner:
                 self.run_id,
                 RunStatus.CANCELLED,
                 execution_id=self.execution_id,
-                error=_CANCELLED,
+                error=CANCELLED_ERROR,
                 event=NewEvent(kind=EventKind.RUN_CANCELLED, payload=None),
             )
-
-
-_CANCELLED = {"type": "Cancelled", "message": "the run was cancelled"}

@@ -33,6 +33,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from stepflow import registry
+from stepflow.engine.attempts import CANCELLED_ERROR
 from stepflow.engine.dag_runner import StopReason
 from stepflow.engine.runners import Definition, RunnerServices, is_definition, make_runner
 from stepflow.errors import (
@@ -427,7 +428,7 @@ class Engine:
                     record.run_id,
                     RunStatus.CANCELLED,
                     execution_id=record.current_execution_id,
-                    error={"type": "Cancelled", "message": "the run was cancelled"},
+                    error=CANCELLED_ERROR,
                     event=NewEvent(kind=EventKind.RUN_CANCELLED, payload=None),
                 )
                 break
@@ -464,6 +465,8 @@ class Engine:
         if list_children is None:
             return
         children = await list_children(run_id)
+        if not children:
+            return
         parent = await self.store.get_run(run_id)
         if parent is None or parent.status != RunStatus.CANCELLED:
             return  # resumed since (by another process): its children are its own again
