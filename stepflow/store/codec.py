@@ -43,7 +43,7 @@ class Codec:
         if not isinstance(patch, Mapping):
             raise InvalidPayloadError(what, f"must be a mapping, not {type(patch).__name__}")
         self.encode(dict(patch), what)
-        return {key: _json.dumps(value, what=f"{what}[{key!r}]") for key, value in patch.items()}
+        return _encode_values(patch, what)
 
     def encode_completion(
         self, output: Any, patch: Mapping[str, Any] | None
@@ -58,10 +58,7 @@ class Codec:
         if patch is None:
             return output_json, {}
         if patch is output and isinstance(patch, dict):
-            return output_json, {
-                key: _json.dumps(value, what=f"context patch[{key!r}]")
-                for key, value in patch.items()
-            }
+            return output_json, _encode_values(patch, "context patch")
         return output_json, self.encode_context(patch, "context patch")
 
     def encode_event(self, event: NewEvent) -> bytes:
@@ -80,3 +77,8 @@ class Codec:
     def isolate_step(self, step: StepState) -> StepState:
         """A copy sharing no mutable value with ``step`` (what a store round trip gives)."""
         return self.decode_step(self.encode_step(step))
+
+
+def _encode_values(patch: Mapping[str, Any], what: str) -> dict[str, bytes]:
+    """Each value of a bag or patch on its own (stored as a hash field each)."""
+    return {key: _json.dumps(value, what=f"{what}[{key!r}]") for key, value in patch.items()}

@@ -102,6 +102,12 @@ _NOT_CANCELLED = (RunStatus.COMPLETED, RunStatus.FAILED)
 """A finished run is not cancelled: a late cancel must not overwrite its outcome."""
 
 
+def _refuse_if_cancelled(run: _Run) -> None:
+    """A cancelled run starts no step, renews no lease and records no event until a resume."""
+    if run.record.status == RunStatus.CANCELLED:
+        raise RunCancelledError(run.record.run_id)
+
+
 def _status_refusal(
     record: RunRecord, status: RunStatus, execution_id: int
 ) -> StepflowError | None:
@@ -405,8 +411,7 @@ class MemoryStore(MemoryAdmin):
         validate_step_id(step_id)
         input_json = self._codec.encode(input, "step input")
         run = self._run(run_id)
-        if run.record.status == RunStatus.CANCELLED:
-            raise RunCancelledError(run_id)
+        _refuse_if_cancelled(run)
         self._execution(run, execution_id)
         return self._claim(run, step_id, name, owner, lease_ms, execution_id, input_json)
 
@@ -476,8 +481,7 @@ class MemoryStore(MemoryAdmin):
     async def renew_lease(self, lease: Lease, *, lease_ms: int = DEFAULT_LEASE_MS) -> Lease:
         validate_run_id(lease.run_id)
         run, held = self._current_lease(lease, allow_expired=True)  # unclaimed since: still ours
-        if run.record.status == RunStatus.CANCELLED:
-            raise RunCancelledError(lease.run_id)
+        _refuse_if_cancelled(run)
         held.expires_at = now_ms() + lease_ms
         return lease.model_copy(update={"expires_at": held.expires_at})
 
@@ -631,8 +635,7 @@ class MemoryStore(MemoryAdmin):
         validate_run_id(run_id)
         payload = self._codec.encode_event(event)
         run = self._run(run_id)
-        if run.record.status == RunStatus.CANCELLED:
-            raise RunCancelledError(run_id)
+        _refuse_if_cancelled(run)
         execution = self._execution(run, execution_id)
         if only_if_current and run.record.current_execution_id != execution_id:
             raise ConflictError(f"run {run_id!r}: execution {execution_id} is no longer current")
@@ -681,8 +684,7 @@ class MemoryStore(MemoryAdmin):
         input_json = self._codec.encode(input, "continue-as-new input")
         carried = [(event.kind, self._codec.encode_event(event)) for event in carry]
         run = self._run(run_id)
-        if run.record.status == RunStatus.CANCELLED:
-            raise RunCancelledError(run_id)
+        _refuse_if_cancelled(run)
         if run.record.current_execution_id != execution_id:
             raise ConflictError(
                 f"run {run_id!r} is at execution {run.record.current_execution_id}, "
