@@ -265,6 +265,19 @@ def nth_calls(wanted: Callable[[int], bool]) -> Callable[[Lease], bool]:
     return fails
 
 
+class GetRunFailsOnceArmed(PassThroughStore):
+    """Once ``armed`` is set, the next ``get_run`` raises `StoreDown` (a blip), then all go on."""
+
+    armed = False
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        if self.armed:
+            self.armed = False
+            raise StoreDown("get_run")
+        record: RunRecord | None = await self.inner.get_run(run_id)
+        return record
+
+
 async def cancelled_elsewhere(
     store: WorkflowStore,
     definition: Any,

@@ -23,6 +23,7 @@ import pytest
 from conftest import (
     FailingCompletions,
     FailingRenewals,
+    GetRunFailsOnceArmed,
     PassThroughStore,
     StoreDown,
     cancelled_elsewhere,
@@ -345,21 +346,29 @@ async def test_a_workflow_retrying_around_ctx_step_stops_once_another_process_ca
 async def test_a_workflow_waiting_stops_once_another_process_cancelled_it(
     store: WorkflowStore, define: Define, waits_on: str
 ) -> None:
-    """Waiting for an event (no timeout) or on a long timer, it is stopped, not left waiting."""
+    """Waiting for an event (no timeout) or on a long timer, it is stopped, not left waiting.
+
+    The cancel lands once the wait has begun: for the timer, once its
+    ``timer_created`` is stored (earlier, the refused append would stop it).
+    """
     waiting = anyio.Event()
 
-    async def mark() -> None:
-        waiting.set()
+    class TimerSeen(PassThroughStore):
+        async def append_event(self, run_id: str, event: Any, **options: Any) -> Event:
+            appended: Event = await self.inner.append_event(run_id, event, **options)
+            if event.kind == EventKind.TIMER_CREATED:
+                waiting.set()
+            return appended
 
     @define()
     async def flow(ctx: WorkflowContext, _: Any) -> None:
-        await ctx.step(mark)
         if waits_on == "event":
+            waiting.set()
             await ctx.wait_for_event("go")
         else:
             await ctx.sleep(LIMIT * 2)
 
-    _, final = await cancelled_elsewhere(store, flow, waiting)
+    _, final = await cancelled_elsewhere(cast(WorkflowStore, TimerSeen(store)), flow, waiting)
 
     assert final.status == RunStatus.CANCELLED
 
@@ -997,16 +1006,7 @@ async def test_one_failed_look_at_the_run_during_a_timer_does_not_stop_it(
 ) -> None:
     """A long timer looks at the run for a cancel; a look the store fails is only logged."""
 
-    class OneBlip(PassThroughStore):
-        armed = False
-
-        async def get_run(self, run_id: str) -> stepflow.RunRecord | None:
-            if self.armed:
-                self.armed = False
-                raise StoreDown("get_run")
-            return await self.inner.get_run(run_id)
-
-    blippy = OneBlip(store)
+    blippy = GetRunFailsOnceArmed(store)
 
     async def arm() -> None:
         blippy.armed = True
@@ -1033,34 +1033,38 @@ async def test_continue_as_new_does_not_undo_a_cancel_from_another_process(
 ) -> None:
     """An eternal workflow cancelled from another process stops; it is not revived.
 
-    Before, the store took the continue-as-new of the cancelled run and it
-    ran on in a new execution, as ``running``.
+    The cancel lands just before its third continue-as-new reaches the store,
+    so the store's refusal is what stops it. Before, the store took the
+    continue-as-new of the cancelled run and it ran on in a new execution,
+    as ``running``.
     """
-    looping = anyio.Event()
+
+    class CancelledAtTheThirdContinue(PassThroughStore):
+        continues = 0
+
+        async def continue_as_new(self, run_id: str, *args: Any, **kwargs: Any) -> int:
+            self.continues += 1
+            if self.continues == 3:
+                await Engine(store).cancel(run_id)
+            return cast(int, await self.inner.continue_as_new(run_id, *args, **kwargs))
 
     async def work(n: int) -> int:
-        await anyio.sleep(0.05)
         return n
 
     @define()
     async def eternal(ctx: WorkflowContext, n: int) -> None:
-        if n >= 3:
-            looping.set()
         if each_execution == "sleeps":
-            await ctx.sleep(0.02)
+            await ctx.sleep(0.01)
         else:
             await ctx.step(work, n)
         ctx.continue_as_new(n + 1)
 
+    hooked = CancelledAtTheThirdContinue(store)
     with anyio.fail_after(LIMIT):
-        async with Engine(store, lease_ms=3000) as driver:
-            run_id = await driver.start(eternal, 0)
-            await looping.wait()
-            cancelled = await Engine(store).cancel(run_id)
-            final = await driver.wait(run_id)
+        final = await Engine(cast(WorkflowStore, hooked)).run(eternal, 0)
 
     assert final.status == RunStatus.CANCELLED
-    assert final.current_execution_id == cancelled.current_execution_id
+    assert final.current_execution_id == 3  # the refused continue started no fourth
 
 
 async def test_continue_as_new_starts_executions_with_their_own_history(
@@ -1563,7 +1567,10 @@ async def test_a_store_failure_under_a_step_leaves_the_run_for_a_resume(
 async def test_a_failed_lease_renewal_does_not_stop_a_durable_run(store: WorkflowStore) -> None:
     """Only the store's failures under the workflow's own calls leave the run for a resume."""
 
+    runs: list[str] = []
+
     async def slow() -> str:
+        runs.append("slow")
         await anyio.sleep(0.2)  # several renewals of a 60 ms lease
         return "done"
 
@@ -1576,6 +1583,7 @@ async def test_a_failed_lease_renewal_does_not_stop_a_durable_run(store: Workflo
         record = await Engine(cast(WorkflowStore, flaky), lease_ms=60).run(flow)
     assert flaky.failures == 0  # the one renewal failure happened
     assert (record.status, record.output) == (RunStatus.COMPLETED, "done")
+    assert runs == ["slow"]  # the blip did not end the attempt: the step ran once
 
 
 async def test_a_bad_argument_to_a_ctx_call_still_fails_the_run(store: WorkflowStore) -> None:
