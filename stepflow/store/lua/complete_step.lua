@@ -68,7 +68,7 @@ if finishing then
 elseif ARGV[14] == '1' then
   result = result .. '!'
 end
-held.status, held.token, held.expires = 'completed', '', 0
+held.status, held.token, held.expires = 'completed', '', '0'
 redis.call('HSET', KEYS[2], sid .. '|l', sf_step_line(held),
   sid .. '|r', sf_result(ARGV[6], 'null', now),
   sid .. '|d', ARGV[1] .. '#' .. result, unpack(fields))

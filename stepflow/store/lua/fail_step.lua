@@ -14,7 +14,7 @@ local held = sf_step_state(redis.call('HGET', KEYS[4], ARGV[2] .. '|l'))
 local code, detail = sf_check_lease(KEYS[1], held, ARGV[2], ARGV[3], ARGV[4], ARGV[5], now)
 if code then return sf_fail(code, detail) end
 
-held.status, held.token, held.expires = 'pending', '', 0
+held.status, held.token, held.expires = 'pending', '', '0'
 if ARGV[7] == '1' then held.status = 'failed' end
 redis.call('HSET', KEYS[4], ARGV[2] .. '|l', sf_step_line(held),
   ARGV[2] .. '|r', sf_result('null', ARGV[6], now))

@@ -17,7 +17,7 @@ local code, detail, status = sf_check_lease(KEYS[1], held, ARGV[2], ARGV[3], ARG
   now, true)
 if code then return sf_fail(code, detail) end
 if status == '"cancelled"' then return sf_fail('CANCELLED', 'run') end
-held.expires = now + tonumber(ARGV[5])
+held.expires = tonumber(now) + tonumber(ARGV[5])
 redis.call('HSET', KEYS[4], ARGV[2] .. '|l', sf_step_line(held))
 sf_remember(KEYS[2], KEYS[3], ARGV[1], tostring(held.expires))
 return held.expires
