@@ -400,6 +400,41 @@ async def test_a_finished_run_is_not_cancelled(store: WorkflowStore, finished: R
     assert resumed.status == RunStatus.RUNNING  # a resume of a failed run is still allowed
 
 
+_FINISH_EVENTS = {
+    RunStatus.COMPLETED: EventKind.RUN_COMPLETED,
+    RunStatus.FAILED: EventKind.RUN_FAILED,
+    RunStatus.CANCELLED: EventKind.RUN_CANCELLED,
+}
+
+
+@pytest.mark.parametrize("finished", list(_FINISH_EVENTS))
+async def test_a_second_finish_leaves_the_run_as_the_first_left_it(
+    store: WorkflowStore, finished: RunStatus
+) -> None:
+    """Two drivers of one run both finish it: the first finish stands, its history unrepeated."""
+    await new_run(store, status=RunStatus.RUNNING)
+    first = await store.set_run_status(
+        "r1",
+        finished,
+        execution_id=1,
+        output={"by": "first"},
+        error={"type": "First"},
+        event=event(_FINISH_EVENTS[finished]),
+    )
+    before = await snapshot(store)
+    second = await store.set_run_status(
+        "r1",
+        finished,
+        execution_id=1,
+        output={"by": "second"},
+        error={"type": "Second"},
+        event=event(_FINISH_EVENTS[finished]),
+    )
+    assert second == first
+    assert await snapshot(store) == before
+    assert [e.kind for e in await store.read_history("r1")] == [_FINISH_EVENTS[finished]]
+
+
 async def test_set_run_status_of_unknown_run_raises_not_found(store: WorkflowStore) -> None:
     with pytest.raises(RunNotFoundError):
         await store.set_run_status("ghost", RunStatus.COMPLETED, execution_id=1)

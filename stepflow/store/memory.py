@@ -281,7 +281,8 @@ class MemoryStore(MemoryAdmin):
         refusal = _status_refusal(run.record, status, execution_id)
         if refusal is not None:
             raise refusal
-        self._set_status(run, status, output_json, error_json, event, event_json)
+        if not (status.is_terminal and run.record.status == status):  # else a second finish
+            self._set_status(run, status, output_json, error_json, event, event_json)
         return await self._get_existing(run_id)
 
     def _set_status(
