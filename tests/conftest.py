@@ -25,7 +25,7 @@ import anyio
 import fakeredis
 import pytest
 
-from stepflow import Engine, Lease, MemoryStore, RedisStore, RunRecord, WorkflowStore
+from stepflow import Engine, Lease, MemoryStore, RedisStore, RunRecord, WorkflowStore, registry
 from stepflow.store import connection
 
 STORE_KINDS = ("memory", "fakeredis", "redis")
@@ -276,6 +276,20 @@ class GetRunFailsOnceArmed(PassThroughStore):
             raise StoreDown("get_run")
         record: RunRecord | None = await self.inner.get_run(run_id)
         return record
+
+
+@pytest.fixture
+def names() -> Iterator[Callable[[str], str]]:
+    """Unique workflow names, unregistered after the test."""
+    made: list[str] = []
+
+    def make(kind: str) -> str:
+        made.append(f"{kind}-{uuid.uuid4().hex[:10]}")
+        return made[-1]
+
+    yield make
+    for name in made:
+        registry.unregister(name)
 
 
 async def cancelled_elsewhere(

@@ -9,8 +9,7 @@ failing beside the cancel, and the store failing the driver's clean-up.
 from __future__ import annotations
 
 import logging
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, cast
 
 import anyio
@@ -27,26 +26,11 @@ from stepflow import (
     Workflow,
     WorkflowContext,
     WorkflowStore,
-    registry,
 )
 
 pytestmark = pytest.mark.anyio
 
 LIMIT = 10.0
-
-
-@pytest.fixture
-def names() -> Iterator[Callable[[str], str]]:
-    """Unique workflow names, unregistered after the test."""
-    made: list[str] = []
-
-    def make(kind: str) -> str:
-        made.append(f"{kind}-{uuid.uuid4().hex[:10]}")
-        return made[-1]
-
-    yield make
-    for name in made:
-        registry.unregister(name)
 
 
 class NoChildList(PassThroughStore):

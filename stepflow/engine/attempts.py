@@ -39,6 +39,9 @@ from stepflow.store.base import WorkflowStore
 _TRACEBACK_LIMIT = 4000
 _RENEW_RETRIES_PER_PERIOD = 4
 """After a failed renewal (the store, not a refusal) the keeper asks again this much sooner."""
+_HELD_POLL_START = 0.05
+_HELD_POLL_MAX = 1.0
+"""Seconds between claims of a step another owner holds (see `_claim`)."""
 
 _logger = logging.getLogger("stepflow.engine")
 
@@ -262,7 +265,17 @@ async def _call_user(call: StepCall, attempt: int) -> Any:
 
 
 async def _claim(store: WorkflowStore, call: StepCall, owner: str, lease_ms: int) -> Lease:
-    """Claim the step, waiting out a live lease left by an owner that died."""
+    """Claim the step, waiting while another owner's lease on it is live.
+
+    That owner may have died (its lease lapses at ``expires_at``), or may be
+    alive and finish the step any moment: another process drives the run
+    too, say, as after a resume of a run its driver had not given up. So the
+    claim is tried again after a pause that grows to `_HELD_POLL_MAX`, never
+    past the lapse: a step the other owner completes is seen within about
+    that long (the claim raises `StepAlreadyCompletedError`), not after the
+    whole lease, and a cancel of the run (`RunCancelledError`) as soon.
+    """
+    pause = _HELD_POLL_START
     while True:
         try:
             return await store.claim_step(
@@ -274,8 +287,9 @@ async def _claim(store: WorkflowStore, call: StepCall, owner: str, lease_ms: int
                 execution_id=call.execution_id,
             )
         except LeaseHeldError as held:
-            wait_ms = held.expires_at - await store.time_ms()
-            await anyio.sleep(max(wait_ms, 10) / 1000)
+            lapse = (held.expires_at - await store.time_ms()) / 1000
+            await anyio.sleep(max(min(lapse, pause), 0.01))
+            pause = min(pause * 2, _HELD_POLL_MAX)
 
 
 async def execute_step(
