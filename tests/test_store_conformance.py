@@ -413,24 +413,20 @@ async def test_a_second_finish_leaves_the_run_as_the_first_left_it(
 ) -> None:
     """Two drivers of one run both finish it: the first finish stands, its history unrepeated."""
     await new_run(store, status=RunStatus.RUNNING)
-    first = await store.set_run_status(
-        "r1",
-        finished,
-        execution_id=1,
-        output={"by": "first"},
-        error={"type": "First"},
-        event=event(_FINISH_EVENTS[finished]),
-    )
+
+    async def finish(by: str) -> RunRecord:
+        return await store.set_run_status(
+            "r1",
+            finished,
+            execution_id=1,
+            output={"by": by},
+            error={"type": by},
+            event=event(_FINISH_EVENTS[finished]),
+        )
+
+    first = await finish("first")
     before = await snapshot(store)
-    second = await store.set_run_status(
-        "r1",
-        finished,
-        execution_id=1,
-        output={"by": "second"},
-        error={"type": "Second"},
-        event=event(_FINISH_EVENTS[finished]),
-    )
-    assert second == first
+    assert await finish("second") == first
     assert await snapshot(store) == before
     assert [e.kind for e in await store.read_history("r1")] == [_FINISH_EVENTS[finished]]
 
