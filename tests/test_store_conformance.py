@@ -1167,6 +1167,36 @@ async def test_read_history_refuses_a_bad_event_id_to_read_after(
         await store.read_history("bad id", after_event_id=bad)
 
 
+async def test_append_event_after_the_events_seen_appends_in_turn(store: WorkflowStore) -> None:
+    """A writer appends after what it read; another writer's event in between refuses it."""
+    await new_run(store)  # no events yet
+    first = await store.append_event(
+        "r1", event(payload={"by": "a"}), execution_id=1, seen_events=0
+    )
+    assert first.event_id == 1
+    before = await snapshot(store)
+    with pytest.raises(ConflictError, match="events arrived"):  # it read none: one arrived
+        await store.append_event("r1", event(payload={"by": "b"}), execution_id=1, seen_events=0)
+    assert await snapshot(store) == before
+    second = await store.append_event(
+        "r1", event(payload={"by": "b"}), execution_id=1, seen_events=1
+    )
+    assert second.event_id == 2
+    assert [e.payload for e in await store.read_history("r1")] == [{"by": "a"}, {"by": "b"}]
+
+
+@pytest.mark.parametrize("bad", [-1, True, "2", 1.5])
+async def test_append_event_refuses_a_bad_count_of_events_seen(
+    store: WorkflowStore, bad: Any
+) -> None:
+    await new_run(store)
+    with pytest.raises(InvalidArgumentError, match="seen_events"):
+        await store.append_event("r1", event(), execution_id=1, seen_events=bad)
+    with pytest.raises(InvalidRunIdError):  # ids first, as everywhere
+        await store.append_event("bad id", event(), execution_id=1, seen_events=bad)
+    assert await store.read_history("r1") == []
+
+
 async def test_continue_as_new_carries_events_in_the_same_step(store: WorkflowStore) -> None:
     await new_run(store)
     raised = NewEvent(kind=EventKind.EVENT_RAISED, payload={"name": "go", "payload": 1})

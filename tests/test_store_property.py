@@ -351,9 +351,20 @@ class StoreComparison(RuleBasedStateMachine):
 
     # -- history and executions
 
-    @rule(run_id=run_ids, event=events.filter(bool), execution_id=execution_ids)
-    def append_event(self, run_id: str, event: NewEvent, execution_id: int) -> None:
-        self.both(lambda store, _: store.append_event(run_id, event, execution_id=execution_id))
+    @rule(
+        run_id=run_ids,
+        event=events.filter(bool),
+        execution_id=execution_ids,
+        seen_events=st.none() | st.integers(0, 4),
+    )
+    def append_event(
+        self, run_id: str, event: NewEvent, execution_id: int, seen_events: int | None
+    ) -> None:
+        self.both(
+            lambda store, _: store.append_event(
+                run_id, event, execution_id=execution_id, seen_events=seen_events
+            )
+        )
 
     @rule(run_id=run_ids, execution_id=st.none() | st.integers(0, 4))
     def read_history(self, run_id: str, execution_id: int | None) -> None:

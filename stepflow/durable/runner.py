@@ -298,19 +298,42 @@ class DurableRunner:
 
     # -- services for WorkflowContext ---------------------------------------------
 
-    async def append(self, kind: EventKind, payload: Any) -> Event:
-        """Append to the run's history, unless the workflow is being stopped.
+    async def append(self, kind: EventKind, payload: dict[str, Any]) -> Event:
+        """Record a command's event (``payload`` holds its ``seq``) after the events read.
 
-        A store call need not yield before it writes, so a workflow that caught
-        the `RunCancelledError` of a cancel elsewhere would still record its
-        next command (a timer, say) in the cancelled run without this check.
+        Another process may drive the run too (it resumed the run while this
+        one drove it) and record this very event first: the store then
+        refuses the append, as the history holds more than was read, and once
+        the news is read the event recorded there is this one's. So no
+        command is recorded twice, and both drivers go on from the same
+        record (the same timer, the same event taken). News of any other
+        kind (an event raised) is read, and the append made after it.
+
+        Nothing is appended once the workflow is being stopped: a store call
+        need not yield before it writes, so a workflow that caught the
+        `RunCancelledError` of a cancel elsewhere would still record its next
+        command (a timer, say) in the cancelled run without the checkpoint.
         """
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        event = await self.store.append_event(
-            self.run_id, NewEvent(kind=kind, payload=payload), execution_id=self.execution_id
-        )
-        self.note_recorded(event)
-        return event
+        while True:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            read_to = self._read_to
+            try:
+                event = await self.store.append_event(
+                    self.run_id,
+                    NewEvent(kind=kind, payload=payload),
+                    execution_id=self.execution_id,
+                    seen_events=read_to,
+                )
+            except ConflictError:
+                await self.refresh()
+                if self._read_to == read_to:  # nothing new: a conflict of another kind
+                    raise
+                recorded = self.replay.recorded(payload["seq"]).get(kind)
+                if recorded is not None:
+                    return recorded
+                continue
+            self.note_recorded(event)
+            return event
 
     async def refresh(self) -> None:
         """Take in events written by others (raised events) or by the store (step results).

@@ -66,15 +66,13 @@ def validate_step_id(step_id: object) -> str:
     return step_id
 
 
-def check_event_id(after_event_id: object) -> int:
-    """An event id to read after: an int from 0 (0 reads the whole history)."""
-    if isinstance(after_event_id, bool) or not isinstance(after_event_id, int):
-        raise InvalidArgumentError(
-            f"after_event_id must be an int, not {type(after_event_id).__name__}"
-        )
-    if after_event_id < 0:
-        raise InvalidArgumentError(f"after_event_id must be >= 0, got {after_event_id}")
-    return after_event_id
+def check_event_id(value: object, name: str = "after_event_id") -> int:
+    """An event id or count of events, the argument ``name``: an int from 0."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 0:
+        raise InvalidArgumentError(f"{name} must be >= 0, got {value}")
+    return value
 
 
 @runtime_checkable
@@ -330,13 +328,23 @@ class WorkflowStore(Protocol):
     # -- history and executions -----------------------------------------------
 
     async def append_event(
-        self, run_id: str, event: NewEvent, *, execution_id: int, only_if_current: bool = False
+        self,
+        run_id: str,
+        event: NewEvent,
+        *,
+        execution_id: int,
+        only_if_current: bool = False,
+        seen_events: int | None = None,
     ) -> Event:
         """Append to the execution's history; the store assigns id and timestamp.
 
         With ``only_if_current``, `ConflictError` when the run moved on to
         another execution (an event raised during continue-as-new is then sent
         again to the new execution instead of landing in the finished one).
+        With ``seen_events``, `ConflictError` unless the execution holds that
+        many events: a writer appends after what it has read, never beside
+        another writer's event (two drivers of a durable run would otherwise
+        both record its timer).
         `RunCancelledError` when the run is cancelled: a process still driving
         it records nothing more (a resume, to ``running``, reopens it).
         """

@@ -631,15 +631,25 @@ class MemoryStore(MemoryAdmin):
         run.events_counted = stored
 
     async def append_event(
-        self, run_id: str, event: NewEvent, *, execution_id: int, only_if_current: bool = False
+        self,
+        run_id: str,
+        event: NewEvent,
+        *,
+        execution_id: int,
+        only_if_current: bool = False,
+        seen_events: int | None = None,
     ) -> Event:
         validate_run_id(run_id)
+        if seen_events is not None:
+            check_event_id(seen_events, "seen_events")
         payload = self._codec.encode_event(event)
         run = self._run(run_id)
         _refuse_if_cancelled(run)
         execution = self._execution(run, execution_id)
         if only_if_current and run.record.current_execution_id != execution_id:
             raise ConflictError(f"run {run_id!r}: execution {execution_id} is no longer current")
+        if seen_events is not None and len(execution.events) != seen_events:
+            raise ConflictError(f"run {run_id!r}: events arrived in execution {execution_id}")
         return self._isolate_event(self._append(execution, event.kind, payload, now_ms()))
 
     def _isolate_event(self, event: Event) -> Event:

@@ -779,14 +779,21 @@ class RedisStore(RedisAdmin):
     # -- history and executions -----------------------------------------------
 
     async def append_event(
-        self, run_id: str, event: NewEvent, *, execution_id: int, only_if_current: bool = False
+        self,
+        run_id: str,
+        event: NewEvent,
+        *,
+        execution_id: int,
+        only_if_current: bool = False,
+        seen_events: int | None = None,
     ) -> Event:
         keys = self.keys.run(run_id)
+        seen = "" if seen_events is None else check_event_id(seen_events, "seen_events")
         payload = self._codec.encode_event(event)
         reply = await self._call(
             "append_event",
             [keys.run, keys.reqs, keys.reqlog, keys.execs, keys.events(execution_id)],
-            [new_request_id(), execution_id, event.kind.value, payload, int(only_if_current)],
+            [new_request_id(), execution_id, event.kind.value, payload, int(only_if_current), seen],
             run_id=run_id,
             execution_id=execution_id,
         )
