@@ -407,28 +407,39 @@ _FINISH_EVENTS = {
 }
 
 
-@pytest.mark.parametrize("finished", list(_FINISH_EVENTS))
+@pytest.mark.parametrize(
+    ("finished", "again"),
+    [(status, status) for status in _FINISH_EVENTS] + [(RunStatus.COMPLETED, RunStatus.FAILED)],
+)
 async def test_a_second_finish_leaves_the_run_as_the_first_left_it(
-    store: WorkflowStore, finished: RunStatus
+    store: WorkflowStore, finished: RunStatus, again: RunStatus
 ) -> None:
-    """Two drivers of one run both finish it: the first finish stands, its history unrepeated."""
+    """Two drivers of one run both finish it: the first finish stands, its history unrepeated.
+
+    A completed run is final. Events recorded between the finishes are
+    counted in the store's metrics all the same.
+    """
     await new_run(store, status=RunStatus.RUNNING)
 
-    async def finish(by: str) -> RunRecord:
+    async def finish(status: RunStatus, by: str) -> RunRecord:
         return await store.set_run_status(
             "r1",
-            finished,
+            status,
             execution_id=1,
             output={"by": by},
             error={"type": by},
-            event=event(_FINISH_EVENTS[finished]),
+            event=event(_FINISH_EVENTS[status]),
         )
 
-    first = await finish("first")
+    first = await finish(finished, "first")
+    if finished != RunStatus.CANCELLED:  # a cancelled run's history takes no more
+        await store.append_event("r1", event(EventKind.STEP_FAILED), execution_id=1)
     before = await snapshot(store)
-    assert await finish("second") == first
+    assert await finish(again, "second") == first
     assert await snapshot(store) == before
-    assert [e.kind for e in await store.read_history("r1")] == [_FINISH_EVENTS[finished]]
+    history = await store.read_history("r1")
+    assert [e.kind for e in history].count(_FINISH_EVENTS[again]) == (again == finished)
+    assert (await store.get_metrics()).total_events == len(history)
 
 
 async def test_set_run_status_of_unknown_run_raises_not_found(store: WorkflowStore) -> None:

@@ -164,10 +164,11 @@ class WorkflowStore(Protocol):
         `ConflictError`): an engine that lost a race with continue-as-new
         cannot finish the newer execution. Terminal statuses set
         ``completed_at``. ``event`` is appended to that execution's history.
-        A run already in the terminal ``status`` asked for is returned as it
-        is, nothing written and no event appended: when two processes drive
-        one run (one resumed it while the other still drove it), both finish
-        it, and the first finish stands.
+        A run already in the terminal ``status`` asked for, or completed (that
+        is final), is returned as it is, no event appended: when two
+        processes drive one run (one resumed it while the other still drove
+        it), both finish it. A failed run may still be completed: the other
+        driver ran the failed step again, as a resume would, and it succeeded.
         """
 
     async def update_context(self, run_id: str, context: Mapping[str, Any]) -> None:

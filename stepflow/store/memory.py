@@ -281,7 +281,9 @@ class MemoryStore(MemoryAdmin):
         refusal = _status_refusal(run.record, status, execution_id)
         if refusal is not None:
             raise refusal
-        if not (status.is_terminal and run.record.status == status):  # else a second finish
+        if status.is_terminal and run.record.status in (status, RunStatus.COMPLETED):
+            self._settle(run)  # a second finish: only events recorded since are counted
+        else:
             self._set_status(run, status, output_json, error_json, event, event_json)
         return await self._get_existing(run_id)
 

@@ -8,8 +8,9 @@
 -- ARGV[5] output (JSON)  ARGV[6] error (JSON)
 -- ARGV[7] event kind ('' for none)  ARGV[8] event payload (JSON)
 -- A terminal status settles the run's events (see sf_settle). A run already
--- in the terminal status asked for is left as it is, its history too: two
--- drivers of one run (one resumed it while the other drove it) both finish it.
+-- in the terminal status asked for, or completed (that is final), is left as
+-- it is but for that: two drivers of one run (one resumed it while the other
+-- drove it) both finish it.
 -- Returns {run fields flat, ctx fields flat, change of the global event count}:
 -- the run as it now is (a replayed request reads it again).
 -- Errors: SF_NOTFOUND, SF_DELETING, SF_CONFLICT (not the current execution),
@@ -23,8 +24,9 @@ local refused, row = sf_writable(KEYS[1], 'current_execution_id')
 if refused then return refused end
 local code, detail = sf_status_refusal(row[1], row[3], ARGV[2], ARGV[3])
 if code then return sf_fail(code, detail) end
-if ARGV[4] == '1' and row[1] == ARGV[3] then
-  return snapshot(sf_remember(KEYS[2], KEYS[3], ARGV[1], '0'))
+if ARGV[4] == '1' and (row[1] == ARGV[3] or row[1] == '"completed"') then
+  local delta = sf_settle(KEYS[4])
+  return snapshot(sf_remember(KEYS[2], KEYS[3], ARGV[1], tostring(delta)))
 end
 
 local delta = sf_set_status(KEYS[1], KEYS[4], KEYS[5], ARGV[2], ARGV[3], ARGV[5], ARGV[6],
