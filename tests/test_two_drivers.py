@@ -1,12 +1,14 @@
 """One run driven by two engines at once: another process resumed it while its driver still ran.
 
-Nothing stops that today (there is no run-level ownership), so it must at
-least end well: every step runs once, the second driver follows the first
-step by step instead of waiting out each lease it finds held, and the run
-is finished once; a durable run records each command once. The leases here
-are ten minutes long: a driver that waited one out would fail the test's
-time limit. The last test is the same mechanism met by one driver: an event
-raised between its reading the history and its recording a command.
+Nothing stops that (there is no run-level ownership), so it must end well:
+a completed step is not run again, the second driver follows the first
+step by step instead of waiting out each lease it finds held, the run is
+finished once, and a durable run records each command once, both drivers
+following the record made first (a store wrapper stands for the other
+driver where the race needs exact timing). The leases here are ten minutes
+long: a driver that waited one out would fail the test's time limit. Also
+here: the same mechanisms met by one driver (an event raised as it records
+a command; a step held by an owner that died).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from stepflow import (
     Engine,
     Event,
     EventKind,
+    EventTimeoutError,
+    NewEvent,
     RunRecord,
     RunStatus,
     StepContext,
@@ -37,6 +41,7 @@ pytestmark = pytest.mark.anyio
 LEASE_MS = 600_000
 LIMIT = 15.0
 STEP_SECONDS = 0.2
+DEAD_LEASE_MS = 1_500
 
 
 async def driven_twice(
@@ -167,3 +172,135 @@ async def test_an_event_raised_just_before_a_command_is_recorded_is_read_and_kep
         EventKind.EVENT_RECEIVED,
         EventKind.RUN_COMPLETED,
     ]
+
+
+class CountingCalls(PassThroughStore):
+    """Counts the calls of the store methods named in ``counted``."""
+
+    def __init__(self, inner: WorkflowStore, *counted: str) -> None:
+        super().__init__(inner)
+        self.calls: Counter[str] = Counter()
+        for name in counted:
+            setattr(self, name, self._counting(name))
+
+    def _counting(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.inner, name)
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] += 1
+            return await method(*args, **kwargs)
+
+        return counted
+
+
+async def test_a_step_held_by_an_owner_that_died_is_claimed_again_at_most_once_a_second(
+    store: WorkflowStore, names: Callable[[str], str]
+) -> None:
+    """Waiting out a dead owner's lease polls the step, not the store's clock too."""
+    flow = Workflow(names("dag"))
+
+    @flow.step()
+    async def only(ctx: StepContext) -> dict[str, int]:
+        return {"done": 1}
+
+    run_id = "held-by-the-dead"
+    await store.create_run(
+        RunRecord(run_id=run_id, workflow=flow.name, version=flow.version, status=RunStatus.RUNNING)
+    )
+    await store.claim_step(run_id, "only", name="only", owner="died", lease_ms=DEAD_LEASE_MS)
+    counting = CountingCalls(store, "claim_step", "time_ms")
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(cast(WorkflowStore, counting)) as engine:
+            await engine.resume(run_id)
+            run = await engine.wait(run_id)
+
+    assert run.status == RunStatus.COMPLETED
+    assert counting.calls["time_ms"] == 1
+    # 1.5 s of pauses from 50 ms, doubling up to a second: about six claims, none more often.
+    assert 2 <= counting.calls["claim_step"] <= 9
+
+
+class OtherDriverFirst(PassThroughStore):
+    """Stands for another driver of the run: just before this driver's first append of
+    ``kind`` reaches the store, the other driver's ``event`` is appended."""
+
+    def __init__(self, inner: WorkflowStore, kind: EventKind, event: NewEvent) -> None:
+        super().__init__(inner)
+        self.kind = kind
+        self.event: NewEvent | None = event
+
+    async def append_event(self, run_id: str, event: NewEvent, **options: Any) -> Event:
+        if event.kind == self.kind and self.event is not None:
+            first, self.event = self.event, None
+            await self.inner.append_event(run_id, first, execution_id=options["execution_id"])
+        appended: Event = await self.inner.append_event(run_id, event, **options)
+        return appended
+
+
+async def test_a_wait_for_an_event_follows_the_end_another_driver_recorded_first(
+    store: WorkflowStore, names: Callable[[str], str]
+) -> None:
+    """The other driver's wait timed out as this one took the event: both follow the timeout."""
+    tags = {"seq": 1, "command": "event", "name": "go"}
+    timed_out = NewEvent(kind=EventKind.TIMER_FIRED, payload={**tags, "timed_out": True})
+
+    @stepflow.workflow(names("durable"))
+    async def flow(ctx: WorkflowContext, _: Any) -> str:
+        try:
+            return f"got {await ctx.wait_for_event('go', timeout=LIMIT * 2)}"
+        except EventTimeoutError:
+            return "timed out"
+
+    racing = OtherDriverFirst(store, EventKind.EVENT_RECEIVED, timed_out)
+    async with Engine(cast(WorkflowStore, racing)) as engine:
+        run_id = await engine.start(flow)
+        await engine.raise_event(run_id, "go", "early")
+        with anyio.fail_after(LIMIT):
+            run = await engine.wait(run_id)
+
+    assert run.status == RunStatus.COMPLETED
+    assert run.output == "timed out"
+    ends = [e.kind for e in await store.read_history(run_id) if e.payload and "seq" in e.payload]
+    assert ends == [EventKind.TIMER_CREATED, EventKind.TIMER_FIRED]
+
+
+async def test_a_step_another_driver_completed_as_another_step_is_a_divergence(
+    store: WorkflowStore, names: Callable[[str], str]
+) -> None:
+    """Two drivers running different code: one's result is never taken for the other's step."""
+
+    class OtherStepFirst(PassThroughStore):
+        """Another driver, running other code, completes the first step as ``other``."""
+
+        done = False
+
+        async def claim_step(self, run_id: str, step_id: str, **options: Any) -> Any:
+            if not self.done:
+                self.done = True
+                lease = await self.inner.claim_step(
+                    run_id, step_id, **{**options, "name": "other", "owner": "other-code"}
+                )
+                recorded = {"seq": 1, "command": "step", "name": "other", "attempt": 1}
+                await self.inner.complete_step(
+                    lease,
+                    output="theirs",
+                    event=NewEvent(
+                        kind=EventKind.STEP_COMPLETED, payload={**recorded, "output": "theirs"}
+                    ),
+                )
+            return await self.inner.claim_step(run_id, step_id, **options)
+
+    async def mine() -> str:
+        return "mine"
+
+    @stepflow.workflow(names("durable"))
+    async def flow(ctx: WorkflowContext, _: Any) -> str:
+        return str(await ctx.step(mine))
+
+    with anyio.fail_after(LIMIT):
+        run = await Engine(cast(WorkflowStore, OtherStepFirst(store))).run(flow)
+
+    assert run.status == RunStatus.FAILED
+    assert run.error is not None
+    assert run.error["type"] == "NonDeterminismError"

@@ -37,6 +37,20 @@ if TYPE_CHECKING:
 logger = logging.getLogger("stepflow.durable")
 
 _EVENT_POLL_MAX = 1.0
+_EVENT_WAIT_ENDS = (EventKind.EVENT_RECEIVED, EventKind.TIMER_FIRED)
+"""How a wait for an event ends: the event taken, or its timeout's timer fired."""
+
+
+def _event_wait_outcome(recorded: dict[EventKind, Event]) -> Event | None:
+    """The recorded end of a wait for an event, if it has one (see `_EVENT_WAIT_ENDS`)."""
+    return next((recorded[kind] for kind in _EVENT_WAIT_ENDS if kind in recorded), None)
+
+
+def _event_wait_result(end: Event, name: str, timeout: float | None) -> Any:
+    """The event's payload for a wait that ended ``end``, or `EventTimeoutError`."""
+    if end.kind == EventKind.EVENT_RECEIVED:
+        return end.payload.get("payload")
+    raise EventTimeoutError(name, float(timeout or 0))
 
 
 def _deadline(created: Event) -> int:
@@ -147,7 +161,7 @@ class WorkflowContext:
             except StepAlreadyCompletedError:
                 # Another driver of this run (a second resume) completed it: its result counts.
                 await runner.refresh()
-                completed = self._replay.recorded(seq).get(EventKind.STEP_COMPLETED)
+                completed = self._replay.check(seq, "step", step_name).get(EventKind.STEP_COMPLETED)
                 if completed is None:  # completion and its event are one atomic write
                     raise
                 self._replay.passed(seq)
@@ -184,10 +198,9 @@ class WorkflowContext:
         """
         seq, recorded = self._replay.next_command("event", name)
         tags = self._replay.tags(seq, "event", name)
-        if EventKind.EVENT_RECEIVED in recorded:
-            return recorded[EventKind.EVENT_RECEIVED].payload.get("payload")
-        if EventKind.TIMER_FIRED in recorded:
-            raise EventTimeoutError(name, float(timeout or 0))
+        outcome = _event_wait_outcome(recorded)
+        if outcome is not None:
+            return _event_wait_result(outcome, name, timeout)
         deadline: int | None = None
         if timeout is not None:
             created = recorded.get(EventKind.TIMER_CREATED)
@@ -198,23 +211,32 @@ class WorkflowContext:
             deadline = _deadline(created)
         delay = 0.02
         while True:
+            # Another process driving the run may have recorded this wait's end.
+            outcome = _event_wait_outcome(self._replay.check(seq, "event", name))
+            if outcome is not None:
+                return _event_wait_result(outcome, name, timeout)
             raised = self._replay.pending_event(name)
             if raised is not None:
-                await self._runner.append(
+                received = await self._runner.append(
                     EventKind.EVENT_RECEIVED,
                     {
                         **tags,
                         "raised_id": raised.event_id,
                         "payload": raised.payload.get("payload"),
                     },
+                    settled_by=_EVENT_WAIT_ENDS,
                 )
-                return raised.payload.get("payload")
+                return _event_wait_result(received, name, timeout)
             wait = delay
             if deadline is not None:  # the store's clock decides, read only when it matters
                 now = await self._runner.store.time_ms()
                 if now >= deadline:
-                    await self._runner.append(EventKind.TIMER_FIRED, {**tags, "timed_out": True})
-                    raise EventTimeoutError(name, float(timeout or 0))
+                    fired = await self._runner.append(
+                        EventKind.TIMER_FIRED,
+                        {**tags, "timed_out": True},
+                        settled_by=_EVENT_WAIT_ENDS,
+                    )
+                    return _event_wait_result(fired, name, timeout)
                 wait = min(delay, (deadline - now) / 1000)
             await self._runner.wait_for_news(wait)
             await self._runner.refresh()
@@ -242,11 +264,22 @@ class WorkflowContext:
             await runner.append(EventKind.CHILD_STARTED, {**tags, "child_run_id": child_id})
         record = await runner.drive_child(child_id)
         if record.status == RunStatus.COMPLETED:
-            await runner.append(EventKind.CHILD_COMPLETED, {**tags, "output": record.output})
-            return record.output
-        error = record.error or {"type": "Cancelled", "message": f"child run {record.status}"}
-        await runner.append(EventKind.CHILD_FAILED, {**tags, "error": error})
-        raise ChildRunFailedError(child_id, error)
+            ended = await runner.append(
+                EventKind.CHILD_COMPLETED,
+                {**tags, "output": record.output},
+                settled_by=(EventKind.CHILD_FAILED,),
+            )
+        else:
+            error = record.error or {"type": "Cancelled", "message": f"child run {record.status}"}
+            ended = await runner.append(
+                EventKind.CHILD_FAILED,
+                {**tags, "error": error},
+                settled_by=(EventKind.CHILD_COMPLETED,),
+            )
+        # As recorded: another driver of this run may have recorded the child's end first.
+        if ended.kind == EventKind.CHILD_COMPLETED:
+            return ended.payload.get("output")
+        raise ChildRunFailedError(child_id, ended.payload.get("error"))
 
     async def prune_history(self, options: PruneOptions) -> PruneResult:
         """Delete this run's old finished executions now; recorded, so a replay doesn't redo it.

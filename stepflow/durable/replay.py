@@ -58,19 +58,29 @@ class Replay:
         if self.diverged is not None:
             raise self.diverged
         self.position += 1
-        recorded = self._by_seq.get(self.position, [])
+        recorded = self.check(self.position, command, name)
+        if recorded:
+            self.passed(self.position)
+        return self.position, recorded
+
+    def check(self, seq: int, command: str, name: str) -> dict[EventKind, Event]:
+        """What command ``seq`` recorded, by kind, checked to be ``command`` ``name``.
+
+        Also for a record read while the command ran: another process driving
+        the run recorded it meanwhile.
+        """
+        recorded = self._by_seq.get(seq, [])
         if recorded:
             first = recorded[0].payload
             if first.get("command") != command or first.get("name") != name:
                 self.diverged = NonDeterminismError(
                     self.run_id,
-                    self.position,
+                    seq,
                     expected=f"{first.get('command')} {first.get('name')!r}",
                     actual=f"{command} {name!r}",
                 )
                 raise self.diverged
-            self.passed(self.position)
-        return self.position, {event.kind: event for event in recorded}
+        return {event.kind: event for event in recorded}
 
     def recorded(self, seq: int) -> dict[EventKind, Event]:
         """What command ``seq`` recorded so far, by kind."""

@@ -298,24 +298,32 @@ class DurableRunner:
 
     # -- services for WorkflowContext ---------------------------------------------
 
-    async def append(self, kind: EventKind, payload: dict[str, Any]) -> Event:
-        """Record a command's event (``payload`` holds its ``seq``) after the events read.
+    async def append(
+        self, kind: EventKind, payload: dict[str, Any], *, settled_by: tuple[EventKind, ...] = ()
+    ) -> Event:
+        """Record a command's event (``payload`` holds its tags) after the events read.
 
         Another process may drive the run too (it resumed the run while this
-        one drove it) and record this very event first: the store then
-        refuses the append, as the history holds more than was read, and once
-        the news is read the event recorded there is this one's. So no
-        command is recorded twice, and both drivers go on from the same
-        record (the same timer, the same event taken). News of any other
-        kind (an event raised) is read, and the append made after it.
+        one drove it) and record the command's outcome first: then that
+        record is returned instead, the event of ``kind`` or of a kind in
+        ``settled_by`` (a wait for an event ends received or timed out,
+        whichever was recorded first), so both drivers go on from the same
+        record and no command is recorded twice. The store refuses an append
+        when the history holds events not read yet; they are read, and the
+        append made after them unless they settle the command.
 
         Nothing is appended once the workflow is being stopped: a store call
         need not yield before it writes, so a workflow that caught the
         `RunCancelledError` of a cancel elsewhere would still record its next
         command (a timer, say) in the cancelled run without the checkpoint.
         """
+        seq, command, name = payload["seq"], payload["command"], payload["name"]
         while True:
             await anyio.lowlevel.checkpoint_if_cancelled()
+            recorded = self.replay.check(seq, command, name)
+            settled = next((recorded[k] for k in (kind, *settled_by) if k in recorded), None)
+            if settled is not None:
+                return settled
             read_to = self._read_to
             try:
                 event = await self.store.append_event(
@@ -328,9 +336,6 @@ class DurableRunner:
                 await self.refresh()
                 if self._read_to == read_to:  # nothing new: a conflict of another kind
                     raise
-                recorded = self.replay.recorded(payload["seq"]).get(kind)
-                if recorded is not None:
-                    return recorded
                 continue
             self.note_recorded(event)
             return event

@@ -276,6 +276,7 @@ async def _claim(store: WorkflowStore, call: StepCall, owner: str, lease_ms: int
     whole lease, and a cancel of the run (`RunCancelledError`) as soon.
     """
     pause = _HELD_POLL_START
+    expires_at, lapses_at = -1, 0.0  # the lease seen, and when it lapses by our clock
     while True:
         try:
             return await store.claim_step(
@@ -287,8 +288,10 @@ async def _claim(store: WorkflowStore, call: StepCall, owner: str, lease_ms: int
                 execution_id=call.execution_id,
             )
         except LeaseHeldError as held:
-            lapse = (held.expires_at - await store.time_ms()) / 1000
-            await anyio.sleep(max(min(lapse, pause), 0.01))
+            if held.expires_at != expires_at:  # the store's clock, read once per lease seen
+                expires_at = held.expires_at
+                lapses_at = anyio.current_time() + (expires_at - await store.time_ms()) / 1000
+            await anyio.sleep(max(min(lapses_at - anyio.current_time(), pause), 0.01))
             pause = min(pause * 2, _HELD_POLL_MAX)
 
 
