@@ -1196,6 +1196,24 @@ async def test_append_event_after_the_events_seen_appends_in_turn(store: Workflo
     assert [e.payload for e in await store.read_history("r1")] == [{"by": "a"}, {"by": "b"}]
 
 
+async def test_append_event_after_the_events_seen_is_not_refused_by_raised_events(
+    store: WorkflowStore,
+) -> None:
+    """Events raised from outside settle nothing a writer records: they never refuse it."""
+    await new_run(store)
+    raised = NewEvent(kind=EventKind.EVENT_RAISED, payload={"name": "go", "payload": 1})
+    await store.append_event("r1", raised, execution_id=1)
+    await store.append_event("r1", raised, execution_id=1)
+    mine = await store.append_event("r1", event(), execution_id=1, seen_events=0)
+    assert mine.event_id == 3
+    await store.append_event("r1", raised, execution_id=1)
+    with pytest.raises(ConflictError):  # event 3 is not raised, and it was not seen
+        await store.append_event("r1", event(), execution_id=1, seen_events=2)
+    with pytest.raises(ConflictError):  # more seen than there are: another history
+        await store.append_event("r1", event(), execution_id=1, seen_events=5)
+    assert len(await store.read_history("r1")) == 4
+
+
 @pytest.mark.parametrize("bad", [-1, True, "2", 1.5])
 async def test_append_event_refuses_a_bad_count_of_events_seen(
     store: WorkflowStore, bad: Any

@@ -28,6 +28,7 @@ from stepflow import (
     EventKind,
     EventTimeoutError,
     NewEvent,
+    PruneOptions,
     RunRecord,
     RunStatus,
     StepContext,
@@ -223,17 +224,18 @@ async def test_a_step_held_by_an_owner_that_died_is_claimed_again_at_most_once_a
 
 class OtherDriverFirst(PassThroughStore):
     """Stands for another driver of the run: just before this driver's first append of
-    ``kind`` reaches the store, the other driver's ``event`` is appended."""
+    ``kind`` reaches the store, the other driver's ``events`` are appended."""
 
-    def __init__(self, inner: WorkflowStore, kind: EventKind, event: NewEvent) -> None:
+    def __init__(self, inner: WorkflowStore, kind: EventKind, *events: NewEvent) -> None:
         super().__init__(inner)
         self.kind = kind
-        self.event: NewEvent | None = event
+        self.events = list(events)
 
     async def append_event(self, run_id: str, event: NewEvent, **options: Any) -> Event:
-        if event.kind == self.kind and self.event is not None:
-            first, self.event = self.event, None
-            await self.inner.append_event(run_id, first, execution_id=options["execution_id"])
+        if event.kind == self.kind:
+            theirs, self.events = self.events, []
+            for first in theirs:
+                await self.inner.append_event(run_id, first, execution_id=options["execution_id"])
         appended: Event = await self.inner.append_event(run_id, event, **options)
         return appended
 
@@ -304,3 +306,110 @@ async def test_a_step_another_driver_completed_as_another_step_is_a_divergence(
     assert run.status == RunStatus.FAILED
     assert run.error is not None
     assert run.error["type"] == "NonDeterminismError"
+
+
+SLEEP_TAGS = {"seq": 1, "command": "sleep", "name": "sleep"}
+
+
+async def test_a_timer_another_driver_fired_first_is_taken_with_its_time(
+    store: WorkflowStore, names: Callable[[str], str]
+) -> None:
+    """ctx.now() after the sleep is the recorded firing, as in the other driver and a replay."""
+    fired = NewEvent(kind=EventKind.TIMER_FIRED, payload=SLEEP_TAGS)
+
+    @stepflow.workflow(names("durable"))
+    async def flow(ctx: WorkflowContext, _: Any) -> int:
+        await anyio.sleep(0.05)  # the run started in another millisecond than the timer fires
+        await ctx.sleep(0.01)
+        return ctx.now()
+
+    racing = OtherDriverFirst(store, EventKind.TIMER_FIRED, fired)
+    with anyio.fail_after(LIMIT):
+        run = await Engine(cast(WorkflowStore, racing)).run(flow)
+
+    history = await store.read_history(run.run_id)
+    [recorded] = [e for e in history if e.kind == EventKind.TIMER_FIRED]
+    assert run.output == recorded.timestamp
+
+
+async def test_a_whole_sleep_another_driver_recorded_first_is_not_recorded_again(
+    store: WorkflowStore, names: Callable[[str], str]
+) -> None:
+    """Having taken the other driver's timer, this one finds its firing already read."""
+    created = NewEvent(kind=EventKind.TIMER_CREATED, payload={**SLEEP_TAGS, "seconds": 0.01})
+    fired = NewEvent(kind=EventKind.TIMER_FIRED, payload=SLEEP_TAGS)
+
+    @stepflow.workflow(names("durable"))
+    async def flow(ctx: WorkflowContext, _: Any) -> str:
+        await ctx.sleep(0.01)
+        return "slept"
+
+    racing = OtherDriverFirst(store, EventKind.TIMER_CREATED, created, fired)
+    with anyio.fail_after(LIMIT):
+        run = await Engine(cast(WorkflowStore, racing)).run(flow)
+
+    assert run.output == "slept"
+    kinds = [e.kind for e in await store.read_history(run.run_id)]
+    assert kinds == [
+        EventKind.RUN_STARTED,
+        EventKind.TIMER_CREATED,
+        EventKind.TIMER_FIRED,
+        EventKind.RUN_COMPLETED,
+    ]
+
+
+async def test_a_prune_another_driver_recorded_first_returns_its_result(
+    store: WorkflowStore, names: Callable[[str], str]
+) -> None:
+    theirs = {"instances_processed": 1, "executions_deleted": 7, "events_deleted": 70}
+    pruned = NewEvent(
+        kind=EventKind.HISTORY_PRUNED,
+        payload={"seq": 1, "command": "prune", "name": "prune_history", "result": theirs},
+    )
+
+    @stepflow.workflow(names("durable"))
+    async def flow(ctx: WorkflowContext, _: Any) -> int:
+        result = await ctx.prune_history(PruneOptions(keep_last=1))
+        return result.executions_deleted
+
+    racing = OtherDriverFirst(store, EventKind.HISTORY_PRUNED, pruned)
+    with anyio.fail_after(LIMIT):
+        run = await Engine(cast(WorkflowStore, racing)).run(flow)
+
+    assert run.output == 7
+    kinds = [e.kind for e in await store.read_history(run.run_id)]
+    assert kinds.count(EventKind.HISTORY_PRUNED) == 1
+
+
+async def test_two_drivers_waiting_for_events_take_each_event_once_and_alike(
+    store: WorkflowStore, names: Callable[[str], str]
+) -> None:
+    """Both drivers wait; each raised event ends one wait, the same one in both."""
+    waiting = anyio.Event()
+    seen_by_driver: list[list[str]] = []
+
+    @stepflow.workflow(names("durable"))
+    async def flow(ctx: WorkflowContext, _: Any) -> list[str]:
+        waiting.set()
+        seen = [await ctx.wait_for_event("go"), await ctx.wait_for_event("go")]
+        seen_by_driver.append(seen)
+        return seen
+
+    with anyio.fail_after(LIMIT):
+        async with (
+            Engine(store, lease_ms=LEASE_MS, owner="first") as first,
+            Engine(store, lease_ms=LEASE_MS, owner="second") as second,
+        ):
+            run_id = await first.start(flow)
+            await waiting.wait()
+            await second.resume(run_id)
+            await anyio.sleep(0.3)  # both waiting
+            await first.raise_event(run_id, "go", "one")
+            await anyio.sleep(0.3)
+            await first.raise_event(run_id, "go", "two")
+            by_first, by_second = await first.wait(run_id), await second.wait(run_id)
+
+    assert by_first.output == by_second.output == ["one", "two"]
+    assert seen_by_driver == [["one", "two"], ["one", "two"]]
+    received = [e for e in await store.read_history(run_id) if e.kind == EventKind.EVENT_RECEIVED]
+    assert [e.payload["seq"] for e in received] == [1, 2]

@@ -288,17 +288,16 @@ class WorkflowContext:
         """
         seq, recorded = self._replay.next_command("prune", "prune_history")
         done = recorded.get(EventKind.HISTORY_PRUNED)
-        if done is not None:
-            return PruneResult.model_validate(done.payload.get("result") or {})
-        result = await self._runner.prune(options)
-        payload: dict[str, Any] = {**self._replay.tags(seq, "prune", "prune_history")}
-        if isinstance(result, PruneResult):
-            payload["result"] = result.model_dump()
-        else:
-            payload["error"] = result
-            result = PruneResult()
-        await self._runner.append(EventKind.HISTORY_PRUNED, payload)
-        return result
+        if done is None:
+            result = await self._runner.prune(options)
+            payload: dict[str, Any] = {**self._replay.tags(seq, "prune", "prune_history")}
+            if isinstance(result, PruneResult):
+                payload["result"] = result.model_dump()
+            else:
+                payload["error"] = result
+            # As recorded: another driver of this run may have pruned and recorded first.
+            done = await self._runner.append(EventKind.HISTORY_PRUNED, payload)
+        return PruneResult.model_validate(done.payload.get("result") or {})
 
     def continue_as_new(self, input: Any, *, prune: PruneOptions | None = None) -> NoReturn:
         """End this execution and start the next with ``input`` and a fresh history.

@@ -323,6 +323,7 @@ class DurableRunner:
             recorded = self.replay.check(seq, command, name)
             settled = next((recorded[k] for k in (kind, *settled_by) if k in recorded), None)
             if settled is not None:
+                self.replay.passed(seq)  # ctx.now() as the other driver's and a replay's
                 return settled
             read_to = self._read_to
             try:

@@ -342,10 +342,13 @@ class WorkflowStore(Protocol):
         With ``only_if_current``, `ConflictError` when the run moved on to
         another execution (an event raised during continue-as-new is then sent
         again to the new execution instead of landing in the finished one).
-        With ``seen_events``, `ConflictError` unless the execution holds that
-        many events: a writer appends after what it has read, never beside
-        another writer's event (two drivers of a durable run would otherwise
-        both record its timer).
+        With ``seen_events``, `ConflictError` when an event other than a
+        raised one (`EventKind.EVENT_RAISED`) came after the first
+        ``seen_events``, or there are fewer: a writer appends after what it
+        has read, never beside another writer's event (two drivers of a
+        durable run would otherwise both record its timer). Raised events
+        arrive from outside at any rate and settle nothing a writer records,
+        so they never refuse it.
         `RunCancelledError` when the run is cancelled: a process still driving
         it records nothing more (a resume, to ``running``, reopens it).
         """

@@ -650,7 +650,10 @@ class MemoryStore(MemoryAdmin):
         execution = self._execution(run, execution_id)
         if only_if_current and run.record.current_execution_id != execution_id:
             raise ConflictError(f"run {run_id!r}: execution {execution_id} is no longer current")
-        if seen_events is not None and len(execution.events) != seen_events:
+        if seen_events is not None and (
+            len(execution.events) < seen_events
+            or any(e.kind != EventKind.EVENT_RAISED for e in execution.events[seen_events:])
+        ):
             raise ConflictError(f"run {run_id!r}: events arrived in execution {execution_id}")
         return self._isolate_event(self._append(execution, event.kind, payload, now_ms()))
 

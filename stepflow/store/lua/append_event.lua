@@ -4,10 +4,10 @@
 -- KEYS[4] execs hash  KEYS[5] events list of the execution
 -- ARGV[1] request id  ARGV[2] execution id  ARGV[3] kind  ARGV[4] payload (JSON)
 -- ARGV[5] '1' to append only if that execution is the run's current one
--- ARGV[6] to append only if the execution holds that many events ('' for any)
+-- ARGV[6] to append only if no event but raised ones came after that many ('' for any)
 -- Returns '<event_id>|<timestamp ms>'. Errors: SF_NOTFOUND, SF_DELETING, SF_CANCELLED
 -- (a cancelled run's history takes nothing more until a resume), SF_NOEXEC,
--- SF_CONFLICT (not the current execution, with ARGV[5] = '1'; more events than ARGV[6]).
+-- SF_CONFLICT (not the current execution, with ARGV[5] = '1'; other events after ARGV[6]).
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return done end
 local refused, run = sf_writable(KEYS[1], 'current_execution_id')
@@ -19,8 +19,19 @@ end
 if ARGV[5] == '1' and run[3] ~= ARGV[2] then
   return sf_fail('CONFLICT', 'execution ' .. ARGV[2] .. ' is no longer current')
 end
-if ARGV[6] ~= '' and (redis.call('HGET', KEYS[4], ARGV[2] .. '|events') or '0') ~= ARGV[6] then
-  return sf_fail('CONFLICT', 'events arrived in execution ' .. ARGV[2] .. ' meanwhile')
+if ARGV[6] ~= '' then
+  -- Raised events come from outside at any rate and settle no command: only
+  -- another writer's event refuses (the list's n-th item is event n).
+  local seen = tonumber(ARGV[6])
+  local held = tonumber(redis.call('HGET', KEYS[4], ARGV[2] .. '|events') or '0')
+  local news = {}
+  if held > seen then news = redis.call('LRANGE', KEYS[5], seen, -1) end
+  for _, item in ipairs(news) do
+    if not string.find(item, '^{"event_id":%d+,"kind":"event_raised"') then held = -1 end
+  end
+  if held < seen then
+    return sf_fail('CONFLICT', 'events arrived in execution ' .. ARGV[2] .. ' meanwhile')
+  end
 end
 local now = sf_now_ms()
 local id = sf_append_event(KEYS[5], KEYS[4], ARGV[2], ARGV[3], ARGV[4], now)
