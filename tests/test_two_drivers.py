@@ -13,6 +13,7 @@ a command; a step held by an owner that died).
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, cast
@@ -413,3 +414,34 @@ async def test_two_drivers_waiting_for_events_take_each_event_once_and_alike(
     assert seen_by_driver == [["one", "two"], ["one", "two"]]
     received = [e for e in await store.read_history(run_id) if e.kind == EventKind.EVENT_RECEIVED]
     assert [e.payload["seq"] for e in received] == [1, 2]
+
+
+async def test_two_drivers_of_a_run_that_continues_as_new_both_follow_it(
+    store: WorkflowStore, names: Callable[[str], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """One continues the run; the other, refused, drives on in the new execution."""
+    ran: Counter[int] = Counter()
+    in_flight = anyio.Event()
+
+    async def work(round_: int) -> int:
+        ran[round_] += 1
+        in_flight.set()
+        await anyio.sleep(STEP_SECONDS)
+        return round_
+
+    @stepflow.workflow(names("durable"))
+    async def rounds(ctx: WorkflowContext, round_: int | None) -> int:
+        done = await ctx.step(work, round_ or 0)
+        if done < 1:
+            ctx.continue_as_new(done + 1)
+        return done
+
+    with caplog.at_level(logging.ERROR, logger="stepflow"):
+        run_id, by_first, by_second = await driven_twice(store, rounds, in_flight)
+
+    assert by_first.status == by_second.status == RunStatus.COMPLETED
+    assert by_second.output == 1
+    assert ran == {0: 1, 1: 1}
+    executions = await store.list_executions(run_id)
+    assert [x.status for x in executions] == [RunStatus.CONTINUED_AS_NEW, RunStatus.COMPLETED]
+    assert not caplog.records  # neither driver stopped on an error

@@ -176,6 +176,8 @@ class DurableRunner:
                     await self._continue_as_new(request)
                 except RunCancelledError:  # by another process meanwhile: that stands
                     return await self._stored()
+                if self.record.status.is_terminal:  # another driver continued it, and finished
+                    return self.record
                 continue
             except anyio.get_cancelled_exc_class():
                 with anyio.CancelScope(shield=True):
@@ -263,7 +265,9 @@ class DurableRunner:
         move into the new execution inside the same atomic store call. The
         call names how many events the old execution held when it was read;
         an event raised in between makes the store refuse, and the history is
-        read again.
+        read again. When another process driving the run continued it first,
+        this one follows it into the execution it started (``self.record``
+        becomes the run as stored).
         """
         prune = request.prune or self.definition.auto_prune or self.services.default_prune
         old_id = self.execution_id
@@ -289,7 +293,9 @@ class DurableRunner:
             except ConflictError:
                 record = await self.store.get_run(self.run_id)
                 if record is not None and record.current_execution_id != old_id:
-                    raise  # another driver moved the run on: not ours to continue
+                    # Another process driving the run continued it first: follow it there.
+                    self.record = record
+                    return
         else:
             raise ConflictError(f"run {self.run_id!r}: events kept arriving; continue again")
         record = await self.store.get_run(self.run_id)
