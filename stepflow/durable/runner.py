@@ -315,8 +315,8 @@ class DurableRunner:
         ``settled_by`` (a wait for an event ends received or timed out,
         whichever was recorded first), so both drivers go on from the same
         record and no command is recorded twice. The store refuses an append
-        when the history holds events not read yet; they are read, and the
-        append made after them unless they settle the command.
+        when events other than raised ones came after those read; they are
+        read, and the append made after them unless they settle the command.
 
         Nothing is appended once the workflow is being stopped: a store call
         need not yield before it writes, so a workflow that caught the
