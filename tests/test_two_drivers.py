@@ -385,15 +385,15 @@ async def test_a_prune_another_driver_recorded_first_returns_its_result(
 async def test_two_drivers_waiting_for_events_take_each_event_once_and_alike(
     store: WorkflowStore, names: Callable[[str], str]
 ) -> None:
-    """Both drivers wait; each raised event ends one wait, the same one in both."""
+    """Both drivers wait; each raised event ends one wait, the same one in both, at one time."""
     waiting = anyio.Event()
-    seen_by_driver: list[list[str]] = []
+    seen_by_driver: list[tuple[list[str], int]] = []
 
     @stepflow.workflow(names("durable"))
     async def flow(ctx: WorkflowContext, _: Any) -> list[str]:
         waiting.set()
         seen = [await ctx.wait_for_event("go"), await ctx.wait_for_event("go")]
-        seen_by_driver.append(seen)
+        seen_by_driver.append((seen, ctx.now()))
         return seen
 
     with anyio.fail_after(LIMIT):
@@ -411,9 +411,10 @@ async def test_two_drivers_waiting_for_events_take_each_event_once_and_alike(
             by_first, by_second = await first.wait(run_id), await second.wait(run_id)
 
     assert by_first.output == by_second.output == ["one", "two"]
-    assert seen_by_driver == [["one", "two"], ["one", "two"]]
     received = [e for e in await store.read_history(run_id) if e.kind == EventKind.EVENT_RECEIVED]
     assert [e.payload["seq"] for e in received] == [1, 2]
+    taken_at = received[-1].timestamp  # ctx.now() after the waits, in a replay too
+    assert seen_by_driver == [(["one", "two"], taken_at), (["one", "two"], taken_at)]
 
 
 async def test_two_drivers_of_a_run_that_continues_as_new_both_follow_it(

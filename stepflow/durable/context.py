@@ -214,6 +214,7 @@ class WorkflowContext:
             # Another process driving the run may have recorded this wait's end.
             outcome = _event_wait_outcome(self._replay.check(seq, "event", name))
             if outcome is not None:
+                self._replay.passed(seq)  # ctx.now() as the other driver's and a replay's
                 return _event_wait_result(outcome, name, timeout)
             raised = self._replay.pending_event(name)
             if raised is not None:

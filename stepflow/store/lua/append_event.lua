@@ -27,7 +27,10 @@ if ARGV[6] ~= '' then
   local news = {}
   if held > seen then news = redis.call('LRANGE', KEYS[5], seen, -1) end
   for _, item in ipairs(news) do
-    if not string.find(item, '^{"event_id":%d+,"kind":"event_raised"') then held = -1 end
+    if not string.find(item, '^{"event_id":%d+,"kind":"event_raised"') then
+      held = -1
+      break
+    end
   end
   if held < seen then
     return sf_fail('CONFLICT', 'events arrived in execution ' .. ARGV[2] .. ' meanwhile')
