@@ -33,6 +33,7 @@ from stepflow import (
     RunRecord,
     RunStatus,
     StepContext,
+    StepFailedError,
     Workflow,
     WorkflowContext,
     WorkflowStore,
@@ -446,3 +447,45 @@ async def test_two_drivers_of_a_run_that_continues_as_new_both_follow_it(
     executions = await store.list_executions(run_id)
     assert [x.status for x in executions] == [RunStatus.CONTINUED_AS_NEW, RunStatus.COMPLETED]
     assert not caplog.records  # neither driver stopped on an error
+
+
+async def test_a_durable_step_one_driver_failed_is_failed_in_the_other_too(
+    store: WorkflowStore, names: Callable[[str], str]
+) -> None:
+    """As on replay: the recorded failure stands, the other driver does not run the step again."""
+    calls: Counter[str] = Counter()
+    in_flight = anyio.Event()
+    branches: list[str] = []
+
+    async def charge() -> str:
+        calls["charge"] += 1
+        in_flight.set()
+        await anyio.sleep(STEP_SECONDS)
+        if calls["charge"] == 1:
+            raise RuntimeError("card declined")
+        return "charged"
+
+    async def refund() -> str:
+        calls["refund"] += 1
+        return "refunded"
+
+    @stepflow.workflow(names("durable"))
+    async def order(ctx: WorkflowContext, _: Any) -> str:
+        try:
+            await ctx.step(charge)
+        except StepFailedError:
+            branches.append("failed")
+            return str(await ctx.step(refund))
+        branches.append("charged")
+        return "shipped"
+
+    run_id, by_first, by_second = await driven_twice(store, order, in_flight)
+
+    assert by_first.output == by_second.output == "refunded"
+    assert branches == ["failed", "failed"]
+    assert calls == {"charge": 1, "refund": 1}
+    history = await store.read_history(run_id)
+    assert [(e.kind, e.payload["seq"]) for e in history if e.payload and "seq" in e.payload] == [
+        (EventKind.STEP_FAILED, 1),
+        (EventKind.STEP_COMPLETED, 2),
+    ]

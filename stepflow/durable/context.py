@@ -27,7 +27,7 @@ from stepflow.errors import (
     StepAlreadyCompletedError,
     StepFailedError,
 )
-from stepflow.models import Event, EventKind, PruneOptions, PruneResult, RunStatus
+from stepflow.models import Event, EventKind, Lease, PruneOptions, PruneResult, RunStatus
 from stepflow.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -129,6 +129,22 @@ class WorkflowContext:
         if EventKind.STEP_FAILED in recorded:
             raise StepFailedError(step_name, recorded[EventKind.STEP_FAILED].payload["error"])
         runner = self._runner
+
+        async def take_recorded_failure(lease: Lease) -> None:
+            """Another driver of the run failed this step for good: that stands, as on replay.
+
+            Only a step claimed before can have failed (its first claim has
+            attempt 1); the step's row is left failed, as that driver left it.
+            """
+            if lease.attempt < 2:
+                return
+            await runner.refresh()
+            failed = self._replay.check(seq, "step", step_name).get(EventKind.STEP_FAILED)
+            if failed is not None:
+                error = failed.payload["error"]
+                await runner.store.fail_step(lease, error=error, final=True)
+                raise StepFailedError(step_name, error)
+
         call = StepCall(
             run_id=runner.run_id,
             step_id=f"x{runner.execution_id}-{seq}",
@@ -141,6 +157,7 @@ class WorkflowContext:
             merge_mapping=False,
             history_tags=self._replay.tags(seq, "step", step_name),
             record_output=True,
+            on_claimed=take_recorded_failure,
         )
         while True:
             try:

@@ -97,6 +97,9 @@ class StepCall:
     """Payload of the step's history events; None means ``{"step": name}``."""
     record_output: bool = False
     """Put the output in the completion event too (durable replay reads it from there)."""
+    on_claimed: Callable[[Lease], Awaitable[None]] | None = None
+    """Called with each lease the step is claimed under, before its attempt: a durable
+    step raises there a failure another driver of the run recorded (see `execute_step`)."""
 
     def completed_payload(self, output: Any, attempt: int) -> dict[str, Any]:
         payload = {**self._tags(), "attempt": attempt}
@@ -335,7 +338,10 @@ async def execute_step(
     tries = 0
     while True:
         if hold is None:
-            hold = keeper.hold(await _claim(store, call, owner, keeper.lease_ms))
+            lease = await _claim(store, call, owner, keeper.lease_ms)
+            if call.on_claimed is not None:
+                await call.on_claimed(lease)
+            hold = keeper.hold(lease)
         attempt = hold.lease.attempt
         tries += 1
         try:
