@@ -235,7 +235,7 @@ class WorkflowContext:
                 return _event_wait_result(outcome, name, timeout)
             raised = self._replay.pending_event(name)
             if raised is not None:
-                received = await self._runner.append(
+                received = await self._runner.try_append(
                     EventKind.EVENT_RECEIVED,
                     {
                         **tags,
@@ -244,6 +244,8 @@ class WorkflowContext:
                     },
                     settled_by=_EVENT_WAIT_ENDS,
                 )
+                if received is None:  # news read: another wait may have taken the event
+                    continue
                 return _event_wait_result(received, name, timeout)
             wait = delay
             if deadline is not None:  # the store's clock decides, read only when it matters

@@ -323,29 +323,41 @@ class DurableRunner:
         `RunCancelledError` of a cancel elsewhere would still record its next
         command (a timer, say) in the cancelled run without the checkpoint.
         """
+        while (event := await self.try_append(kind, payload, settled_by=settled_by)) is None:
+            pass
+        return event
+
+    async def try_append(
+        self, kind: EventKind, payload: dict[str, Any], *, settled_by: tuple[EventKind, ...] = ()
+    ) -> Event | None:
+        """One try of `append`: None when the store refused it, the news now read.
+
+        For a caller whose event depends on what it read: a wait for an event
+        chooses the raised event again, as another wait of the workflow may
+        have taken it meanwhile.
+        """
         seq, command, name = payload["seq"], payload["command"], payload["name"]
-        while True:
-            await anyio.lowlevel.checkpoint_if_cancelled()
-            recorded = self.replay.check(seq, command, name)
-            settled = next((recorded[k] for k in (kind, *settled_by) if k in recorded), None)
-            if settled is not None:
-                self.replay.passed(seq)  # ctx.now() as the other driver's and a replay's
-                return settled
-            read_to = self._read_to
-            try:
-                event = await self.store.append_event(
-                    self.run_id,
-                    NewEvent(kind=kind, payload=payload),
-                    execution_id=self.execution_id,
-                    seen_events=read_to,
-                )
-            except ConflictError:
-                await self.refresh()
-                if self._read_to == read_to:  # nothing new: a conflict of another kind
-                    raise
-                continue
-            self.note_recorded(event)
-            return event
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        recorded = self.replay.check(seq, command, name)
+        settled = next((recorded[k] for k in (kind, *settled_by) if k in recorded), None)
+        if settled is not None:
+            self.replay.passed(seq)  # ctx.now() as the other driver's and a replay's
+            return settled
+        read_to = self._read_to
+        try:
+            event = await self.store.append_event(
+                self.run_id,
+                NewEvent(kind=kind, payload=payload),
+                execution_id=self.execution_id,
+                seen_events=read_to,
+            )
+        except ConflictError:
+            await self.refresh()
+            if self._read_to == read_to:  # nothing new: a conflict of another kind
+                raise
+            return None
+        self.note_recorded(event)
+        return event
 
     async def refresh(self) -> None:
         """Take in events written by others (raised events) or by the store (step results).
