@@ -34,6 +34,7 @@ from stepflow import (
     RunStatus,
     StepContext,
     StepFailedError,
+    StepStatus,
     Workflow,
     WorkflowContext,
     WorkflowStore,
@@ -524,3 +525,93 @@ async def test_two_waits_of_one_workflow_for_one_raised_event_take_it_once(
     assert sorted(run.output) == ["once", "timed out"]
     kinds = [e.kind for e in await store.read_history(run_id)]
     assert kinds.count(EventKind.EVENT_RECEIVED) == 1
+
+
+class HeldUpRefresh(PassThroughStore):
+    """Once ``armed``, the next read of news (``read_history(after_event_id=)``) is held up:
+    for ``seconds``, or until the test ends (None)."""
+
+    def __init__(self, inner: WorkflowStore, seconds: float | None) -> None:
+        super().__init__(inner)
+        self.seconds = seconds
+        self.armed = False
+        self.entered = anyio.Event()
+
+    async def read_history(self, run_id: str, *args: Any, **kwargs: Any) -> Any:
+        if self.armed and kwargs.get("after_event_id"):
+            self.armed = False
+            self.entered.set()
+            await (anyio.sleep_forever() if self.seconds is None else anyio.sleep(self.seconds))
+        return await self.inner.read_history(run_id, *args, **kwargs)
+
+
+async def test_a_shutdown_while_a_retry_looks_for_a_recorded_failure_hands_its_lease_back(
+    store: WorkflowStore, names: Callable[[str], str]
+) -> None:
+    """A retry's claim reads the history first; stopped there, the step is not left held."""
+    held_up = HeldUpRefresh(store, seconds=None)
+    calls: Counter[str] = Counter()
+
+    def flaky() -> str:
+        calls["flaky"] += 1
+        if calls["flaky"] == 1:
+            held_up.armed = True  # the retry's look at the history never returns
+            raise RuntimeError("first try fails")
+        return "ok"
+
+    @stepflow.workflow(names("durable"))
+    async def flow(ctx: WorkflowContext, _: Any) -> str:
+        return str(await ctx.step(flaky, retries=1))
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(cast(WorkflowStore, held_up), lease_ms=LEASE_MS) as first:
+            run_id = await first.start(flow)
+            await held_up.entered.wait()
+        [step] = await store.list_steps(run_id)
+        assert step.status == StepStatus.PENDING  # handed back, as an interrupted attempt
+        async with Engine(store, lease_ms=LEASE_MS) as second:
+            await second.resume(run_id)
+            run = await second.wait(run_id)
+
+    assert run.status == RunStatus.COMPLETED
+    assert calls["flaky"] == 2
+
+
+async def test_a_recorded_failure_taken_after_the_lease_lapsed_is_still_a_step_failure(
+    store: WorkflowStore, names: Callable[[str], str]
+) -> None:
+    """The second driver's look at the history outlasts its lease: the failure still stands."""
+    in_flight = anyio.Event()
+    held_up = HeldUpRefresh(store, seconds=0.8)
+    branches: list[str] = []
+
+    async def charge() -> str:
+        in_flight.set()
+        await anyio.sleep(STEP_SECONDS)
+        held_up.armed = True  # the second driver's next look, at its claim, outlasts the lease
+        raise RuntimeError("card declined")
+
+    @stepflow.workflow(names("durable"))
+    async def order(ctx: WorkflowContext, _: Any) -> str:
+        try:
+            await ctx.step(charge)
+        except StepFailedError:
+            branches.append("failed")
+            return "failed"
+        branches.append("charged")
+        return "charged"
+
+    with anyio.fail_after(LIMIT):
+        async with (
+            Engine(store, lease_ms=300, owner="first") as first,
+            Engine(cast(WorkflowStore, held_up), lease_ms=300, owner="second") as second,
+        ):
+            run_id = await first.start(order)
+            await in_flight.wait()
+            await second.resume(run_id)
+            await first.wait(run_id)
+            await second.wait(run_id)
+
+    assert branches == ["failed", "failed"]
+    [step] = await store.list_steps(run_id)
+    assert step.status == StepStatus.FAILED

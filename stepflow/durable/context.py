@@ -14,7 +14,7 @@ import math
 import random
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from stepflow.dag import is_async_callable
 from stepflow.engine.attempts import LeaseLost, StepCall, execute_step
@@ -130,20 +130,17 @@ class WorkflowContext:
             raise StepFailedError(step_name, recorded[EventKind.STEP_FAILED].payload["error"])
         runner = self._runner
 
-        async def take_recorded_failure(lease: Lease) -> None:
-            """Another driver of the run failed this step for good: that stands, as on replay.
+        async def recorded_failure(lease: Lease) -> dict[str, Any] | None:
+            """The error if another driver of the run failed this step for good: that stands.
 
-            Only a step claimed before can have failed (its first claim has
-            attempt 1); the step's row is left failed, as that driver left it.
+            The workflow goes on as a replay would. Only a step claimed
+            before can have failed (its first claim has attempt 1).
             """
             if lease.attempt < 2:
-                return
+                return None
             await runner.refresh()
             failed = self._replay.check(seq, "step", step_name).get(EventKind.STEP_FAILED)
-            if failed is not None:
-                error = failed.payload["error"]
-                await runner.store.fail_step(lease, error=error, final=True)
-                raise StepFailedError(step_name, error)
+            return None if failed is None else cast(dict[str, Any], failed.payload["error"])
 
         call = StepCall(
             run_id=runner.run_id,
@@ -157,7 +154,7 @@ class WorkflowContext:
             merge_mapping=False,
             history_tags=self._replay.tags(seq, "step", step_name),
             record_output=True,
-            on_claimed=take_recorded_failure,
+            on_claimed=recorded_failure,
         )
         while True:
             try:

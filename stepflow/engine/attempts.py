@@ -97,9 +97,10 @@ class StepCall:
     """Payload of the step's history events; None means ``{"step": name}``."""
     record_output: bool = False
     """Put the output in the completion event too (durable replay reads it from there)."""
-    on_claimed: Callable[[Lease], Awaitable[None]] | None = None
-    """Called with each lease the step is claimed under, before its attempt: a durable
-    step raises there a failure another driver of the run recorded (see `execute_step`)."""
+    on_claimed: Callable[[Lease], Awaitable[dict[str, Any] | None]] | None = None
+    """Called with each lease the step is claimed under, before its attempt: the error of
+    a failure another driver of the run recorded, which then stands (durable steps; see
+    `_take_recorded_failure`)."""
 
     def completed_payload(self, output: Any, attempt: int) -> dict[str, Any]:
         payload = {**self._tags(), "attempt": attempt}
@@ -298,6 +299,37 @@ async def _claim(store: WorkflowStore, call: StepCall, owner: str, lease_ms: int
             pause = min(pause * 2, _HELD_POLL_MAX)
 
 
+async def _take_recorded_failure(
+    store: WorkflowStore, call: StepCall, lease: Lease, lease_ms: int
+) -> None:
+    """Ask ``call.on_claimed`` about a fresh lease; raise the failure it finds recorded.
+
+    A failure another driver recorded marks the step failed again under
+    this lease (renewed if it lapsed meanwhile; the row's attempt and times
+    are this claim's) and raises `StepFailedError`. Whatever else the
+    question raises (a cancel, the store) hands the lease back first, as an
+    interrupted attempt does, so no step is left held by nobody.
+    """
+    if call.on_claimed is None:
+        return
+    try:
+        error = await call.on_claimed(lease)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await release(store, lease)
+        raise
+    if error is None:
+        return
+    with anyio.CancelScope(shield=True):
+        try:
+            await store.fail_step(lease, error=error, final=True)
+        except StaleLeaseError:
+            with contextlib.suppress(StepflowError):  # taken over meanwhile: the row is not ours
+                renewed = await store.renew_lease(lease, lease_ms=lease_ms)
+                await store.fail_step(renewed, error=error, final=True)
+    raise StepFailedError(call.name, error)
+
+
 async def execute_step(
     store: WorkflowStore,
     call: StepCall,
@@ -339,8 +371,7 @@ async def execute_step(
     while True:
         if hold is None:
             lease = await _claim(store, call, owner, keeper.lease_ms)
-            if call.on_claimed is not None:
-                await call.on_claimed(lease)
+            await _take_recorded_failure(store, call, lease, keeper.lease_ms)
             hold = keeper.hold(lease)
         attempt = hold.lease.attempt
         tries += 1
