@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import anyio
@@ -49,21 +49,45 @@ DEAD_LEASE_MS = 1_500
 
 
 async def driven_twice(
-    store: WorkflowStore, definition: Any, in_flight: anyio.Event
+    store: WorkflowStore,
+    definition: Any,
+    in_flight: anyio.Event,
+    *,
+    meanwhile: Callable[[Engine, str], Awaitable[None]] | None = None,
+    lease_ms: int = LEASE_MS,
+    second_store: WorkflowStore | None = None,
 ) -> tuple[str, RunRecord, RunRecord]:
     """Start ``definition`` on one engine; once ``in_flight`` is set, resume it on another.
 
-    Returns the run id and the run as each engine's `wait` returned it.
+    ``meanwhile(first, run_id)`` runs once both drive it; the second engine
+    uses ``second_store`` if given. Returns the run id and the run as each
+    engine's `wait` returned it.
     """
     with anyio.fail_after(LIMIT):
         async with (
-            Engine(store, lease_ms=LEASE_MS, owner="first") as first,
-            Engine(store, lease_ms=LEASE_MS, owner="second") as second,
+            Engine(store, lease_ms=lease_ms, owner="first") as first,
+            Engine(second_store or store, lease_ms=lease_ms, owner="second") as second,
         ):
             run_id = await first.start(definition)
             await in_flight.wait()
             await second.resume(run_id)
+            if meanwhile is not None:
+                await meanwhile(first, run_id)
             return run_id, await first.wait(run_id), await second.wait(run_id)
+
+
+def counted_work(
+    ran: Counter[int], in_flight: anyio.Event, *, scale: int = 1
+) -> Callable[[int], Awaitable[int]]:
+    """A durable step ``work(n)``: counted per ``n``, setting ``in_flight``, a while long."""
+
+    async def work(n: int) -> int:
+        ran[n] += 1
+        in_flight.set()
+        await anyio.sleep(STEP_SECONDS)
+        return n * scale
+
+    return work
 
 
 async def history_kinds(store: WorkflowStore, run_id: str) -> Counter[EventKind]:
@@ -104,12 +128,7 @@ async def test_a_durable_run_driven_twice_runs_each_step_once_and_records_each_c
     """Both drivers replay the same record: one timer, one child, one finish."""
     ran: Counter[int] = Counter()
     in_flight = anyio.Event()
-
-    async def work(n: int) -> int:
-        ran[n] += 1
-        in_flight.set()
-        await anyio.sleep(STEP_SECONDS)
-        return n * 10
+    work = counted_work(ran, in_flight, scale=10)
 
     @stepflow.workflow(names("child"))
     async def child(ctx: WorkflowContext, n: int) -> int:
@@ -143,19 +162,8 @@ async def test_a_durable_run_driven_twice_runs_each_step_once_and_records_each_c
 async def test_an_event_raised_just_before_a_command_is_recorded_is_read_and_kept(
     store: WorkflowStore, names: Callable[[str], str]
 ) -> None:
-    """The command's append is refused (the history moved on), made again after the news."""
-
-    class RaiseBeforeTimer(PassThroughStore):
-        """Raises "go" once, just before the workflow's timer reaches the store."""
-
-        raised = False
-
-        async def append_event(self, run_id: str, event: Any, **options: Any) -> Event:
-            if event.kind == EventKind.TIMER_CREATED and not self.raised:
-                self.raised = True
-                await Engine(store).raise_event(run_id, "go", "early")
-            appended: Event = await self.inner.append_event(run_id, event, **options)
-            return appended
+    """The command is recorded after the news, and the event raised is kept for the wait."""
+    raised = NewEvent(kind=EventKind.EVENT_RAISED, payload={"name": "go", "payload": "early"})
 
     @stepflow.workflow(names("durable"))
     async def flow(ctx: WorkflowContext, _: Any) -> Any:
@@ -163,7 +171,8 @@ async def test_an_event_raised_just_before_a_command_is_recorded_is_read_and_kep
         return await ctx.wait_for_event("go")
 
     with anyio.fail_after(LIMIT):
-        run = await Engine(cast(WorkflowStore, RaiseBeforeTimer(store))).run(flow)
+        racing = OtherDriverFirst(store, EventKind.TIMER_CREATED, raised)  # raised just before
+        run = await Engine(cast(WorkflowStore, racing)).run(flow)
 
     assert run.status == RunStatus.COMPLETED
     assert run.output == "early"
@@ -398,19 +407,13 @@ async def test_two_drivers_waiting_for_events_take_each_event_once_and_alike(
         seen_by_driver.append((seen, ctx.now()))
         return seen
 
-    with anyio.fail_after(LIMIT):
-        async with (
-            Engine(store, lease_ms=LEASE_MS, owner="first") as first,
-            Engine(store, lease_ms=LEASE_MS, owner="second") as second,
-        ):
-            run_id = await first.start(flow)
-            await waiting.wait()
-            await second.resume(run_id)
-            await anyio.sleep(0.3)  # both waiting
-            await first.raise_event(run_id, "go", "one")
-            await anyio.sleep(0.3)
-            await first.raise_event(run_id, "go", "two")
-            by_first, by_second = await first.wait(run_id), await second.wait(run_id)
+    async def raise_two(first: Engine, run_id: str) -> None:
+        await anyio.sleep(0.3)  # both waiting
+        await first.raise_event(run_id, "go", "one")
+        await anyio.sleep(0.3)
+        await first.raise_event(run_id, "go", "two")
+
+    run_id, by_first, by_second = await driven_twice(store, flow, waiting, meanwhile=raise_two)
 
     assert by_first.output == by_second.output == ["one", "two"]
     received = [e for e in await store.read_history(run_id) if e.kind == EventKind.EVENT_RECEIVED]
@@ -425,12 +428,7 @@ async def test_two_drivers_of_a_run_that_continues_as_new_both_follow_it(
     """One continues the run; the other, refused, drives on in the new execution."""
     ran: Counter[int] = Counter()
     in_flight = anyio.Event()
-
-    async def work(round_: int) -> int:
-        ran[round_] += 1
-        in_flight.set()
-        await anyio.sleep(STEP_SECONDS)
-        return round_
+    work = counted_work(ran, in_flight)
 
     @stepflow.workflow(names("durable"))
     async def rounds(ctx: WorkflowContext, round_: int | None) -> int:
@@ -601,16 +599,9 @@ async def test_a_recorded_failure_taken_after_the_lease_lapsed_is_still_a_step_f
         branches.append("charged")
         return "charged"
 
-    with anyio.fail_after(LIMIT):
-        async with (
-            Engine(store, lease_ms=300, owner="first") as first,
-            Engine(cast(WorkflowStore, held_up), lease_ms=300, owner="second") as second,
-        ):
-            run_id = await first.start(order)
-            await in_flight.wait()
-            await second.resume(run_id)
-            await first.wait(run_id)
-            await second.wait(run_id)
+    run_id, _, _ = await driven_twice(
+        store, order, in_flight, lease_ms=300, second_store=cast(WorkflowStore, held_up)
+    )
 
     assert branches == ["failed", "failed"]
     [step] = await store.list_steps(run_id)
