@@ -1601,3 +1601,42 @@ async def test_a_bad_argument_to_a_ctx_call_still_fails_the_run(store: WorkflowS
         "InvalidArgumentError",
         "seconds must be >= 0",
     )
+
+
+async def test_continue_as_new_goes_on_under_a_stream_of_raised_events(
+    store: WorkflowStore, define: Define
+) -> None:
+    """Events raised all the while are carried along: none is lost, and none holds it off."""
+
+    @define()
+    async def rounds(ctx: WorkflowContext, n: int | None) -> int:
+        n = n or 0
+        if n < 5:
+            await ctx.sleep(0.01)
+            ctx.continue_as_new(n + 1)
+        return n
+
+    raised = 0
+    async with Engine(store) as engine:
+        run_id = await engine.start(rounds)
+
+        async def noise() -> None:
+            nonlocal raised
+            while True:
+                try:
+                    await engine.raise_event(run_id, "noise", raised)
+                except ConflictError:  # the run finished: it takes no more
+                    return
+                raised += 1
+                await anyio.lowlevel.checkpoint()  # let the others in (memory never waits)
+
+        with anyio.fail_after(LIMIT):
+            async with anyio.create_task_group() as tg:
+                for _ in range(8):
+                    tg.start_soon(noise)
+                run = await engine.wait(run_id)
+
+    assert run.status == RunStatus.COMPLETED
+    assert run.output == 5
+    kept = [e for e in await store.read_history(run_id) if e.kind == EventKind.EVENT_RAISED]
+    assert len(kept) == raised  # every event raised, carried into the last execution

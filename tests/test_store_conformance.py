@@ -1251,6 +1251,32 @@ async def test_continue_as_new_refuses_when_events_arrived_unseen(store: Workflo
     assert len(await store.read_history("r1", 1)) == 1
 
 
+async def test_continue_as_new_carries_the_raised_events_it_was_not_shown(
+    store: WorkflowStore,
+) -> None:
+    """Raised while the caller decided: they go along after its own carry, never lost."""
+    await new_run(store)
+    mine = NewEvent(kind=EventKind.EVENT_RAISED, payload={"name": "go", "payload": "seen"})
+    await store.append_event("r1", mine, execution_id=1)
+    for payload in ({"name": "go", "payload": "late"}, {}):
+        late = NewEvent(kind=EventKind.EVENT_RAISED, payload=payload)
+        await store.append_event("r1", late, execution_id=1)
+    carried = NewEvent(
+        kind=EventKind.EVENT_RAISED,
+        payload={"name": "go", "payload": "seen", "carried_from": [1, 1]},
+    )
+    await store.continue_as_new("r1", "next", execution_id=1, carry=[carried], seen_events=1)
+
+    assert [(e.kind, e.payload) for e in await store.read_history("r1", 2)] == [
+        (EventKind.RUN_STARTED, "next"),
+        (EventKind.EVENT_RAISED, {"name": "go", "payload": "seen", "carried_from": [1, 1]}),
+        (EventKind.EVENT_RAISED, {"name": "go", "payload": "late", "carried_from": [1, 2]}),
+        (EventKind.EVENT_RAISED, {"carried_from": [1, 3]}),
+    ]
+    metrics = await store.get_metrics()
+    assert metrics.total_events == 4 + 4  # execution 1: 3 raised + continued_as_new
+
+
 async def test_append_only_to_the_current_execution(store: WorkflowStore) -> None:
     await new_run(store)
     await store.continue_as_new("r1", None, execution_id=1)

@@ -264,10 +264,10 @@ class DurableRunner:
         Raised events no wait took go to the next wait for their name, so they
         move into the new execution inside the same atomic store call. The
         call names how many events the old execution held when it was read;
-        an event raised in between makes the store refuse, and the history is
-        read again. When another process driving the run continued it first,
-        this one follows it into the execution it started (``self.record``
-        becomes the run as stored).
+        events raised in between the store carries too, and any other event
+        makes it refuse, and the history is read again. When another process
+        driving the run continued it first, this one follows it into the
+        execution it started (``self.record`` becomes the run as stored).
         """
         prune = request.prune or self.definition.auto_prune or self.services.default_prune
         old_id = self.execution_id

@@ -384,9 +384,13 @@ class WorkflowStore(Protocol):
         `prune_executions`) in the same atomic step, and the new execution's
         history starts with a ``history_pruned`` event holding the counts.
         ``carry`` events (raised events no wait consumed) are appended to the
-        new execution in the same step, so a crash cannot lose them; with
-        ``seen_events``, `ConflictError` when the old execution holds another
-        number of events (one arrived after the caller read it: read again).
+        new execution in the same step, so a crash cannot lose them. With
+        ``seen_events``, the events after the first ``seen_events`` (the
+        caller did not read them) go along too when they are all raised
+        events, each after ``carry`` with ``carried_from`` [execution, event
+        id] added to its payload, as the runner carries them: a stream of raised
+        events cannot hold a continue off. Any other event after them, or
+        fewer events, is a `ConflictError` (the caller reads again).
         Returns the new execution id. `ConflictError` when
         ``execution_id`` is not the current execution; `RunCancelledError`
         when the run is cancelled (it does not go on in a new execution).

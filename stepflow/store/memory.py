@@ -707,10 +707,22 @@ class MemoryStore(MemoryAdmin):
                 f"not {execution_id}"
             )
         old = self._execution(run, execution_id)
-        if seen_events is not None and len(old.events) != seen_events:
+        late = old.events[seen_events:] if seen_events is not None else []
+        raised_only = all(
+            e.kind == EventKind.EVENT_RAISED and isinstance(e.payload, dict) for e in late
+        )
+        if seen_events is not None and (len(old.events) < seen_events or not raised_only):
             raise ConflictError(
                 f"run {run_id!r}: events arrived in execution {execution_id} meanwhile"
             )
+        # Raised events the caller did not read go along (see the protocol).
+        carried += [
+            (
+                EventKind.EVENT_RAISED,
+                _json.dumps({**e.payload, "carried_from": [execution_id, e.event_id]}),
+            )
+            for e in late
+        ]
         now = now_ms()
         old.status = RunStatus.CONTINUED_AS_NEW
         old.completed_at = now

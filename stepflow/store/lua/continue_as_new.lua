@@ -10,7 +10,8 @@
 -- ARGV[8] n  ARGV[9 .. 8+n] execution ids
 -- ARGV[9+n] the current execution's event count the caller saw ('' = any)
 -- ARGV[10+n ..] kind / payload (JSON) pairs of events to carry into the next
--- execution (raised events no wait consumed), appended in the same step
+-- execution (raised events no wait consumed), appended in the same step,
+-- followed by the raised events after those the caller saw (see below)
 -- A next execution left from before a create_run that moved the run back
 -- is replaced, history included. With pruning, old executions go in the
 -- same step and the next execution's history records a history_pruned
@@ -18,8 +19,8 @@
 -- Returns {change in the number of stored executions, change of the global
 -- event count}.
 -- Errors: SF_NOTFOUND, SF_DELETING, SF_CANCELLED (a cancelled run does not go on),
--- SF_CONFLICT (not the current execution, or events arrived since the caller read
--- the history: it reads again).
+-- SF_CONFLICT (not the current execution, or events other than raised ones arrived
+-- since the caller read the history: it reads again).
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then
   local dx, de = string.match(done, '^(-?%d+)|(-?%d+)$')
@@ -36,8 +37,27 @@ end
 
 local listed = tonumber(ARGV[8])
 local seen = ARGV[9 + listed]
-if seen ~= '' and redis.call('HGET', KEYS[4], ARGV[2] .. '|events') ~= seen then
-  return sf_fail('CONFLICT', 'events arrived in execution ' .. ARGV[2] .. ' meanwhile')
+-- Raised events after those the caller saw go along, so a stream of them
+-- cannot hold the continue off; any other event there, it reads again.
+local late = {}
+if seen ~= '' then
+  local held = tonumber(redis.call('HGET', KEYS[4], ARGV[2] .. '|events') or '0')
+  local news = {}
+  if held > tonumber(seen) then news = redis.call('LRANGE', KEYS[5], tonumber(seen), -1) end
+  for _, item in ipairs(news) do
+    local id, payload = string.match(item,
+      '^{"event_id":(%d+),"kind":"event_raised","timestamp":%d+,"payload":({.*})}$')
+    if not id then
+      held = -1
+      break
+    end
+    local from = '"carried_from":[' .. ARGV[2] .. ',' .. id .. ']'
+    if payload == '{}' then late[#late + 1] = '{' .. from .. '}'
+    else late[#late + 1] = string.sub(payload, 1, -2) .. ',' .. from .. '}' end
+  end
+  if held < tonumber(seen) then
+    return sf_fail('CONFLICT', 'events arrived in execution ' .. ARGV[2] .. ' meanwhile')
+  end
 end
 
 local now = sf_now_ms()
@@ -76,6 +96,9 @@ if ARGV[5] == '1' then
 end
 for i = 10 + listed, #ARGV, 2 do
   sf_append_event(KEYS[6], KEYS[4], ARGV[3], ARGV[i], ARGV[i + 1], now)
+end
+for _, payload in ipairs(late) do
+  sf_append_event(KEYS[6], KEYS[4], ARGV[3], 'event_raised', payload, now)
 end
 local d_events = sf_settle(KEYS[4])
 redis.call('HSET', KEYS[1], 'current_execution_id', ARGV[3], 'status', '"running"',
