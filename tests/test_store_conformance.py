@@ -1215,15 +1215,17 @@ async def test_append_event_after_the_events_seen_is_not_refused_by_raised_event
 
 
 @pytest.mark.parametrize("bad", [-1, True, "2", 1.5])
-async def test_append_event_refuses_a_bad_count_of_events_seen(
-    store: WorkflowStore, bad: Any
-) -> None:
+async def test_a_bad_count_of_events_seen_is_refused(store: WorkflowStore, bad: Any) -> None:
     await new_run(store)
+    await store.append_event("r1", event(), execution_id=1)
+    before = await snapshot(store)
     with pytest.raises(InvalidArgumentError, match="seen_events"):
         await store.append_event("r1", event(), execution_id=1, seen_events=bad)
+    with pytest.raises(InvalidArgumentError, match="seen_events"):
+        await store.continue_as_new("r1", None, execution_id=1, seen_events=bad)
     with pytest.raises(InvalidRunIdError):  # ids first, as everywhere
         await store.append_event("bad id", event(), execution_id=1, seen_events=bad)
-    assert await store.read_history("r1") == []
+    assert await snapshot(store) == before
 
 
 async def test_continue_as_new_carries_events_in_the_same_step(store: WorkflowStore) -> None:

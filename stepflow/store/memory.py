@@ -697,6 +697,8 @@ class MemoryStore(MemoryAdmin):
         seen_events: int | None = None,
     ) -> int:
         validate_run_id(run_id)
+        if seen_events is not None:
+            check_event_id(seen_events, "seen_events")
         input_json = self._codec.encode(input, "continue-as-new input")
         carried = [(event.kind, self._codec.encode_event(event)) for event in carry]
         run = self._run(run_id)

@@ -839,6 +839,8 @@ class RedisStore(RedisAdmin):
         seen_events: int | None = None,
     ) -> int:
         keys = self.keys.run(run_id)
+        if seen_events is not None:
+            check_event_id(seen_events, "seen_events")
         input_json = self._codec.encode(input, "continue-as-new input")
         carried = [item for event in carry for item in self._event_args(event)]
         new_id = execution_id + 1
