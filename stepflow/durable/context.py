@@ -41,11 +41,6 @@ _EVENT_WAIT_ENDS = (EventKind.EVENT_RECEIVED, EventKind.TIMER_FIRED)
 """How a wait for an event ends: the event taken, or its timeout's timer fired."""
 
 
-def _event_wait_outcome(recorded: dict[EventKind, Event]) -> Event | None:
-    """The recorded end of a wait for an event, if it has one (see `_EVENT_WAIT_ENDS`)."""
-    return next((recorded[kind] for kind in _EVENT_WAIT_ENDS if kind in recorded), None)
-
-
 def _event_wait_result(end: Event, name: str, timeout: float | None) -> Any:
     """The event's payload for a wait that ended ``end``, or `EventTimeoutError`."""
     if end.kind == EventKind.EVENT_RECEIVED:
@@ -212,7 +207,7 @@ class WorkflowContext:
         """
         seq, recorded = self._replay.next_command("event", name)
         tags = self._replay.tags(seq, "event", name)
-        outcome = _event_wait_outcome(recorded)
+        outcome = self._replay.ended(seq, "event", name, _EVENT_WAIT_ENDS)
         if outcome is not None:
             return _event_wait_result(outcome, name, timeout)
         deadline: int | None = None
@@ -226,7 +221,7 @@ class WorkflowContext:
         delay = 0.02
         while True:
             # Another process driving the run may have recorded this wait's end.
-            outcome = _event_wait_outcome(self._replay.check(seq, "event", name))
+            outcome = self._replay.ended(seq, "event", name, _EVENT_WAIT_ENDS)
             if outcome is not None:
                 self._replay.passed(seq)  # ctx.now() as the other driver's and a replay's
                 return _event_wait_result(outcome, name, timeout)

@@ -82,6 +82,11 @@ class Replay:
                 raise self.diverged
         return {event.kind: event for event in recorded}
 
+    def ended(self, seq: int, command: str, name: str, ends: tuple[EventKind, ...]) -> Event | None:
+        """The first of ``ends`` command ``seq`` recorded (checked, see `check`), or None."""
+        recorded = self.check(seq, command, name)
+        return next((recorded[kind] for kind in ends if kind in recorded), None)
+
     def recorded(self, seq: int) -> dict[EventKind, Event]:
         """What command ``seq`` recorded so far, by kind."""
         return {event.kind: event for event in self._by_seq.get(seq, [])}

@@ -338,8 +338,7 @@ class DurableRunner:
         """
         seq, command, name = payload["seq"], payload["command"], payload["name"]
         await anyio.lowlevel.checkpoint_if_cancelled()
-        recorded = self.replay.check(seq, command, name)
-        settled = next((recorded[k] for k in (kind, *settled_by) if k in recorded), None)
+        settled = self.replay.ended(seq, command, name, (kind, *settled_by))
         if settled is not None:
             self.replay.passed(seq)  # ctx.now() as the other driver's and a replay's
             return settled

@@ -320,13 +320,9 @@ async def _take_recorded_failure(
         raise
     if error is None:
         return
-    with anyio.CancelScope(shield=True):
-        try:
-            await store.fail_step(lease, error=error, final=True)
-        except StaleLeaseError:
-            with contextlib.suppress(StepflowError):  # taken over meanwhile: the row is not ours
-                renewed = await store.renew_lease(lease, lease_ms=lease_ms)
-                await store.fail_step(renewed, error=error, final=True)
+    with anyio.CancelScope(shield=True), contextlib.suppress(LeaseLost, RunCancelledError):
+        # (Taken over or cancelled meanwhile: the row is not ours to mark.)
+        await _record_failure(store, call, lease, error, True, lease_ms, recorded=True)
     raise StepFailedError(call.name, error)
 
 
@@ -625,16 +621,21 @@ async def _record_failure(
     error: dict[str, Any],
     final: bool,
     lease_ms: int,
+    *,
+    recorded: bool = False,
 ) -> None:
     """Record the failure under ``lease``, renewed first if it lapsed (see `_renew_lapsed`).
 
     Dropping a failure whose lease lapsed would leave the step held by nobody
-    and its run ``running`` with nothing to drive it.
+    and its run ``running`` with nothing to drive it. A final failure appends
+    its ``step_failed`` event unless it is ``recorded`` in the history already.
     """
-    event = NewEvent(kind=EventKind.STEP_FAILED, payload=call.failed_payload(error))
+    event = None
+    if final and not recorded:
+        event = NewEvent(kind=EventKind.STEP_FAILED, payload=call.failed_payload(error))
     while True:
         try:
-            await store.fail_step(lease, error=error, final=final, event=event if final else None)
+            await store.fail_step(lease, error=error, final=final, event=event)
             return
         except StaleLeaseError as exc:
             lease = await _renew_lapsed(store, lease, lease_ms, exc)

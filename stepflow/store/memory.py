@@ -132,6 +132,27 @@ def _status_refusal(
     return None
 
 
+def _unseen_raised(run_id: str, execution: _Execution, seen_events: int | None) -> list[Event]:
+    """The events after the first ``seen_events``, all raised ones; else `ConflictError`.
+
+    The check of a writer that read that many events (see
+    `WorkflowStore.append_event`): raised events arrive from outside at any
+    rate and settle nothing it records, any other event means it must read
+    again. ``append_event.lua`` and ``continue_as_new.lua`` ask the same
+    through ``sf_unseen_raised``.
+    """
+    if seen_events is None:
+        return []
+    late = execution.events[seen_events:]
+    if len(execution.events) < seen_events or not all(
+        e.kind == EventKind.EVENT_RAISED and isinstance(e.payload, dict) for e in late
+    ):
+        raise ConflictError(
+            f"run {run_id!r}: events arrived in execution {execution.execution_id} meanwhile"
+        )
+    return late
+
+
 class MemoryStore(MemoryAdmin):
     """In-process store: the quick start, the tests, and the definition of correct."""
 
@@ -650,11 +671,7 @@ class MemoryStore(MemoryAdmin):
         execution = self._execution(run, execution_id)
         if only_if_current and run.record.current_execution_id != execution_id:
             raise ConflictError(f"run {run_id!r}: execution {execution_id} is no longer current")
-        if seen_events is not None and (
-            len(execution.events) < seen_events
-            or any(e.kind != EventKind.EVENT_RAISED for e in execution.events[seen_events:])
-        ):
-            raise ConflictError(f"run {run_id!r}: events arrived in execution {execution_id}")
+        _unseen_raised(run_id, execution, seen_events)
         return self._isolate_event(self._append(execution, event.kind, payload, now_ms()))
 
     def _isolate_event(self, event: Event) -> Event:
@@ -709,21 +726,13 @@ class MemoryStore(MemoryAdmin):
                 f"not {execution_id}"
             )
         old = self._execution(run, execution_id)
-        late = old.events[seen_events:] if seen_events is not None else []
-        raised_only = all(
-            e.kind == EventKind.EVENT_RAISED and isinstance(e.payload, dict) for e in late
-        )
-        if seen_events is not None and (len(old.events) < seen_events or not raised_only):
-            raise ConflictError(
-                f"run {run_id!r}: events arrived in execution {execution_id} meanwhile"
-            )
         # Raised events the caller did not read go along (see the protocol).
         carried += [
             (
                 EventKind.EVENT_RAISED,
                 _json.dumps({**e.payload, "carried_from": [execution_id, e.event_id]}),
             )
-            for e in late
+            for e in _unseen_raised(run_id, old, seen_events)
         ]
         now = now_ms()
         old.status = RunStatus.CONTINUED_AS_NEW

@@ -90,6 +90,27 @@ local function sf_append_event(events, execs, xid, kind, payload, now)
   return id
 end
 
+-- The events of execution xid after the first ``seen`` (a count as text, or
+-- '' for no check), when they are all raised events: a list of {id, payload
+-- JSON} (raised events arrive from outside at any rate and settle nothing a
+-- writer records). Nil when another event is there or there are fewer than
+-- ``seen``: the writer must read again. MemoryStore's ``_unseen_raised``.
+local function sf_unseen_raised(execs, events, xid, seen)
+  local late = {}
+  if seen == '' then return late end
+  local from = tonumber(seen)
+  local held = tonumber(redis.call('HGET', execs, xid .. '|events') or '0')
+  if held < from then return nil end
+  if held == from then return late end
+  for _, item in ipairs(redis.call('LRANGE', events, from, -1)) do
+    local id, payload = string.match(item,
+      '^{"event_id":(%d+),"kind":"event_raised","timestamp":%d+,"payload":({.*})}$')
+    if not id then return nil end
+    late[#late + 1] = {id, payload}
+  end
+  return late
+end
+
 -- The global event counter takes a run's events only now and then (a write
 -- in its slot on every step would cost a second script per step): '~counted'
 -- in the execs hash is how many of the run's stored events ('~events') it

@@ -19,22 +19,8 @@ end
 if ARGV[5] == '1' and run[3] ~= ARGV[2] then
   return sf_fail('CONFLICT', 'execution ' .. ARGV[2] .. ' is no longer current')
 end
-if ARGV[6] ~= '' then
-  -- Raised events come from outside at any rate and settle no command: only
-  -- another writer's event refuses (the list's n-th item is event n).
-  local seen = tonumber(ARGV[6])
-  local held = tonumber(redis.call('HGET', KEYS[4], ARGV[2] .. '|events') or '0')
-  local news = {}
-  if held > seen then news = redis.call('LRANGE', KEYS[5], seen, -1) end
-  for _, item in ipairs(news) do
-    if not string.find(item, '^{"event_id":%d+,"kind":"event_raised"') then
-      held = -1
-      break
-    end
-  end
-  if held < seen then
-    return sf_fail('CONFLICT', 'events arrived in execution ' .. ARGV[2] .. ' meanwhile')
-  end
+if not sf_unseen_raised(KEYS[4], KEYS[5], ARGV[2], ARGV[6]) then
+  return sf_fail('CONFLICT', 'events arrived in execution ' .. ARGV[2] .. ' meanwhile')
 end
 local now = sf_now_ms()
 local id = sf_append_event(KEYS[5], KEYS[4], ARGV[2], ARGV[3], ARGV[4], now)

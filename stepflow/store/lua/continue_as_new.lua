@@ -39,25 +39,9 @@ local listed = tonumber(ARGV[8])
 local seen = ARGV[9 + listed]
 -- Raised events after those the caller saw go along, so a stream of them
 -- cannot hold the continue off; any other event there, it reads again.
-local late = {}
-if seen ~= '' then
-  local held = tonumber(redis.call('HGET', KEYS[4], ARGV[2] .. '|events') or '0')
-  local news = {}
-  if held > tonumber(seen) then news = redis.call('LRANGE', KEYS[5], tonumber(seen), -1) end
-  for _, item in ipairs(news) do
-    local id, payload = string.match(item,
-      '^{"event_id":(%d+),"kind":"event_raised","timestamp":%d+,"payload":({.*})}$')
-    if not id then
-      held = -1
-      break
-    end
-    local from = '"carried_from":[' .. ARGV[2] .. ',' .. id .. ']'
-    if payload == '{}' then late[#late + 1] = '{' .. from .. '}'
-    else late[#late + 1] = string.sub(payload, 1, -2) .. ',' .. from .. '}' end
-  end
-  if held < tonumber(seen) then
-    return sf_fail('CONFLICT', 'events arrived in execution ' .. ARGV[2] .. ' meanwhile')
-  end
+local late = sf_unseen_raised(KEYS[4], KEYS[5], ARGV[2], seen)
+if not late then
+  return sf_fail('CONFLICT', 'events arrived in execution ' .. ARGV[2] .. ' meanwhile')
 end
 
 local now = sf_now_ms()
@@ -97,7 +81,10 @@ end
 for i = 10 + listed, #ARGV, 2 do
   sf_append_event(KEYS[6], KEYS[4], ARGV[3], ARGV[i], ARGV[i + 1], now)
 end
-for _, payload in ipairs(late) do
+for _, raised in ipairs(late) do
+  local from = '"carried_from":[' .. ARGV[2] .. ',' .. raised[1] .. ']'
+  local payload = string.sub(raised[2], 1, -2) .. ',' .. from .. '}'
+  if raised[2] == '{}' then payload = '{' .. from .. '}' end
   sf_append_event(KEYS[6], KEYS[4], ARGV[3], 'event_raised', payload, now)
 end
 local d_events = sf_settle(KEYS[4])
