@@ -32,6 +32,7 @@ from stepflow.errors import (
     ConflictError,
     DeleteRefusedError,
     ExecutionNotFoundError,
+    InvalidArgumentError,
     NotFoundError,
     OrphanRunError,
     RunNotFoundError,
@@ -50,6 +51,7 @@ from stepflow.models import (
     RunStatus,
     StepState,
     SystemMetrics,
+    optional_record,
     parse_run_status,
 )
 from stepflow.store.base import AdminStore
@@ -67,7 +69,7 @@ class Admin:
 
     def __init__(self, store: AdminStore) -> None:
         if not isinstance(store, AdminStore):
-            raise TypeError(
+            raise InvalidArgumentError(
                 f"{type(store).__name__} has no admin operations: use a MemoryStore or RedisStore"
             )
         self.store = store
@@ -192,7 +194,18 @@ class Admin:
         unfinished without ``force``; the checks hold at the moment of the
         delete, not only when the ids were gathered.
         """
-        return await self.store.delete_runs(list(instance_ids), force=force)
+        if isinstance(instance_ids, (str, bytes)):  # would be taken character by character
+            raise InvalidArgumentError(
+                f"instance_ids must be a list of run ids, got the one id {instance_ids!r}: "
+                "pass [id], or use delete_instance"
+            )
+        try:
+            ids = list(instance_ids)
+        except TypeError:
+            raise InvalidArgumentError(
+                f"instance_ids must be a list of run ids, got {instance_ids!r}"
+            ) from None
+        return await self.store.delete_runs(ids, force=force)
 
     async def delete_instance_bulk(self, filter: InstanceFilter | None = None) -> DeleteResult:
         """Delete finished root runs matching ``filter``, each with its whole tree.
@@ -205,8 +218,9 @@ class Admin:
         all or nothing; a tree that changed meanwhile (a run restarted) is
         skipped. Returns the summed counts.
         """
+        filter = optional_record(filter, InstanceFilter, "filter") or InstanceFilter()
         # Select first, then delete: deleting while paging would shift the pages.
-        trees = [tree async for tree in self._deletable_roots(filter or InstanceFilter())]
+        trees = [tree async for tree in self._deletable_roots(filter)]
         total = DeleteResult()
         for tree in trees:
             try:
@@ -249,7 +263,8 @@ class Admin:
         ``completed_before`` limits it to executions that ended earlier.
         ``instances_processed`` is 1 even when nothing was deleted.
         """
-        return await self.store.prune_executions(instance_id, options or PruneOptions())
+        options = optional_record(options, PruneOptions, "options") or PruneOptions()
+        return await self.store.prune_executions(instance_id, options)
 
     async def prune_executions_bulk(
         self, filter: InstanceFilter | None = None, options: PruneOptions | None = None
@@ -262,8 +277,8 @@ class Admin:
         unfinished ones). Unknown ids are skipped. ``instances_processed``
         counts the runs pruned, including those where nothing was deleted.
         """
-        filter = filter or InstanceFilter()
-        options = options or PruneOptions()
+        filter = optional_record(filter, InstanceFilter, "filter") or InstanceFilter()
+        options = optional_record(options, PruneOptions, "options") or PruneOptions()
         total = PruneResult()
         found = 0
         async for record in self._candidates(filter):

@@ -47,8 +47,9 @@ from stepflow.errors import (
     UnknownDependencyError,
 )
 from stepflow.retry import RetryPolicy
+from stepflow.store.base import id_problem
 
-__all__ = ["STEP_ATTR", "StepSpec", "Workflow", "get_step_spec"]
+__all__ = ["STEP_ATTR", "StepSpec", "Workflow", "check_name", "get_step_spec", "step_options"]
 
 STEP_ATTR = "__stepflow_step__"
 """Attribute under which a decorated step function carries its ``StepSpec``."""
@@ -87,10 +88,62 @@ def _describe(obj: object) -> str:
     return str(getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or repr(obj))
 
 
-def _check_name(what: str, name: object) -> str:
+def check_name(what: str, name: object) -> str:
+    """A workflow's or step's name or version: a str with more than whitespace."""
     if not isinstance(name, str) or not name.strip():
         raise DefinitionError(f"{what} must be a non-empty string, got {name!r}")
     return name
+
+
+def _check_step_name(what: str, name: object) -> str:
+    """A step name, which is also the step's id in the store: the store's id rule holds.
+
+    Checked at definition, so a name the store would refuse (a space, ``|``,
+    a lambda's ``<lambda>``) fails here, not part-way through a run.
+    """
+    problem = id_problem(check_name(what, name))
+    if problem is not None:
+        raise DefinitionError(f"{what} {name!r} {problem}; {_ID_RULE}")
+    return name  # type: ignore[return-value]  # _check_name checked it is a str
+
+
+_ID_RULE = "a step name is its id in the store: 1-200 letters, digits and - _ . : @ / + ="
+
+
+def step_options(
+    retries: int, retry: RetryPolicy | None, timeout: float | None
+) -> tuple[RetryPolicy, float | None]:
+    """A step's retry policy and per-attempt timeout from its options, or `DefinitionError`.
+
+    The same rules for a DAG step (`Workflow.step`) and a durable one
+    (``ctx.step``). ``retries=n`` is shorthand for
+    ``retry=RetryPolicy(retries=n)``; giving both is refused rather than
+    one silently winning.
+    """
+    if retry is not None:
+        if not isinstance(retry, RetryPolicy):
+            raise DefinitionError(f"retry must be a RetryPolicy, got {retry!r}")
+        if retries != 0:
+            raise DefinitionError(
+                "give either retries= or retry=, not both (set retries on the RetryPolicy)"
+            )
+        policy = retry
+    elif isinstance(retries, bool) or not isinstance(retries, int):
+        raise DefinitionError(f"retries must be an int, got {retries!r}")
+    elif retries < 0:
+        raise DefinitionError(f"retries must be >= 0, got {retries}")
+    else:
+        policy = RetryPolicy(retries=retries)
+    if timeout is None:
+        return policy, None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise DefinitionError(f"timeout must be a number of seconds, got {timeout!r}")
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise DefinitionError(
+            f"timeout must be a positive, finite number of seconds (or None for no "
+            f"limit), got {timeout!r}"
+        )
+    return policy, float(timeout)
 
 
 def is_async_callable(fn: Callable[..., Any]) -> bool:
@@ -155,8 +208,8 @@ class Workflow:
         version: str = "1",
         input_model: type[pydantic.BaseModel] | None = None,
     ) -> None:
-        self._name = _check_name("workflow name", name)
-        self._version = _check_name(f"version of workflow {name!r}", version)
+        self._name = check_name("workflow name", name)
+        self._version = check_name(f"version of workflow {name!r}", version)
         if input_model is not None and not (
             isinstance(input_model, type) and issubclass(input_model, pydantic.BaseModel)
         ):
@@ -212,17 +265,8 @@ class Workflow:
                 f"use @{self._name}.step() with parentheses, or pass the step name as a string"
             )
         if name is not None:
-            _check_name("step name", name)
-        policy = self._retry_policy(retries, retry)
-        if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-                raise DefinitionError(f"timeout must be a number of seconds, got {timeout!r}")
-            if not (math.isfinite(timeout) and timeout > 0):
-                raise DefinitionError(
-                    f"timeout must be a positive, finite number of seconds (or None for no "
-                    f"limit), got {timeout!r}"
-                )
-            timeout = float(timeout)
+            _check_step_name("step name", name)
+        policy, timeout = step_options(retries, retry, timeout)
         if when is not None and not callable(when):
             raise DefinitionError(f"when must be callable, got {when!r}")
         # A lone name or function is an easy slip; a str would otherwise iterate by character.
@@ -234,7 +278,7 @@ class Workflow:
             step_name = name if name is not None else getattr(fn, "__name__", None)
             if step_name is None:
                 raise DefinitionError(f"{fn!r} has no __name__; pass the step name explicitly")
-            step_name = _check_name("step name", step_name)
+            step_name = _check_step_name("step name", step_name)
             if step_name in self._steps:
                 raise DuplicateStepError(self._name, step_name)
             deps = tuple(dict.fromkeys(self._resolve(step_name, ref) for ref in refs))
@@ -264,26 +308,10 @@ class Workflow:
 
         return decorate
 
-    @staticmethod
-    def _retry_policy(retries: int, retry: RetryPolicy | None) -> RetryPolicy:
-        if retry is not None:
-            if not isinstance(retry, RetryPolicy):
-                raise DefinitionError(f"retry must be a RetryPolicy, got {retry!r}")
-            if retries != 0:
-                raise DefinitionError(
-                    "give either retries= or retry=, not both (set retries on the RetryPolicy)"
-                )
-            return retry
-        if isinstance(retries, bool) or not isinstance(retries, int):
-            raise DefinitionError(f"retries must be an int, got {retries!r}")
-        if retries < 0:
-            raise DefinitionError(f"retries must be >= 0, got {retries}")
-        return RetryPolicy(retries=retries)
-
     def _resolve(self, step_name: str, ref: object) -> str:
         """Turn one ``after`` entry into a step name."""
         if isinstance(ref, str):
-            return _check_name(f"dependency of step {step_name!r}", ref)
+            return _check_step_name(f"dependency of step {step_name!r}", ref)
         if not callable(ref):
             raise DefinitionError(
                 f"after= of step {step_name!r} takes step functions or names, got {ref!r}"

@@ -7,6 +7,7 @@ missing run keeps working::
 
     StepflowError
     ├── InvalidRunIdError(ValueError)          a run id unfit for a key name
+    ├── InvalidStepIdError(ValueError)         a step id (a step's name) the store refuses
     ├── InvalidPayloadError(ValueError)        a value that is not JSON
     │   └── PayloadTooLargeError               over the store's size limit
     ├── InputValidationError(ValueError)       run input rejected by input_model
@@ -49,6 +50,9 @@ from __future__ import annotations
 
 from typing import Any
 
+_ID_ALPHABET = "Use 1-200 characters from letters, digits and - _ . : @ / + ="
+"""The run and step id rule (`stepflow.store.base.id_problem`), for error messages."""
+
 
 class StepflowError(Exception):
     """Root of every error stepflow raises on purpose."""
@@ -60,10 +64,21 @@ class InvalidRunIdError(StepflowError, ValueError):
     def __init__(self, run_id: object, reason: str) -> None:
         self.run_id = run_id
         self.reason = reason
-        super().__init__(
-            f"invalid run id {run_id!r}: {reason}. Use 1-200 characters from "
-            "letters, digits and - _ . : @ / + ="
-        )
+        super().__init__(f"invalid run id {run_id!r}: {reason}. {_ID_ALPHABET}")
+
+
+class InvalidStepIdError(StepflowError, ValueError):
+    """A step id the store refuses: empty, too long or with forbidden characters.
+
+    A DAG step's id is its name, so `Workflow.step` refuses such a name at
+    definition (as a `DefinitionError`); this is what a store or ``ctx.step``
+    raises for one that reaches them.
+    """
+
+    def __init__(self, step_id: object, reason: str) -> None:
+        self.step_id = step_id
+        self.reason = reason
+        super().__init__(f"invalid step id {step_id!r}: {reason}. {_ID_ALPHABET}")
 
 
 class InvalidPayloadError(StepflowError, ValueError):

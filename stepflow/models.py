@@ -12,11 +12,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from stepflow.errors import InvalidStatusError
+from stepflow.errors import InvalidArgumentError, InvalidStatusError
 
 
 def now_ms() -> int:
@@ -99,13 +99,50 @@ class EventKind(_CaseInsensitiveEnum):
     RUN_CANCELLED = "run_cancelled"
 
 
+_R = TypeVar("_R", bound="BaseModel")
+
+
+def optional_record(value: object, kind: type[_R], what: str) -> _R | None:
+    """``value`` when it is a ``kind`` record or None, else `InvalidArgumentError`.
+
+    For options taken as records (``PruneOptions``, ``InstanceFilter``): a
+    plain dict in their place would otherwise fail later, deep inside, with
+    an ``AttributeError``, or after part of the work was done.
+    """
+    if value is None or isinstance(value, kind):
+        return value
+    raise InvalidArgumentError(
+        f"{what} must be a stepflow.{kind.__name__} or None, got {type(value).__name__} "
+        f"(build one: stepflow.{kind.__name__}(...))"
+    )
+
+
 _FROZEN = ConfigDict(frozen=True, use_attribute_docstrings=True, extra="forbid")
 
 
-class RunRecord(BaseModel):
-    """One run (an "instance") of a workflow, with its context bag."""
+class _Record(BaseModel):
+    """A frozen record whose construction from bad values raises `InvalidArgumentError`.
+
+    pydantic's own `ValidationError` would reach a user who builds, say,
+    ``PruneOptions(keep_last=-1)``, outside the `StepflowError` hierarchy.
+    Both are `ValueError`s, so ``except ValueError`` still catches it.
+    """
 
     model_config = _FROZEN
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, error['loc'])) or 'value'}: {error['msg']}"
+                for error in exc.errors(include_url=False)
+            )
+            raise InvalidArgumentError(f"{type(self).__name__}: {problems}") from exc
+
+
+class RunRecord(_Record):
+    """One run (an "instance") of a workflow, with its context bag."""
 
     run_id: str
     """Unique id; every key of the run is built from it."""
@@ -131,10 +168,8 @@ class RunRecord(BaseModel):
     """Executions count up from 1; continue-as-new starts the next."""
 
 
-class StepState(BaseModel):
+class StepState(_Record):
     """The stored state of one step of a run."""
-
-    model_config = _FROZEN
 
     step_id: str
     """Unique within the run; the DAG engine uses the step name."""
@@ -152,10 +187,8 @@ class StepState(BaseModel):
     execution_id: int = 1
 
 
-class Lease(BaseModel):
+class Lease(_Record):
     """A claim on one step: only the holder of the newest lease may record its result."""
-
-    model_config = _FROZEN
 
     run_id: str
     step_id: str
@@ -187,10 +220,8 @@ class StepClaim:
     lease_ms: int
 
 
-class Event(BaseModel):
+class Event(_Record):
     """One entry of an execution's history."""
-
-    model_config = _FROZEN
 
     event_id: int
     """1..N within its execution, in order of appending."""
@@ -199,19 +230,15 @@ class Event(BaseModel):
     payload: Any = None
 
 
-class NewEvent(BaseModel):
+class NewEvent(_Record):
     """An event to append; the store assigns its id and timestamp."""
-
-    model_config = _FROZEN
 
     kind: EventKind
     payload: Any = None
 
 
-class ExecutionInfo(BaseModel):
+class ExecutionInfo(_Record):
     """One execution of a run (continue-as-new starts the next)."""
-
-    model_config = _FROZEN
 
     execution_id: int
     status: RunStatus
@@ -223,10 +250,8 @@ class ExecutionInfo(BaseModel):
     event_count: int = 0
 
 
-class InstanceInfo(BaseModel):
+class InstanceInfo(_Record):
     """What an operator sees of one run."""
-
-    model_config = _FROZEN
 
     instance_id: str
     workflow: str
@@ -241,7 +266,7 @@ class InstanceInfo(BaseModel):
     parent_id: str | None = None
 
 
-class SystemMetrics(BaseModel):
+class SystemMetrics(_Record):
     """Counters kept with the transitions (never computed by a scan).
 
     Runs and executions count as they are created and removed; a run's
@@ -251,8 +276,6 @@ class SystemMetrics(BaseModel):
     idempotently, so it is exact unless a process dies between the two
     writes (see the README's "Admin" section).
     """
-
-    model_config = _FROZEN
 
     total_instances: int = 0
     """Runs stored, child runs included."""
@@ -267,10 +290,8 @@ class SystemMetrics(BaseModel):
     """History events stored, over all executions of all runs, as of each run's last settle."""
 
 
-class QueueDepths(BaseModel):
+class QueueDepths(_Record):
     """Ready work per queue; zero where a queue does not exist yet."""
-
-    model_config = _FROZEN
 
     orchestrator: int = 0
     """Runs waiting for a process to drive them."""
@@ -280,14 +301,12 @@ class QueueDepths(BaseModel):
     """Timers that are due."""
 
 
-class PruneOptions(BaseModel):
+class PruneOptions(_Record):
     """Which finished executions of a run to delete.
 
     The current execution and running executions are never pruned;
     ``keep_last`` of None, 0 and 1 all mean "keep only the current".
     """
-
-    model_config = _FROZEN
 
     keep_last: int | None = None
     """Keep this many newest executions (the current one counts)."""
@@ -302,10 +321,8 @@ class PruneOptions(BaseModel):
         return value
 
 
-class InstanceFilter(BaseModel):
+class InstanceFilter(_Record):
     """Selects runs for bulk deletes and prunes; the criteria given are ANDed."""
-
-    model_config = _FROZEN
 
     instance_ids: list[str] | None = None
     """Only these runs (ids that do not exist are skipped); None = every run."""
@@ -322,10 +339,8 @@ class InstanceFilter(BaseModel):
         return value
 
 
-class PruneResult(BaseModel):
+class PruneResult(_Record):
     """What a prune removed."""
-
-    model_config = _FROZEN
 
     instances_processed: int = 0
     executions_deleted: int = 0
@@ -339,10 +354,8 @@ class PruneResult(BaseModel):
         )
 
 
-class DeleteResult(BaseModel):
+class DeleteResult(_Record):
     """What a delete removed."""
-
-    model_config = _FROZEN
 
     instances_deleted: int = 0
     executions_deleted: int = 0
@@ -359,10 +372,8 @@ class DeleteResult(BaseModel):
         )
 
 
-class InstanceTree(BaseModel):
+class InstanceTree(_Record):
     """A run and all its descendants (child runs, their children...)."""
-
-    model_config = _FROZEN
 
     instance_id: str
     children: list[InstanceTree] = Field(default_factory=list)

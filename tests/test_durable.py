@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, cast
 
 import anyio
@@ -1586,21 +1587,71 @@ async def test_a_failed_lease_renewal_does_not_stop_a_durable_run(store: Workflo
     assert runs == ["slow"]  # the blip did not end the attempt: the step ran once
 
 
-async def test_a_bad_argument_to_a_ctx_call_still_fails_the_run(store: WorkflowStore) -> None:
-    """Raised before any store call: the workflow's own failure, recorded as such."""
+async def _noop() -> int:
+    return 1
 
-    @stepflow.workflow(name=f"bad-sleep-{uuid.uuid4().hex[:8]}")
+
+BAD_CTX_CALLS: dict[str, tuple[Callable[[WorkflowContext], Awaitable[Any]], str, str]] = {
+    "sleep -1": (lambda ctx: ctx.sleep(-1), "InvalidArgumentError", "ctx.sleep seconds"),
+    "sleep nan": (lambda ctx: ctx.sleep(math.nan), "InvalidArgumentError", "finite"),
+    "sleep text": (lambda ctx: ctx.sleep("5"), "InvalidArgumentError", "number of seconds"),
+    "step timeout": (lambda ctx: ctx.step(_noop, timeout=-1), "DefinitionError", "timeout"),
+    "step retries and retry": (
+        lambda ctx: ctx.step(_noop, retries=3, retry=RetryPolicy(retries=1)),
+        "DefinitionError",
+        "not both",
+    ),
+    "step name": (lambda ctx: ctx.step(_noop, name=5), "InvalidArgumentError", "name"),
+    "step not callable": (lambda ctx: ctx.step("fn"), "InvalidArgumentError", "function"),
+    "wait timeout": (
+        lambda ctx: ctx.wait_for_event("go", timeout=-1),
+        "InvalidArgumentError",
+        "timeout",
+    ),
+    "wait name": (lambda ctx: ctx.wait_for_event(""), "InvalidArgumentError", "event name"),
+    "prune dict": (
+        lambda ctx: ctx.prune_history({"keep_last": 1}),
+        "InvalidArgumentError",
+        "PruneOptions",
+    ),
+}
+
+
+@pytest.mark.parametrize("call", list(BAD_CTX_CALLS))
+async def test_a_bad_argument_to_a_ctx_call_fails_the_run_and_records_nothing(
+    store: WorkflowStore, call: str
+) -> None:
+    """Raised before any store call: the workflow's own failure, recorded as such,
+    with nothing of the call in the history (a resume would fail the same way)."""
+    make_call, error_type, mentions = BAD_CTX_CALLS[call]
+
+    @stepflow.workflow(name=f"bad-call-{uuid.uuid4().hex[:8]}")
     async def flow(ctx: WorkflowContext, _: None) -> None:
-        await ctx.sleep(-1)
+        await make_call(ctx)
 
     with anyio.fail_after(LIMIT):
         record = await Engine(store).run(flow)
     assert record.status == RunStatus.FAILED
     assert record.error is not None
-    assert (record.error["type"], record.error["message"]) == (
-        "InvalidArgumentError",
-        "seconds must be >= 0",
-    )
+    assert record.error["type"] == error_type
+    assert mentions in record.error["message"]
+    kinds = [event.kind for event in await store.read_history(record.run_id)]
+    assert kinds == [EventKind.RUN_STARTED, EventKind.RUN_FAILED]
+
+
+async def test_continue_as_new_with_prune_options_that_are_not_a_record_fails_the_run(
+    store: WorkflowStore,
+) -> None:
+    @stepflow.workflow(name=f"bad-continue-{uuid.uuid4().hex[:8]}")
+    async def flow(ctx: WorkflowContext, n: int | None) -> None:
+        ctx.continue_as_new(1, prune={"keep_last": 1})  # type: ignore[arg-type]
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow)
+    assert record.status == RunStatus.FAILED
+    assert record.error is not None
+    assert "PruneOptions" in record.error["message"]
+    assert [info.execution_id for info in await store.list_executions(record.run_id)] == [1]
 
 
 async def test_continue_as_new_goes_on_under_a_stream_of_raised_events(

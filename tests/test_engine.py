@@ -30,6 +30,7 @@ import stepflow
 from stepflow import (
     ConflictError,
     CycleError,
+    DefinitionError,
     DuplicateStepError,
     Engine,
     EventKind,
@@ -1101,28 +1102,35 @@ async def test_a_run_cancelled_during_set_up_leaves_its_first_step_free(
                     assert (record.status, record.output) == (RunStatus.COMPLETED, {"first": "ran"})
 
 
-async def test_the_step_claimed_with_the_create_is_one_of_the_definition_the_engine_runs(
+async def test_a_definition_the_engine_would_not_run_is_refused_before_anything_is_stored(
     store: WorkflowStore, new_flow: NewFlow
 ) -> None:
-    """A definition handed to ``run`` may not be the one the engine runs under that
-    name (``workflows=``, or a later definition of the same name): the step claimed
-    with the create must be the opening step of the one that runs."""
+    """``run(flow)`` runs that very definition. Where the engine runs another under
+    its name (``workflows=``, or a later definition of the same name replaced it in
+    the registry), the run is refused: running the other one would store this
+    one's version beside that one's steps."""
     given = new_flow()
-    driven = Workflow(given.name)
 
     @given.step()
     async def a(ctx: StepContext) -> int:
         return 1
+
+    driven = Workflow(given.name)  # replaces ``given`` in the registry
 
     @driven.step()
     async def x(ctx: StepContext) -> int:
         return 2
 
     with anyio.fail_after(LIMIT):
-        record = await Engine(store, workflows=[driven]).run(given)
+        for engine in (Engine(store, workflows=[driven]), Engine(store)):
+            with pytest.raises(DefinitionError, match="replaced this one"):
+                await engine.run(given)
+            async with engine:
+                with pytest.raises(DefinitionError, match="replaced this one"):
+                    await engine.start(given)
+        assert await store.list_runs() == []
+        record = await Engine(store).run(driven)
     assert (record.status, record.output) == (RunStatus.COMPLETED, {"x": 2})
-    steps = await steps_by_name(store, record.run_id)
-    assert {name: step.status for name, step in steps.items()} == {"x": StepStatus.COMPLETED}
 
 
 class CountingStore(stepflow.MemoryStore):

@@ -22,6 +22,7 @@ from stepflow import (
     InvalidArgumentError,
     InvalidPayloadError,
     InvalidRunIdError,
+    InvalidStepIdError,
     Lease,
     LeaseHeldError,
     NewEvent,
@@ -748,7 +749,7 @@ async def test_create_and_claim_of_a_run_created_cancelled_claims_nothing(
 
 
 async def test_create_and_claim_with_a_bad_step_id_stores_nothing(store: WorkflowStore) -> None:
-    with pytest.raises(InvalidRunIdError):
+    with pytest.raises(InvalidStepIdError):
         await store.create_and_claim(record(), next_claim("bad|id"), owner="worker-a")
     assert await store.get_run("r1") is None
     assert await store.list_runs() == []
@@ -828,7 +829,7 @@ async def test_complete_and_claim_with_a_stale_lease_changes_nothing(store: Work
     before = await snapshot(store)
     with pytest.raises(StaleLeaseError):
         await store.complete_and_claim(old, next_claim(), output="late", context_patch={"a": 1})
-    with pytest.raises(InvalidRunIdError):
+    with pytest.raises(InvalidStepIdError):
         await store.complete_and_claim(old, next_claim("bad id"), output="late")
     assert await snapshot(store) == before
 
@@ -1510,10 +1511,14 @@ async def test_run_ids_use_the_whole_allowed_alphabet(store: WorkflowStore) -> N
 @pytest.mark.parametrize("step_id", ["", "a|b", "a b", "{s}", "x" * 201])
 async def test_invalid_step_ids_are_refused(store: WorkflowStore, step_id: str) -> None:
     await new_run(store)
-    with pytest.raises(InvalidRunIdError):
+    before = await snapshot(store)
+    with pytest.raises(InvalidStepIdError) as caught:
         await store.upsert_step("r1", StepState(step_id=step_id, name="s"))
-    with pytest.raises(InvalidRunIdError):
+    assert caught.value.step_id == step_id
+    assert "invalid step id" in str(caught.value)
+    with pytest.raises(InvalidStepIdError):
         await claim(store, step_id)
+    assert await snapshot(store) == before
     assert await store.list_steps("r1") == []
 
 

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
-from stepflow.dag import is_async_callable
+from stepflow.dag import is_async_callable, step_options
 from stepflow.engine.attempts import LeaseLost, StepCall, execute_step
 from stepflow.engine.slots import Slot
 from stepflow.errors import (
@@ -27,7 +27,15 @@ from stepflow.errors import (
     StepAlreadyCompletedError,
     StepFailedError,
 )
-from stepflow.models import Event, EventKind, Lease, PruneOptions, PruneResult, RunStatus
+from stepflow.models import (
+    Event,
+    EventKind,
+    Lease,
+    PruneOptions,
+    PruneResult,
+    RunStatus,
+    optional_record,
+)
 from stepflow.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -39,6 +47,15 @@ logger = logging.getLogger("stepflow.durable")
 _EVENT_POLL_MAX = 1.0
 _EVENT_WAIT_ENDS = (EventKind.EVENT_RECEIVED, EventKind.TIMER_FIRED)
 """How a wait for an event ends: the event taken, or its timeout's timer fired."""
+
+
+def _seconds(what: str, value: object) -> float:
+    """A duration in seconds: a finite number from 0, or `InvalidArgumentError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgumentError(f"{what} must be a number of seconds, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise InvalidArgumentError(f"{what} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def _event_wait_result(end: Event, name: str, timeout: float | None) -> Any:
@@ -117,6 +134,11 @@ class WorkflowContext:
         Once another process cancelled the run, `RunCancelledError` (a step
         in flight is stopped at its next lease renewal first).
         """
+        if not callable(fn):
+            raise InvalidArgumentError(f"ctx.step takes a function to call, got {fn!r}")
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise InvalidArgumentError(f"ctx.step name must be a non-empty string, got {name!r}")
+        policy, timeout = step_options(retries, retry, timeout)
         step_name: str = name or getattr(fn, "__name__", None) or "step"
         seq, recorded = self._replay.next_command("step", step_name)
         if EventKind.STEP_COMPLETED in recorded:
@@ -143,7 +165,7 @@ class WorkflowContext:
             name=step_name,
             execution_id=runner.execution_id,
             invoke=lambda _attempt: fn(*args),
-            policy=retry or RetryPolicy(retries=retries),
+            policy=policy,
             timeout=timeout,
             is_async=is_async_callable(fn),
             merge_mapping=False,
@@ -184,8 +206,7 @@ class WorkflowContext:
 
     async def sleep(self, seconds: float) -> None:
         """A durable timer: the wake-up time is recorded, so restarts don't reset it."""
-        if seconds < 0:
-            raise InvalidArgumentError("seconds must be >= 0")
+        seconds = _seconds("ctx.sleep seconds", seconds)
         seq, recorded = self._replay.next_command("sleep", "sleep")
         if EventKind.TIMER_FIRED in recorded:
             return
@@ -205,6 +226,10 @@ class WorkflowContext:
         wait. With ``timeout`` (seconds, measured from the first time this
         wait ran, so restarts don't extend it) raises `EventTimeoutError`.
         """
+        if not isinstance(name, str) or not name:
+            raise InvalidArgumentError(f"event name must be a non-empty str, got {name!r}")
+        if timeout is not None:
+            timeout = _seconds("ctx.wait_for_event timeout", timeout)
         seq, recorded = self._replay.next_command("event", name)
         tags = self._replay.tags(seq, "event", name)
         outcome = self._replay.ended(seq, "event", name, _EVENT_WAIT_ENDS)
@@ -293,15 +318,18 @@ class WorkflowContext:
             return ended.payload.get("output")
         raise ChildRunFailedError(child_id, ended.payload.get("error"))
 
-    async def prune_history(self, options: PruneOptions) -> PruneResult:
+    async def prune_history(self, options: PruneOptions | None = None) -> PruneResult:
         """Delete this run's old finished executions now; recorded, so a replay doesn't redo it.
 
         A prune that fails is recorded and logged; it never fails the run.
+        Options that are not `PruneOptions` (None: keep only the current
+        execution) raise `InvalidArgumentError`, as a bad argument does.
         """
+        options = optional_record(options, PruneOptions, "ctx.prune_history options")
         seq, recorded = self._replay.next_command("prune", "prune_history")
         done = recorded.get(EventKind.HISTORY_PRUNED)
         if done is None:
-            result = await self._runner.prune(options)
+            result = await self._runner.prune(options or PruneOptions())
             payload: dict[str, Any] = {**self._replay.tags(seq, "prune", "prune_history")}
             if isinstance(result, PruneResult):
                 payload["result"] = result.model_dump()
@@ -317,4 +345,4 @@ class WorkflowContext:
         ``prune`` (else the workflow's ``auto_prune``, else the engine's
         default) deletes old executions atomically with the continue.
         """
-        raise ContinueAsNew(input, prune)
+        raise ContinueAsNew(input, optional_record(prune, PruneOptions, "continue_as_new prune"))

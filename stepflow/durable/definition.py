@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from stepflow import registry
+from stepflow.dag import check_name
 from stepflow.errors import DefinitionError
 from stepflow.models import PruneOptions
 
@@ -51,8 +52,9 @@ def workflow(
     auto_prune: PruneOptions | None = None,
 ) -> Callable[[WorkflowFunction], DurableWorkflow]:
     """Define a durable workflow from ``async def fn(ctx, input)``; registers it by name."""
-    if name is not None and (not isinstance(name, str) or not name):
-        raise DefinitionError(f"workflow name must be a non-empty str, not {name!r}")
+    if name is not None:
+        check_name("workflow name", name)
+    check_name(f"version of workflow {name!r}", version)
     if auto_prune is not None and not isinstance(auto_prune, PruneOptions):
         raise DefinitionError("auto_prune must be a stepflow.PruneOptions")
 

@@ -19,7 +19,9 @@ narrows the set this engine accepts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import socket
 import uuid
@@ -33,11 +35,13 @@ import anyio
 from anyio.abc import TaskGroup
 
 from stepflow import registry
+from stepflow.dag import Workflow
 from stepflow.engine.attempts import CANCELLED_ERROR
 from stepflow.engine.dag_runner import StopReason
 from stepflow.engine.runners import Definition, RunnerServices, is_definition, make_runner
 from stepflow.errors import (
     ConflictError,
+    DefinitionError,
     InvalidArgumentError,
     RunCancelledError,
     RunNotFoundError,
@@ -53,6 +57,7 @@ from stepflow.models import (
     RunRecord,
     RunStatus,
     StepClaim,
+    optional_record,
 )
 from stepflow.store.base import DEFAULT_LEASE_MS, WorkflowStore, validate_run_id
 
@@ -63,6 +68,31 @@ _ATTEMPTS_WHILE_THE_RUN_MOVES = 10
 _CRASHES_KEPT = 1000
 
 _logger = logging.getLogger("stepflow.engine")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _by_name(workflows: Iterable[Definition]) -> dict[str, Definition]:
+    """``workflows=`` as name -> definition; anything but definitions is refused."""
+    if isinstance(workflows, (str, bytes)) or is_definition(workflows):
+        raise InvalidArgumentError("workflows must be a list of workflow definitions")
+    try:
+        given = list(workflows)
+    except TypeError:
+        raise InvalidArgumentError(
+            f"workflows must be a list of workflow definitions, got {workflows!r}"
+        ) from None
+    found = {}
+    for flow in given:
+        if not is_definition(flow):
+            raise InvalidArgumentError(
+                f"workflows must hold stepflow.Workflow or @stepflow.workflow definitions, "
+                f"got {flow!r}"
+            )
+        found[flow.name] = flow
+    return found
 
 
 def default_owner() -> str:
@@ -98,22 +128,26 @@ class Engine:
         owner: str | None = None,
         default_prune: PruneOptions | None = None,
     ) -> None:
-        if max_concurrency < 1:
-            raise InvalidArgumentError("max_concurrency must be at least 1")
-        if lease_ms < 30:
+        if not _is_int(max_concurrency) or max_concurrency < 1:
             raise InvalidArgumentError(
-                "lease_ms must be at least 30 ms (it is renewed every third)"
+                f"max_concurrency must be an int >= 1, got {max_concurrency!r}"
             )
+        if not _is_int(lease_ms) or lease_ms < 30:
+            raise InvalidArgumentError(
+                f"lease_ms must be an int >= 30 (it is renewed every third), got {lease_ms!r}"
+            )
+        if owner is not None and (not isinstance(owner, str) or not owner):
+            raise InvalidArgumentError(f"owner must be a non-empty str, got {owner!r}")
         self.store = store
         self.owner = owner or default_owner()
         self.lease_ms = lease_ms
-        self._workflows = {flow.name: flow for flow in workflows} if workflows is not None else None
+        self._workflows = _by_name(workflows) if workflows is not None else None
         self._limiter = anyio.CapacityLimiter(max_concurrency)
         self._active: dict[str, _ActiveRun] = {}
         self._crashes: dict[str, Exception] = {}
         """Why a driver of the run stopped on an error, for `wait` (the newest kept)."""
         self._news: dict[str, anyio.Event] = {}
-        self.default_prune = default_prune
+        self.default_prune = optional_record(default_prune, PruneOptions, "default_prune")
         """Pruning on continue-as-new for workflows without their own ``auto_prune``."""
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
@@ -256,10 +290,20 @@ class Engine:
         that id existed already (it is resumed, not replaced). The definition's
         opening step is claimed in the same store call as the create.
         """
+        if not is_definition(flow):
+            raise InvalidArgumentError(
+                f"expected a stepflow.Workflow or @stepflow.workflow definition, got {flow!r}"
+            )
         flow.validate()
         # One this engine cannot drive is refused before it is stored; the one it
         # drives under that name says which step to claim with the create.
         definition = self.workflow(flow.name)
+        if definition is not flow:
+            raise DefinitionError(
+                f"another definition of workflow {flow.name!r} replaced this one (workflows "
+                "register by name, the latest wins); this engine would run that one. Give "
+                "each workflow a name of its own"
+            )
         value = flow.validate_input(input)
         run_id = validate_run_id(run_id) if run_id is not None else uuid.uuid4().hex
         # Created running, with its run_started, in one write: this engine
@@ -367,6 +411,20 @@ class Engine:
         it is resumed.
         """
         validate_run_id(run_id)
+        if timeout is not None and (
+            not isinstance(timeout, (int, float))
+            or isinstance(timeout, bool)
+            or not math.isfinite(timeout)
+        ):
+            raise InvalidArgumentError(
+                f"timeout must be a number of seconds or None, got {timeout!r}"
+            )
+        if run_id not in self._active:
+            # One look before the clock runs, so a finished run is returned with any
+            # timeout, 0 included, on every store (a read over a network takes time).
+            record = await self._existing(run_id)
+            if record.status.is_terminal:
+                return record
         try:
             with anyio.fail_after(timeout):
                 return await self._wait_finished(run_id)
@@ -400,7 +458,7 @@ class Engine:
         sub-runs still going are cancelled with it. A finished run is left
         as is.
         """
-        active = self._active.get(run_id)
+        active = self._active.get(validate_run_id(run_id))
         if active is not None:
             active.stop = "cancel"
             active.scope.cancel()
@@ -491,6 +549,7 @@ class Engine:
             record = await self._existing(run_id)
             if record.status.is_terminal:
                 raise ConflictError(f"run {run_id!r} is {record.status}; it takes no more events")
+            self._refuse_events_for_dag_runs(record)
             try:
                 await self.store.append_event(
                     run_id,
@@ -510,6 +569,19 @@ class Engine:
         news = self._news.pop(run_id, None)
         if news is not None:
             news.set()
+
+    def _refuse_events_for_dag_runs(self, record: RunRecord) -> None:
+        """`InvalidArgumentError` for a run of a DAG workflow: nothing would ever take the event.
+
+        Known only where the workflow is defined; elsewhere the event is kept,
+        as for any run.
+        """
+        with contextlib.suppress(WorkflowNotFoundError):
+            if isinstance(self.workflow(record.workflow), Workflow):
+                raise InvalidArgumentError(
+                    f"run {record.run_id!r} is a run of DAG workflow {record.workflow!r}: "
+                    "events are for durable workflows (@stepflow.workflow)"
+                )
 
     async def _wait_for_news(self, run_id: str, seconds: float) -> None:
         news = self._news.setdefault(run_id, anyio.Event())

@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from stepflow.errors import InvalidArgumentError, InvalidRunIdError
+from stepflow.errors import InvalidArgumentError, InvalidRunIdError, InvalidStepIdError
 from stepflow.models import (
     DeleteResult,
     Event,
@@ -38,32 +38,78 @@ _RUN_ID = re.compile(r"[A-Za-z0-9\-_.:@/+=]+")
 DEFAULT_LEASE_MS = 30_000
 
 
-def validate_run_id(run_id: object) -> str:
-    """Return ``run_id`` if it can be part of a key name, else raise `InvalidRunIdError`.
+def id_problem(value: object) -> str | None:
+    """Why ``value`` cannot be a run or step id, or None when it can.
 
     Braces would change the Redis Cluster hash tag and whitespace or control
     characters make ids that cannot be typed back into the CLI, so the
     allowed alphabet is explicit rather than a list of exclusions.
     """
-    if not isinstance(run_id, str):
-        raise InvalidRunIdError(run_id, f"must be a str, not {type(run_id).__name__}")
-    if not run_id:
-        raise InvalidRunIdError(run_id, "is empty")
-    if len(run_id) > MAX_RUN_ID_LENGTH:
-        raise InvalidRunIdError(run_id, f"is {len(run_id)} characters long, over the limit")
-    if _RUN_ID.fullmatch(run_id) is None:
-        bad = next(ch for ch in run_id if _RUN_ID.fullmatch(ch) is None)
-        raise InvalidRunIdError(run_id, f"contains the forbidden character {bad!r}")
-    return run_id
+    if not isinstance(value, str):
+        return f"must be a str, not {type(value).__name__}"
+    if not value:
+        return "is empty"
+    if len(value) > MAX_RUN_ID_LENGTH:
+        return f"is {len(value)} characters long, over the limit"
+    if _RUN_ID.fullmatch(value) is None:
+        bad = next(ch for ch in value if _RUN_ID.fullmatch(ch) is None)
+        return f"contains the forbidden character {bad!r}"
+    return None
+
+
+def validate_run_id(run_id: object) -> str:
+    """Return ``run_id`` if it can be part of a key name, else raise `InvalidRunIdError`."""
+    problem = id_problem(run_id)
+    if problem is not None:
+        raise InvalidRunIdError(run_id, problem)
+    return run_id  # type: ignore[return-value]  # id_problem checked it is a str
 
 
 def validate_step_id(step_id: object) -> str:
     """Step ids live inside hash fields, not key names, but share the alphabet for sanity."""
-    if not isinstance(step_id, str) or not step_id or len(step_id) > MAX_RUN_ID_LENGTH:
-        raise InvalidRunIdError(step_id, "is not a valid step id")
-    if _RUN_ID.fullmatch(step_id) is None:
-        raise InvalidRunIdError(step_id, "is not a valid step id")
-    return step_id
+    problem = id_problem(step_id)
+    if problem is not None:
+        raise InvalidStepIdError(step_id, problem)
+    return step_id  # type: ignore[return-value]  # id_problem checked it is a str
+
+
+def check_claim(owner: object, lease_ms: object, name: object = "") -> None:
+    """The owner, lease length and step name of a claim, or `InvalidArgumentError`.
+
+    Checked before anything is written: a non-text owner would be stored in
+    the step's row and refused by every later read of it.
+    """
+    if not isinstance(owner, str) or not owner:
+        raise InvalidArgumentError(f"owner must be a non-empty str, got {owner!r}")
+    check_lease_ms(lease_ms)
+    if not isinstance(name, str):
+        raise InvalidArgumentError(f"step name must be a str, got {name!r}")
+
+
+def check_lease_ms(lease_ms: object) -> int:
+    """A lease length in milliseconds: an int from 1."""
+    if isinstance(lease_ms, bool) or not isinstance(lease_ms, int) or lease_ms < 1:
+        raise InvalidArgumentError(f"lease_ms must be an int >= 1, got {lease_ms!r}")
+    return lease_ms
+
+
+def check_page(limit: object, offset: object) -> tuple[int, int]:
+    """A page of a listing: ``limit`` and ``offset`` ints from 0, or `InvalidArgumentError`.
+
+    A negative offset would count from the other end of the list on one
+    store and fail on another; 0 as the limit is an empty page.
+    """
+    for name, value in (("limit", limit), ("offset", offset)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidArgumentError(f"{name} must be an int >= 0, got {value!r}")
+    return limit, offset  # type: ignore[return-value]  # both checked to be ints
+
+
+def check_execution_id(value: object) -> int:
+    """An execution id: an int from 1 (a text or float id would find another execution)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgumentError(f"execution_id must be an int >= 1, got {value!r}")
+    return value
 
 
 def check_event_id(value: object, name: str = "after_event_id") -> int:

@@ -53,7 +53,11 @@ from stepflow.models import (
 )
 from stepflow.store.base import (
     DEFAULT_LEASE_MS,
+    check_claim,
     check_event_id,
+    check_execution_id,
+    check_lease_ms,
+    check_page,
     validate_run_id,
     validate_step_id,
 )
@@ -249,6 +253,7 @@ class MemoryStore(MemoryAdmin):
         event: NewEvent | None = None,
     ) -> tuple[bool, Lease | None]:
         validate_step_id(first.step_id)
+        check_claim(owner, first.lease_ms, first.name)
         # create_run never yields, so nothing runs between the create and the claim.
         if not await self.create_run(record, only_if_absent=True, event=event):
             return False, None
@@ -380,6 +385,7 @@ class MemoryStore(MemoryAdmin):
         return self._page(runs, limit, offset, oldest_first)
 
     def _page(self, runs: Any, limit: int, offset: int, oldest_first: bool) -> list[RunRecord]:
+        check_page(limit, offset)
         ordered = sorted(runs, key=lambda run: (run.record.created_at, run.record.run_id))
         if not oldest_first:
             ordered.reverse()
@@ -433,6 +439,7 @@ class MemoryStore(MemoryAdmin):
         await anyio.lowlevel.checkpoint()  # where other tasks run (see above)
         validate_run_id(run_id)
         validate_step_id(step_id)
+        check_claim(owner, lease_ms, name)
         input_json = self._codec.encode(input, "step input")
         run = self._run(run_id)
         _refuse_if_cancelled(run)
@@ -504,6 +511,7 @@ class MemoryStore(MemoryAdmin):
 
     async def renew_lease(self, lease: Lease, *, lease_ms: int = DEFAULT_LEASE_MS) -> Lease:
         validate_run_id(lease.run_id)
+        check_lease_ms(lease_ms)
         run, held = self._current_lease(lease, allow_expired=True)  # unclaimed since: still ours
         _refuse_if_cancelled(run)
         held.expires_at = now_ms() + lease_ms
@@ -549,6 +557,7 @@ class MemoryStore(MemoryAdmin):
         event: NewEvent | None = None,
     ) -> tuple[Event | None, Lease | None]:
         validate_step_id(next_step.step_id)
+        check_claim(lease.owner, next_step.lease_ms, next_step.name)
         # No await suspends in between: the pair is atomic like every method here.
         recorded = await self.complete_step(
             lease, output=output, context_patch=context_patch, event=event
@@ -682,6 +691,8 @@ class MemoryStore(MemoryAdmin):
     ) -> list[Event]:
         validate_run_id(run_id)
         check_event_id(after_event_id)
+        if execution_id is not None:
+            check_execution_id(execution_id)
         run = self._run(run_id)
         xid = run.record.current_execution_id if execution_id is None else execution_id
         events = self._execution(run, xid).events[after_event_id:]  # ids run 1..N

@@ -18,7 +18,7 @@ from stepflow.errors import (
     SubRunDeleteError,
 )
 from stepflow.models import DeleteResult, QueueDepths, RunStatus, SystemMetrics
-from stepflow.store.base import validate_run_id
+from stepflow.store.base import check_page, validate_run_id
 
 if TYPE_CHECKING:
     from stepflow.store.memory import _Run
@@ -57,6 +57,7 @@ class MemoryAdmin:
         oldest_first: bool = False,
     ) -> list[str]:
         """One page of run ids (all, or in ``status``), newest first."""
+        check_page(limit, offset)
         runs = [r for r in self._runs.values() if status is None or r.record.status == status]
         runs.sort(key=lambda run: (run.record.created_at, run.record.run_id))
         if not oldest_first:

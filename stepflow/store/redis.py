@@ -53,7 +53,10 @@ from stepflow.models import (
 )
 from stepflow.store.base import (
     DEFAULT_LEASE_MS,
+    check_claim,
     check_event_id,
+    check_execution_id,
+    check_lease_ms,
     validate_run_id,
     validate_step_id,
 )
@@ -153,6 +156,7 @@ class RedisStore(RedisAdmin):
         if the create's request made the run. A child run (indexed under its
         parent first) creates, then claims."""
         validate_step_id(first.step_id)
+        check_claim(owner, first.lease_ms, first.name)
         token = new_token()
         claim = self._claim_call(
             record.run_id, first, owner, token, record.current_execution_id, b"null"
@@ -543,6 +547,7 @@ class RedisStore(RedisAdmin):
         input: Any = None,
     ) -> Lease:
         validate_step_id(step_id)
+        check_claim(owner, lease_ms, name)
         input_json = self._codec.encode(input, "step input")
         token = new_token()
         keys, args = self._claim_call(
@@ -585,6 +590,7 @@ class RedisStore(RedisAdmin):
 
     async def renew_lease(self, lease: Lease, *, lease_ms: int = DEFAULT_LEASE_MS) -> Lease:
         keys = self.keys.run(lease.run_id)
+        check_lease_ms(lease_ms)
         expires = await self._call(
             "renew_lease",
             [keys.run, keys.reqs, keys.reqlog, keys.steps],
@@ -623,6 +629,7 @@ class RedisStore(RedisAdmin):
         event: NewEvent | None = None,
     ) -> tuple[Event | None, Lease | None]:
         validate_step_id(next_step.step_id)
+        check_claim(lease.owner, next_step.lease_ms, next_step.name)
         token = new_token()
         keys, args, payload = self._complete_call(
             lease, (next_step, token), output, context_patch, event
@@ -804,7 +811,9 @@ class RedisStore(RedisAdmin):
     ) -> list[Event]:
         keys = self.keys.run(run_id)
         check_event_id(after_event_id)
-        if execution_id is None:
+        if execution_id is not None:
+            check_execution_id(execution_id)
+        else:
             current = await self.client.hget(keys.run, "current_execution_id")
             if current is None:
                 raise RunNotFoundError(run_id)

@@ -29,6 +29,7 @@ from stepflow import _json
 from stepflow.errors import ConflictError, InvalidArgumentError, StoreLayoutError
 from stepflow.models import RunRecord, RunStatus, now_ms
 from stepflow.store import connection, scripts
+from stepflow.store.base import check_page
 from stepflow.store.codec import Codec
 from stepflow.store.connection import fast_client
 from stepflow.store.keys import Keys, RunKeys
@@ -86,6 +87,9 @@ _LAYOUT_2_FIELDS = frozenset({"l", "c", "r", "d"})
 
 _LAYOUT_SAMPLE = 32
 """How many of the newest runs an unmarked prefix's layout is read from."""
+
+_LAST_INDEX = 2**62
+"""The highest zset position a page asks Redis for: its indexes are 64-bit."""
 
 INDEX_GRACE_MS = 60_000
 """How long an index entry may wait for its run to be written before readers drop it."""
@@ -434,12 +438,14 @@ class RedisCore:
         self, index: str, limit: int, offset: int, oldest_first: bool
     ) -> list[tuple[str, float]]:
         """(run id, score) of one page of an index zset, newest first unless ``oldest_first``."""
-        if limit <= 0:
+        check_page(limit, offset)
+        if limit == 0 or offset > _LAST_INDEX:
             return []
         page = self.client.zrange if oldest_first else self.client.zrevrange
+        last = min(offset + limit - 1, _LAST_INDEX)  # Redis takes 64-bit indexes only
         entries = cast(
             "list[tuple[bytes, float]]",
-            await page(index, offset, offset + limit - 1, withscores=True),
+            await page(index, offset, last, withscores=True),
         )
         return [(text(member), score) for member, score in entries]
 
