@@ -23,6 +23,9 @@ import orjson
 from stepflow.errors import InvalidPayloadError, PayloadTooLargeError
 
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
+MIN_PAYLOAD_BYTES = 64 * 1024
+"""The lowest payload limit a store takes: a failed step's error record, its message
+and traceback cut to a few thousand characters, always fits."""
 
 _MAX_DEPTH = 256
 

@@ -271,6 +271,10 @@ class Workflow:
             raise DefinitionError(f"when must be callable, got {when!r}")
         # A lone name or function is an easy slip; a str would otherwise iterate by character.
         refs: Sequence[object] = (after,) if isinstance(after, str) or callable(after) else after
+        if refs is None:
+            refs = ()
+        elif not isinstance(refs, Iterable):
+            raise DefinitionError(f"after= takes step functions or names, got {after!r}")
 
         def decorate(fn: F) -> F:
             if not callable(fn):

@@ -35,6 +35,7 @@ from stepflow import (
     WorkflowContext,
     WorkflowStore,
 )
+from stepflow._json import MIN_PAYLOAD_BYTES
 
 LIMIT = 10.0
 
@@ -289,3 +290,57 @@ def test_durable_workflow_names_and_versions_follow_the_dag_rules(options: dict[
         @stepflow.workflow(**options)
         async def flow(ctx: WorkflowContext, _: Any) -> None:
             pass
+
+
+async def test_a_step_failing_with_a_huge_message_fails_its_run_with_the_message_cut(
+    store: WorkflowStore,
+) -> None:
+    """An API error quoting a whole response body: before, its record was over the
+    payload limit, so recording the failure failed, ``run`` raised
+    `PayloadTooLargeError` and the run stayed ``running`` for good."""
+    flow = Workflow(f"huge-error-{uuid.uuid4().hex[:8]}")
+
+    @flow.step()
+    async def call_api(ctx: StepContext) -> None:
+        raise ValueError("body: " + "x" * 2_000_000)
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow, run_id="r1")
+    assert record.status == RunStatus.FAILED
+    assert record.error is not None
+    assert record.error["message"].startswith("body: xxx")
+    assert record.error["message"].endswith("more characters)")
+    assert len(record.error["message"]) < 5_000
+    [step] = await store.list_steps("r1")
+    assert step.status == stepflow.StepStatus.FAILED
+    assert step.error is not None
+    assert step.error["message"] == record.error["message"]
+
+
+@pytest.mark.parametrize("limit", [0, 1000, MIN_PAYLOAD_BYTES - 1, "65536", 2.0**20, True])
+def test_a_payload_limit_too_small_for_an_error_record_is_refused(limit: Any) -> None:
+    with pytest.raises(InvalidArgumentError, match="max_payload_bytes"):
+        stepflow.MemoryStore(max_payload_bytes=limit)
+    with pytest.raises(InvalidArgumentError, match="max_payload_bytes"):
+        stepflow.RedisStore.from_url("redis://127.0.0.1:1/0", max_payload_bytes=limit)
+    stepflow.MemoryStore(max_payload_bytes=MIN_PAYLOAD_BYTES)
+
+
+@pytest.mark.parametrize("url", ["", "http://x", "redis://localhost:notaport/0", 5], ids=repr)
+def test_a_bad_redis_url_is_refused_with_redis_py_s_reason(url: Any) -> None:
+    with pytest.raises(InvalidArgumentError, match="from_url"):
+        stepflow.RedisStore.from_url(url)
+
+
+@pytest.mark.parametrize("prefix", [5, "", "a b", "{t}"], ids=repr)
+def test_a_bad_key_prefix_is_refused(prefix: Any) -> None:
+    with pytest.raises(InvalidArgumentError, match="key prefix"):
+        stepflow.RedisStore.from_url("redis://127.0.0.1:1/0", prefix=prefix)
+
+
+def test_after_takes_steps_or_nothing() -> None:
+    flow = Workflow(f"after-{uuid.uuid4().hex[:8]}")
+    with pytest.raises(DefinitionError, match="after= takes"):
+        flow.step("a", after=5)(lambda ctx: None)  # type: ignore[arg-type]
+    flow.step("b", after=None)(lambda ctx: None)  # type: ignore[arg-type]
+    assert flow.dependencies("b") == ()

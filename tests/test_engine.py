@@ -54,6 +54,7 @@ from stepflow import (
     WorkflowStore,
     registry,
 )
+from stepflow._json import MIN_PAYLOAD_BYTES
 from stepflow.engine.attempts import (
     LeaseKeeper,
     RunCancelledElsewhere,
@@ -535,9 +536,10 @@ async def test_fail_fast_marks_a_step_claimed_ahead_but_never_run_skipped(
     """``bad`` fails while ``good``'s completion claims ``after_good``: it never started.
 
     Before, the step handed back unrun was marked ``cancelled``, as if
-    interrupted. The claim counts in ``ctx.attempt`` (2 at its first run)
-    but not in its retry budget: after a resume its first failure is
-    retried. Before, it had failed for good there.
+    interrupted. The claim handed back unrun counts neither in
+    ``ctx.attempt`` (1 at its first run; before, 2) nor in its retry budget:
+    after a resume its first failure is retried. Before, it had failed for
+    good there.
     """
     flow = new_flow()
     gate = anyio.Event()
@@ -578,7 +580,7 @@ async def test_fail_fast_marks_a_step_claimed_ahead_but_never_run_skipped(
     assert steps["good"].status == StepStatus.COMPLETED
     assert steps["after_good"].status == StepStatus.SKIPPED
     assert resumed.status == RunStatus.COMPLETED
-    assert attempts == [2, 3]
+    assert attempts == [1, 2]
 
 
 async def test_fail_fast_cancels_siblings_and_skips_downstream(
@@ -785,13 +787,13 @@ async def test_a_run_output_too_large_to_store_fails_the_run_and_keeps_every_ste
 
     @flow.step()
     async def left(ctx: StepContext) -> str:
-        return "x" * 600
+        return "x" * (MIN_PAYLOAD_BYTES * 6 // 10)
 
     @flow.step()
     async def right(ctx: StepContext) -> str:
-        return "y" * 600
+        return "y" * (MIN_PAYLOAD_BYTES * 6 // 10)
 
-    store = await make_store(store_kind, key_prefix, request, max_payload_bytes=1000)
+    store = await make_store(store_kind, key_prefix, request, max_payload_bytes=MIN_PAYLOAD_BYTES)
     try:
         record = await Engine(store).run(flow, run_id="too-big")
         assert record.status == RunStatus.FAILED
@@ -822,11 +824,11 @@ async def test_a_last_step_whose_run_output_is_refused_is_kept_and_the_run_fails
     output is refused there (too large with another sink's), the step is recorded
     alone and the run fails, as when it is finished apart."""
     flow = new_flow()
-    store = await make_store(store_kind, key_prefix, request, max_payload_bytes=1000)
+    store = await make_store(store_kind, key_prefix, request, max_payload_bytes=MIN_PAYLOAD_BYTES)
 
     @flow.step()
     async def left(ctx: StepContext) -> str:
-        return "x" * 600
+        return "x" * (MIN_PAYLOAD_BYTES * 6 // 10)
 
     @flow.step()
     async def mid(ctx: StepContext) -> str:
@@ -840,7 +842,7 @@ async def test_a_last_step_whose_run_output_is_refused_is_kept_and_the_run_fails
 
     @flow.step(after=[mid])
     async def right(ctx: StepContext) -> str:
-        return "y" * 600
+        return "y" * (MIN_PAYLOAD_BYTES * 6 // 10)
 
     refused: list[str] = []
     finish = store.complete_and_finish
@@ -2576,3 +2578,124 @@ async def test_a_failed_lease_renewal_is_tried_again_not_taken_for_a_failed_step
     assert flaky.failures == 0  # all three failed renewals happened while it ran
     warnings = [r for r in caplog.records if "renewing the lease" in r.getMessage()]
     assert len(warnings) == 3
+
+
+class SlowClaimReplies(PassThroughStore):
+    """Claims are made in the store at once, but their replies take a while to come
+    back, as over a slow network: a cancel can land in between."""
+
+    def __init__(self, inner: WorkflowStore, delay: float) -> None:
+        super().__init__(inner)
+        self.delay = delay
+
+    async def claim_step(self, *args: Any, **kwargs: Any) -> Lease:
+        lease: Lease = await self.inner.claim_step(*args, **kwargs)
+        await anyio.sleep(self.delay)
+        return lease
+
+
+async def test_a_step_whose_claim_a_cancel_cut_short_is_handed_back_unrun(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """Fail-fast lands while a sibling's claim is on its way back. Before, the
+    sibling stayed ``running`` under a lease nobody knew (seen on Redis, where a
+    claim's reply takes a round trip), and a resume waited out the whole lease."""
+    flow = new_flow()
+    seen: list[int] = []
+    failing = True
+
+    @flow.step(retry=RetryPolicy(retries=0))
+    async def bad(ctx: StepContext) -> None:
+        await anyio.sleep(0.05)  # while the sibling's claim reply is on its way
+        if failing:
+            raise ValueError("bad")
+
+    @flow.step()
+    async def other(ctx: StepContext) -> dict[str, int]:
+        seen.append(ctx.attempt)
+        return {"other": 1}
+
+    slow = cast(WorkflowStore, SlowClaimReplies(store, delay=0.5))
+    with anyio.fail_after(LIMIT):
+        record = await Engine(slow, lease_ms=60_000).run(flow)
+        assert record.status == RunStatus.FAILED
+        steps = await steps_by_name(store, record.run_id)
+        assert steps["other"].status == StepStatus.CANCELLED
+        assert steps["other"].attempt == 0  # claimed and handed back: not a run
+        failing = False
+        async with Engine(store, lease_ms=60_000) as engine:  # no lease to wait out
+            await engine.resume(record.run_id)
+            record = await engine.wait(record.run_id)
+    assert record.status == RunStatus.COMPLETED
+    assert seen == [1]
+
+
+async def test_a_step_claimed_ahead_and_handed_back_unrun_runs_first_as_attempt_1(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """The opening step is claimed with the run's creation; a cancel before it ran
+    hands it back. Its first run, after a resume, is attempt 1, not 2."""
+    flow = new_flow()
+    seen: list[int] = []
+
+    @flow.step()
+    async def first(ctx: StepContext) -> dict[str, int]:
+        seen.append(ctx.attempt)
+        return {"first": ctx.attempt}
+
+    with anyio.fail_after(LIMIT):
+        async with Engine(store) as engine:
+            run_id = await engine.start(flow)
+            assert (await engine.cancel(run_id)).status == RunStatus.CANCELLED
+        assert seen == []
+        assert (await steps_by_name(store, run_id))["first"].attempt == 0
+        async with Engine(store) as engine:
+            await engine.resume(run_id)
+            record = await engine.wait(run_id)
+    assert (record.status, record.context) == (RunStatus.COMPLETED, {"first": 1})
+    assert seen == [1]
+
+
+class SlowCompletionReply(PassThroughStore):
+    """One step's completion is recorded at once but its reply comes back late, as
+    over another connection: a later commit's reply overtakes it."""
+
+    def __init__(self, inner: WorkflowStore, step_id: str, delay: float) -> None:
+        super().__init__(inner)
+        self.step_id, self.delay = step_id, delay
+
+    async def complete_step(self, lease: Lease, **kwargs: Any) -> Any:
+        recorded = await self.inner.complete_step(lease, **kwargs)
+        if lease.step_id == self.step_id:
+            await anyio.sleep(self.delay)
+        return recorded
+
+
+async def test_steps_after_parallel_steps_see_the_bag_as_stored_whatever_order_replies_come(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """Two parallel steps set one key; the one that commits last wins in the store,
+    and so in what the step after them sees. Before, the engine merged in the
+    order the replies came back: on Redis, 17 runs in 60 showed the next step a
+    bag the store never held."""
+    flow = new_flow()
+
+    @flow.step()
+    async def early(ctx: StepContext) -> dict[str, str]:
+        return {"k": "early", "early": "yes"}
+
+    @flow.step()
+    async def late(ctx: StepContext) -> dict[str, str]:
+        await anyio.sleep(0.05)  # commits after ``early``, whose reply is slower still
+        return {"k": "late"}
+
+    @flow.step(after=[early, late])
+    async def after(ctx: StepContext) -> dict[str, Any]:
+        return {"seen": ctx.context["k"], "early seen": ctx.context["early"]}
+
+    slow = cast(WorkflowStore, SlowCompletionReply(store, "early", delay=0.3))
+    with anyio.fail_after(LIMIT):
+        record = await Engine(slow).run(flow)
+    assert record.status == RunStatus.COMPLETED
+    assert record.context["k"] == "late"
+    assert (record.context["seen"], record.context["early seen"]) == ("late", "yes")

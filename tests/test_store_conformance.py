@@ -39,6 +39,7 @@ from stepflow import (
     StepStatus,
     WorkflowStore,
 )
+from stepflow._json import MIN_PAYLOAD_BYTES
 from stepflow.models import now_ms
 
 pytestmark = pytest.mark.anyio
@@ -114,7 +115,7 @@ async def kinds(store: WorkflowStore, run_id: str = "r1", execution_id: int = 1)
     return [e.kind.value for e in await store.read_history(run_id, execution_id)]
 
 
-LIMIT = 256
+LIMIT = MIN_PAYLOAD_BYTES
 
 
 @pytest.fixture
@@ -1002,6 +1003,28 @@ async def test_fail_step_retryable_returns_to_pending_and_attempts_grow(
     await store.complete_step(await claim(store), output="finally")
     step = await step_of(store)
     assert (step.status, step.output, step.attempt) == (StepStatus.COMPLETED, "finally", 4)
+
+
+async def test_a_lease_handed_back_unrun_does_not_count_an_attempt(
+    store: WorkflowStore,
+) -> None:
+    """``ran=False`` takes the claim's count back: attempts count runs, not claims,
+    while the lease epoch, the fence against a stale writer, still grows."""
+    await new_run(store)
+    ran = await claim(store)
+    await store.fail_step(ran, error="boom", final=False)
+    for epoch in (2, 3):
+        lease = await claim(store)
+        assert (lease.epoch, lease.attempt) == (epoch, 2)
+        await store.fail_step(lease, error="not run", final=False, ran=False)
+        step = await step_of(store)
+        assert (step.status, step.attempt) == (StepStatus.PENDING, 1)
+    with pytest.raises(StaleLeaseError):  # the unrun lease is spent all the same
+        await store.complete_step(lease, output="late")
+    lease = await claim(store)
+    assert (lease.epoch, lease.attempt) == (4, 2)
+    await store.complete_step(lease, output="done")
+    assert (await step_of(store)).attempt == 2
 
 
 async def test_claim_on_unknown_run_or_execution_is_refused(store: WorkflowStore) -> None:

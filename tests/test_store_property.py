@@ -43,8 +43,9 @@ from stepflow import (
     StepStatus,
     WorkflowStore,
 )
+from stepflow._json import MIN_PAYLOAD_BYTES
 
-LIMIT = 512
+LIMIT = MIN_PAYLOAD_BYTES
 RUN_IDS = ("r1", "r2", "r3")
 TIMES = frozenset({"updated_at", "completed_at", "started_at", "finished_at", "timestamp"})
 TIMES_AND_EXPIRY = TIMES | {"expires_at", "token"}
@@ -319,11 +320,13 @@ class StoreComparison(RuleBasedStateMachine):
         )
 
     @precondition(lambda self: self.leases)
-    @rule(pick=lease_picks, error=payloads, final=st.booleans(), event=events)
-    def fail_step(self, pick: int, error: Any, final: bool, event: NewEvent | None) -> None:
+    @rule(pick=lease_picks, error=payloads, final=st.booleans(), event=events, ran=st.booleans())
+    def fail_step(
+        self, pick: int, error: Any, final: bool, event: NewEvent | None, ran: bool
+    ) -> None:
         self.both(
             lambda store, i: store.fail_step(
-                self.lease(pick, i), error=error, final=final, event=event
+                self.lease(pick, i), error=error, final=final, event=event, ran=ran
             )
         )
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 
 from stepflow.engine.slots import Slot
 from stepflow.errors import (
@@ -37,6 +38,8 @@ from stepflow.retry import RetryPolicy
 from stepflow.store.base import WorkflowStore
 
 _TRACEBACK_LIMIT = 4000
+_MESSAGE_LIMIT = 4000
+"""Characters of an error's traceback and message kept in its record (see `describe_error`)."""
 _RENEW_RETRIES_PER_PERIOD = 4
 """After a failed renewal (the store, not a refusal) the keeper asks again this much sooner."""
 _HELD_POLL_START = 0.05
@@ -52,9 +55,16 @@ def describe_error(exc: BaseException, *, traceback: bool = True, **extra: Any) 
     """A JSON record of an exception: what operators see in ``RunRecord.error``.
 
     ``traceback=False`` leaves the traceback out, for an error raised by
-    stepflow itself whose traceback would show only the engine.
+    stepflow itself whose traceback would show only the engine. The message
+    and the traceback are cut to a few thousand characters each, so the
+    record always fits the store's payload limit (`stepflow._json.MIN_PAYLOAD_BYTES`):
+    a failure too large to record would leave its run ``running`` for good.
     """
-    record: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+    message = str(exc)
+    if len(message) > _MESSAGE_LIMIT:  # an API error quoting a whole response body, say
+        cut = len(message) - _MESSAGE_LIMIT
+        message = f"{message[:_MESSAGE_LIMIT]}... ({cut} more characters)"
+    record: dict[str, Any] = {"type": type(exc).__name__, "message": message}
     if traceback:
         trace = "".join(_traceback.format_exception(exc))
         record["traceback"] = trace[-_TRACEBACK_LIMIT:]
@@ -283,13 +293,17 @@ async def _claim(store: WorkflowStore, call: StepCall, owner: str, lease_ms: int
     expires_at, lapses_at = -1, 0.0  # the lease seen, and when it lapses by our clock
     while True:
         try:
-            return await store.claim_step(
-                call.run_id,
-                call.step_id,
-                name=call.name,
-                owner=owner,
-                lease_ms=lease_ms,
-                execution_id=call.execution_id,
+            return await claimed_or_handed_back(
+                store,
+                store.claim_step(
+                    call.run_id,
+                    call.step_id,
+                    name=call.name,
+                    owner=owner,
+                    lease_ms=lease_ms,
+                    execution_id=call.execution_id,
+                ),
+                lambda lease: lease,
             )
         except LeaseHeldError as held:
             if held.expires_at != expires_at:  # the store's clock, read once per lease seen
@@ -297,6 +311,29 @@ async def _claim(store: WorkflowStore, call: StepCall, owner: str, lease_ms: int
                 lapses_at = anyio.current_time() + (expires_at - await store.time_ms()) / 1000
             await anyio.sleep(max(min(lapses_at - anyio.current_time(), pause), 0.01))
             pause = min(pause * 2, _HELD_POLL_MAX)
+
+
+async def claimed_or_handed_back(
+    store: WorkflowStore, claim: Awaitable[T], lease_of: Callable[[T], Lease | None]
+) -> T:
+    """Await ``claim`` through a cancel; if one came meanwhile, hand its lease back and stop.
+
+    Over a network the claim may be made in the store while the caller is
+    cancelled before the reply arrives: cut short there, the lease would be
+    nobody's, the step left ``running`` until the lease lapsed, and a resume
+    would wait that long for it. ``lease_of`` finds the lease in the reply.
+    """
+    with anyio.CancelScope(shield=True):
+        reply = await claim
+    try:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+    except BaseException:
+        lease = lease_of(reply)
+        if lease is not None:
+            with anyio.CancelScope(shield=True):
+                await release(store, lease, ran=False)
+        raise
+    return reply
 
 
 async def _take_recorded_failure(
@@ -316,7 +353,7 @@ async def _take_recorded_failure(
         error = await call.on_claimed(lease)
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await release(store, lease)
+            await release(store, lease, ran=False)
         raise
     if error is None:
         return
@@ -371,13 +408,15 @@ async def execute_step(
             hold = keeper.hold(lease)
         attempt = hold.lease.attempt
         tries += 1
+        # A lease claimed ahead can be refused while its step waits: then it never runs.
+        ran = hold.refusal is None
         try:
-            if hold.refusal is None:  # a lease claimed ahead can be refused while its step waits
+            if ran:
                 await keeper.attempt(call, attempt, hold)
             result = _result(call, hold)
         except RunCancelledElsewhere:
             with anyio.CancelScope(shield=True):
-                await release(store, hold.lease)
+                await release(store, hold.lease, ran=ran)
             raise
         except LeaseLost:  # another owner claimed the step: it carries the step on
             raise
@@ -641,12 +680,17 @@ async def _record_failure(
             lease = await _renew_lapsed(store, lease, lease_ms, exc)
 
 
-async def release(store: WorkflowStore, lease: Lease) -> None:
-    """Hand a lease back unused or interrupted, so the step is free to claim at once."""
+async def release(store: WorkflowStore, lease: Lease, *, ran: bool = True) -> None:
+    """Hand a lease back, so the step is free to claim at once.
+
+    ``ran=False`` for a lease no attempt ran under: its claim is not counted,
+    so the step's first run is attempt 1 however often it was claimed ahead
+    and handed back.
+    """
     error = {
         "type": "Interrupted",
-        "message": "the attempt was interrupted",
-        "attempt": lease.attempt,
+        "message": "the attempt was interrupted" if ran else "handed back before it ran",
+        "attempt": lease.attempt if ran else lease.attempt - 1,
     }
     with contextlib.suppress(StepflowError):  # lease already gone: nothing to hand back
-        await store.fail_step(lease, error=error, final=False)
+        await store.fail_step(lease, error=error, final=False, ran=ran)

@@ -88,6 +88,8 @@ class DagRunner:
         # Replaced, never mutated: a step's context is a read-only view of the bag
         # as it was, while the loop may merge another step's output meanwhile.
         self.bag: dict[str, Any] = dict(record.context)
+        self._set_by: dict[str, int] = {}
+        """Per key of the bag: the id of the completion event that last set it (see `_merge`)."""
         self.outputs: dict[str, Any] = {}
         """Output of every step done (completed, or skipped by its condition)."""
         self.started: set[str] = set()
@@ -269,7 +271,7 @@ class DagRunner:
         if claimed is not None:
             self.keeper.drop(claimed)
             with anyio.CancelScope(shield=True):
-                await release(self.store, claimed.lease)
+                await release(self.store, claimed.lease, ran=False)
 
     async def _step(
         self, tg: TaskGroup, name: str, claimed: Hold | None, slot: Slot
@@ -281,6 +283,7 @@ class DagRunner:
         """
         spec = self.flow.steps[name]
         next_hold: Hold | None = None
+        recorded_as: int | None = None
         if claimed is not None:
             self._own_attempts[name] = claimed.lease.attempt
         try:
@@ -323,6 +326,7 @@ class DagRunner:
             finally:
                 slot.give_back()
             output, next_hold = outcome.output, outcome.next_hold
+            recorded_as = outcome.event.event_id if outcome.event is not None else None
             self.finished = self.finished or outcome.finished
         except StepAlreadyCompletedError:
             step = await self.store.get_step(self.run_id, name)
@@ -346,7 +350,7 @@ class DagRunner:
             if name in self.started:
                 self.interrupted.add(name)
             raise
-        ready = self._finished(name, output)
+        ready = self._finished(name, output, recorded_as)
         if next_hold is not None:
             following = next_hold.lease.step_id
             ready.remove(following)  # ready now: this step was all it waited for
@@ -406,11 +410,14 @@ class DagRunner:
             is_async=spec.is_async,
         )
 
-    def _finished(self, name: str, output: Any) -> list[str]:
-        """Take in a step's output; return its dependents that have nothing left to wait for."""
+    def _finished(self, name: str, output: Any, recorded_as: int | None = None) -> list[str]:
+        """Take in a step's output; return its dependents that have nothing left to wait for.
+
+        ``recorded_as`` is the id of the step's completion event, if known.
+        """
         self.outputs[name] = output
         if isinstance(output, Mapping):
-            self.bag = {**self.bag, **output}
+            self._merge(output, recorded_as)
         ready = []
         for dependent in self.flow.dependents(name):
             if dependent in self._waiting:
@@ -418,6 +425,22 @@ class DagRunner:
                 if not self._waiting[dependent] and dependent not in self.started:
                     ready.append(dependent)
         return ready
+
+    def _merge(self, patch: Mapping[str, Any], recorded_as: int | None) -> None:
+        """Merge a completed step's output into the bag as the store merged it: in commit order.
+
+        Steps running side by side commit in some order, and each commit
+        merges its output into the stored bag. Their replies can come back
+        in another order (over separate connections), so a key two of them
+        set is taken from the one committed last, by its completion event's
+        id, which the store hands out in commit order: the steps after them
+        see the bag as stored, as a resume would. An output whose event is
+        unknown (completed by another driver) is taken as the newest.
+        """
+        newest = recorded_as if recorded_as is not None else max(self._set_by.values(), default=0)
+        kept = {key: value for key, value in patch.items() if self._set_by.get(key, 0) <= newest}
+        self.bag = {**self.bag, **kept}
+        self._set_by.update(dict.fromkeys(kept, newest))
 
     async def _record(self, name: str, status: StepStatus, *, error: Any) -> None:
         """Write a step row that no attempt wrote: skipped, or cancelled after release.

@@ -36,7 +36,7 @@ from anyio.abc import TaskGroup
 
 from stepflow import registry
 from stepflow.dag import Workflow
-from stepflow.engine.attempts import CANCELLED_ERROR
+from stepflow.engine.attempts import CANCELLED_ERROR, claimed_or_handed_back
 from stepflow.engine.dag_runner import StopReason
 from stepflow.engine.runners import Definition, RunnerServices, is_definition, make_runner
 from stepflow.errors import (
@@ -325,8 +325,10 @@ class Engine:
             lease = None
         else:
             first = StepClaim(step_id=opening, name=opening, lease_ms=self.lease_ms)
-            made, lease = await self.store.create_and_claim(
-                record, first, owner=self.owner, event=started
+            made, lease = await claimed_or_handed_back(
+                self.store,
+                self.store.create_and_claim(record, first, owner=self.owner, event=started),
+                lambda created: created[1],
             )
         if made:
             return run_id, _Created(record, lease)

@@ -365,11 +365,16 @@ class WorkflowStore(Protocol):
         error: Any,
         final: bool,
         event: NewEvent | None = None,
+        ran: bool = True,
     ) -> None:
         """Record a failed attempt and release the lease.
 
         ``final`` marks the step ``failed``; otherwise it goes back to
-        ``pending`` for the next attempt. Same lease checks as `complete_step`.
+        ``pending`` for the next attempt. ``ran=False`` hands back a lease
+        no attempt ran under (claimed ahead, or claimed as a cancel came):
+        the claim's count is taken back, so the next attempt has the number
+        this one had and ``ctx.attempt`` counts runs, not claims. Same lease
+        checks as `complete_step`.
         """
 
     # -- history and executions -----------------------------------------------

@@ -24,8 +24,15 @@ class Codec:
     """JSON encoding with one payload size limit."""
 
     def __init__(self, max_payload_bytes: int) -> None:
-        if max_payload_bytes <= 0:
-            raise InvalidArgumentError("max_payload_bytes must be positive")
+        if (
+            isinstance(max_payload_bytes, bool)
+            or not isinstance(max_payload_bytes, int)
+            or max_payload_bytes < _json.MIN_PAYLOAD_BYTES
+        ):
+            raise InvalidArgumentError(
+                f"max_payload_bytes must be an int >= {_json.MIN_PAYLOAD_BYTES} (a failed "
+                f"step's error record must always fit), got {max_payload_bytes!r}"
+            )
         self.limit = max_payload_bytes
 
     def encode(self, value: Any, what: str) -> bytes:

@@ -70,7 +70,7 @@ class Keys:
     """Key names under one prefix (a namespace or tenant)."""
 
     def __init__(self, prefix: str) -> None:
-        if not prefix or any(ch in prefix for ch in "{} \t\r\n"):
+        if not isinstance(prefix, str) or not prefix or any(ch in prefix for ch in "{} \t\r\n"):
             raise InvalidArgumentError(
                 f"invalid key prefix {prefix!r}: non-empty, no braces or spaces"
             )

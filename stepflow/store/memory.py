@@ -611,6 +611,7 @@ class MemoryStore(MemoryAdmin):
         error: Any,
         final: bool,
         event: NewEvent | None = None,
+        ran: bool = True,
     ) -> None:
         await anyio.lowlevel.checkpoint()  # where other tasks run (see above)
         validate_run_id(lease.run_id)
@@ -627,6 +628,7 @@ class MemoryStore(MemoryAdmin):
                 "status": StepStatus.FAILED if final else StepStatus.PENDING,
                 "error": self._copy(error_json),
                 "finished_at": now,
+                "attempt": step.attempt if ran else step.attempt - 1,
             }
         )
         if event is not None and event_json is not None:

@@ -753,6 +753,7 @@ class RedisStore(RedisAdmin):
         error: Any,
         final: bool,
         event: NewEvent | None = None,
+        ran: bool = True,
     ) -> None:
         keys = self.keys.run(lease.run_id)
         error_json = self._codec.encode(error, "step error")
@@ -777,6 +778,7 @@ class RedisStore(RedisAdmin):
                 "1" if final else "0",
                 kind,
                 payload,
+                "1" if ran else "0",
             ],
             run_id=lease.run_id,
             step_id=lease.step_id,

@@ -163,7 +163,12 @@ class RedisCore:
         """
         client_options.setdefault("retry", Retry(ExponentialWithJitterBackoff(), 3))
         client_options.setdefault("retry_on_error", [RedisConnectionError, RedisTimeoutError])
-        client = fast_client(url, **client_options)
+        if not isinstance(url, str):
+            raise InvalidArgumentError(f"{cls.__name__}.from_url takes a URL str, got {url!r}")
+        try:
+            client = fast_client(url, **client_options)
+        except ValueError as exc:  # redis-py's own words on what is wrong with the URL
+            raise InvalidArgumentError(f"{cls.__name__}.from_url({url!r}): {exc}") from exc
         try:
             # Builds a connection without connecting: a misspelt option (``key_prefix=``)
             # fails here, not at the first command, deep inside redis-py.

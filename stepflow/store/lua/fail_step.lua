@@ -6,6 +6,7 @@
 -- ARGV[5] execution id  ARGV[6] error (JSON)  ARGV[7] '1' if final (status
 -- failed) else '0' (status pending, ready for the next attempt)
 -- ARGV[8] event kind ('' for none)  ARGV[9] event payload (JSON)
+-- ARGV[10] '0' when no attempt ran under the lease (its claim's count is taken back)
 -- Returns 'OK'. Errors: SF_STALE, SF_DONE.
 local done = sf_replayed(KEYS[2], ARGV[1])
 if done then return done end
@@ -15,6 +16,7 @@ local code, detail = sf_check_lease(KEYS[1], held, ARGV[2], ARGV[3], ARGV[4], AR
 if code then return sf_fail(code, detail) end
 
 held.status, held.token, held.expires = 'pending', '', '0'
+if ARGV[10] == '0' then held.attempt = string.format('%d', held.attempt - 1) end
 if ARGV[7] == '1' then held.status = 'failed' end
 redis.call('HSET', KEYS[4], ARGV[2] .. '|l', sf_step_line(held),
   ARGV[2] .. '|r', sf_result('null', ARGV[6], now))
