@@ -344,3 +344,66 @@ def test_after_takes_steps_or_nothing() -> None:
         flow.step("a", after=5)(lambda ctx: None)  # type: ignore[arg-type]
     flow.step("b", after=None)(lambda ctx: None)  # type: ignore[arg-type]
     assert flow.dependencies("b") == ()
+
+
+class BrokenStr(Exception):
+    def __str__(self) -> str:
+        raise KeyError("status")
+
+
+@pytest.mark.parametrize(
+    ("raised", "message"),
+    [
+        (FileNotFoundError(b"r-\xff.csv".decode("utf-8", "surrogateescape")), "r-\\udcff.csv"),
+        (BrokenStr({"code": 500}), "<str() of the exception raised KeyError>"),
+    ],
+    ids=["lone surrogate", "broken __str__"],
+)
+async def test_a_step_failing_with_an_unprintable_error_fails_its_run(
+    store: WorkflowStore, raised: Exception, message: str
+) -> None:
+    """A file name from ``os.fsdecode`` is not JSON, and an exception's ``__str__``
+    can raise: before, either left the run (and its step) ``running`` for good."""
+    flow = Workflow(f"unprintable-{uuid.uuid4().hex[:8]}")
+
+    @flow.step()
+    async def read(ctx: StepContext) -> None:
+        raise raised
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow, run_id="r1")
+    assert record.status == RunStatus.FAILED
+    assert record.error is not None
+    assert message in record.error["message"]
+    [step] = await store.list_steps("r1")
+    assert step.status == stepflow.StepStatus.FAILED
+
+
+async def test_a_child_run_of_a_replaced_definition_fails_the_parent_before_it_starts(
+    store: WorkflowStore,
+) -> None:
+    """As ``run`` refuses it: the child would run the other definition under its name."""
+    name = f"child-{uuid.uuid4().hex[:8]}"
+
+    @stepflow.workflow(name, version="1")
+    async def held(ctx: WorkflowContext, _: Any) -> str:
+        return "v1"
+
+    @stepflow.workflow(name, version="2")
+    async def newer(ctx: WorkflowContext, _: Any) -> str:
+        return "v2"
+
+    @stepflow.workflow(f"parent-{uuid.uuid4().hex[:8]}")
+    async def parent(ctx: WorkflowContext, which: str) -> Any:
+        return await ctx.child(held if which == "held" else which)  # type: ignore[arg-type]
+
+    with anyio.fail_after(LIMIT):
+        engine = Engine(store)
+        for which, error in (("held", "DefinitionError"), ("a name", "InvalidArgumentError")):
+            record = await engine.run(parent, which)
+            assert record.status == RunStatus.FAILED
+            assert record.error is not None
+            assert record.error["type"] == error
+        runs = await store.list_runs()
+        assert len(runs) == 2  # the two parents, and no child
+        assert all(run.parent_run_id is None for run in runs)

@@ -40,6 +40,7 @@ from stepflow import (
     InvalidRunIdError,
     Lease,
     MemoryStore,
+    NewEvent,
     RedisStore,
     RetryPolicy,
     RunNotFoundError,
@@ -47,6 +48,7 @@ from stepflow import (
     StepContext,
     StepflowError,
     StepStatus,
+    StoreError,
     UnknownDependencyError,
     WaitTimeoutError,
     Workflow,
@@ -2699,3 +2701,81 @@ async def test_steps_after_parallel_steps_see_the_bag_as_stored_whatever_order_r
     assert record.status == RunStatus.COMPLETED
     assert record.context["k"] == "late"
     assert (record.context["seen"], record.context["early seen"]) == ("late", "yes")
+
+
+async def test_an_output_another_driver_recorded_merges_in_its_commit_order(
+    store: WorkflowStore, new_flow: NewFlow
+) -> None:
+    """``a`` is completed by another driver (setting ``k``) before ``b`` completes
+    here (setting ``k`` last). This driver learns of ``a`` later, when its claim
+    finds it completed: ``c`` must still see ``b``'s value, as stored."""
+    flow = new_flow()
+    other: dict[str, Lease] = {}
+
+    @flow.step()
+    async def s(ctx: StepContext) -> None:
+        other["a"] = await store.claim_step(ctx.run_id, "a", name="a", owner="other")
+
+    @flow.step(after=[s])
+    async def a(ctx: StepContext) -> dict[str, str]:
+        raise AssertionError("the other driver runs a")
+
+    @flow.step(after=[s])
+    async def b(ctx: StepContext) -> dict[str, str]:
+        await anyio.sleep(0.4)  # while this driver's claim of a waits on the other's lease
+        await store.complete_step(
+            other["a"],
+            output={"k": "a"},
+            context_patch={"k": "a"},
+            event=NewEvent(kind=EventKind.STEP_COMPLETED, payload={"step": "a", "attempt": 1}),
+        )
+        return {"k": "b"}
+
+    @flow.step(after=[a, b])
+    async def c(ctx: StepContext) -> dict[str, str]:
+        return {"seen": ctx.context["k"]}
+
+    with anyio.fail_after(LIMIT):
+        record = await Engine(store).run(flow)
+    assert record.status == RunStatus.COMPLETED
+    assert record.context["k"] == "b"
+    assert record.context["seen"] == "b"
+
+
+class SilentClaims(PassThroughStore):
+    """A store that takes claims and never answers them."""
+
+    async def claim_step(self, *args: Any, **kwargs: Any) -> Lease:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+async def test_a_claim_the_store_never_answers_holds_a_shutdown_only_so_long(
+    store: WorkflowStore, new_flow: NewFlow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim is awaited through a cancel (its lease is handed back if it comes),
+    but not for ever: a store that never answers is given up on."""
+    monkeypatch.setattr(stepflow.engine.attempts, "_CLAIM_PATIENCE", 0.3)
+    flow = new_flow()
+
+    @flow.step()
+    async def first(ctx: StepContext) -> None:
+        pass
+
+    @flow.step(after=[first])
+    async def second(ctx: StepContext) -> None:  # claimed ahead: never asks claim_step
+        pass
+
+    @flow.step()
+    async def apart(ctx: StepContext) -> None:  # not the opening step: claim_step
+        pass
+
+    silent = cast(WorkflowStore, SilentClaims(store))
+    with anyio.fail_after(LIMIT):
+        async with Engine(silent) as engine:
+            run_id = await engine.start(flow)
+            await anyio.sleep(0.05)
+        # Left the block within the patience, not never.
+        with pytest.raises(StoreError, match="did not answer a claim"):
+            await Engine(silent).run(flow)
+    assert (await store.get_run(run_id)) is not None

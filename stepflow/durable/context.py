@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from stepflow.dag import is_async_callable, step_options
 from stepflow.engine.attempts import LeaseLost, StepCall, execute_step
+from stepflow.engine.runners import is_definition
 from stepflow.engine.slots import Slot
 from stepflow.errors import (
     ChildRunFailedError,
@@ -286,6 +287,8 @@ class WorkflowContext:
         position, so a replay finds the same child) and records this run as
         its parent. Its failure raises `ChildRunFailedError` here.
         """
+        if not is_definition(workflow):
+            raise InvalidArgumentError(f"ctx.child takes a workflow definition, got {workflow!r}")
         seq, recorded = self._replay.next_command("child", workflow.name)
         tags = self._replay.tags(seq, "child", workflow.name)
         if EventKind.CHILD_COMPLETED in recorded:
@@ -297,6 +300,7 @@ class WorkflowContext:
         runner = self._runner
         child_id = started.payload["child_run_id"] if started else runner.child_run_id(seq)
         if started is None:
+            runner.services.runnable(workflow)  # before anything is stored
             await runner.create_child(workflow, child_id, input)
             await runner.append(EventKind.CHILD_STARTED, {**tags, "child_run_id": child_id})
         record = await runner.drive_child(child_id)

@@ -32,6 +32,7 @@ from stepflow.errors import (
     StepFailedError,
     StepflowError,
     StepTimeoutError,
+    StoreError,
 )
 from stepflow.models import Event, EventKind, Lease, NewEvent, RunRecord, RunStatus, StepClaim
 from stepflow.retry import RetryPolicy
@@ -42,6 +43,9 @@ _MESSAGE_LIMIT = 4000
 """Characters of an error's traceback and message kept in its record (see `describe_error`)."""
 _RENEW_RETRIES_PER_PERIOD = 4
 """After a failed renewal (the store, not a refusal) the keeper asks again this much sooner."""
+_CLAIM_PATIENCE = 10.0
+"""Seconds a claim is awaited, through a cancel too, before the store is given up on
+(see `claimed_or_handed_back`); a claim takes a millisecond or so."""
 _HELD_POLL_START = 0.05
 _HELD_POLL_MAX = 1.0
 """Seconds between claims of a step another owner holds (see `_claim`)."""
@@ -60,15 +64,24 @@ def describe_error(exc: BaseException, *, traceback: bool = True, **extra: Any) 
     record always fits the store's payload limit (`stepflow._json.MIN_PAYLOAD_BYTES`):
     a failure too large to record would leave its run ``running`` for good.
     """
-    message = str(exc)
+    try:
+        message = str(exc)
+    except Exception as failed:  # a broken __str__ must not keep the failure from its record
+        message = f"<str() of the exception raised {type(failed).__name__}>"
     if len(message) > _MESSAGE_LIMIT:  # an API error quoting a whole response body, say
         cut = len(message) - _MESSAGE_LIMIT
         message = f"{message[:_MESSAGE_LIMIT]}... ({cut} more characters)"
-    record: dict[str, Any] = {"type": type(exc).__name__, "message": message}
+    record: dict[str, Any] = {"type": type(exc).__name__, "message": _storable(message)}
     if traceback:
         trace = "".join(_traceback.format_exception(exc))
-        record["traceback"] = trace[-_TRACEBACK_LIMIT:]
+        record["traceback"] = _storable(trace[-_TRACEBACK_LIMIT:])
     return {**record, **extra}
+
+
+def _storable(text: str) -> str:
+    """``text`` with lone surrogates (``os.fsdecode`` of a non-UTF-8 file name) escaped:
+    JSON cannot hold them, and an error record must always be stored."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class LeaseLost(StepflowError):
@@ -322,9 +335,14 @@ async def claimed_or_handed_back(
     cancelled before the reply arrives: cut short there, the lease would be
     nobody's, the step left ``running`` until the lease lapsed, and a resume
     would wait that long for it. ``lease_of`` finds the lease in the reply.
+    A store that does not answer is given up on after `_CLAIM_PATIENCE`
+    (`StoreError`), so a cancel or a shutdown waits that long at most.
     """
-    with anyio.CancelScope(shield=True):
+    with anyio.CancelScope(shield=True, deadline=anyio.current_time() + _CLAIM_PATIENCE) as cut:
         reply = await claim
+    if cut.cancelled_caught:
+        await anyio.lowlevel.checkpoint_if_cancelled()  # a cancel that came meanwhile wins
+        raise StoreError(f"the store did not answer a claim within {_CLAIM_PATIENCE:g} s")
     try:
         await anyio.lowlevel.checkpoint_if_cancelled()
     except BaseException:

@@ -331,6 +331,7 @@ class DagRunner:
         except StepAlreadyCompletedError:
             step = await self.store.get_step(self.run_id, name)
             output = step.output if step is not None else None  # merged by _finished
+            recorded_as = await self._completion_event_id(name)
         except StepFailedError as failure:
             self.failure = self.failure or failure
             tg.cancel_scope.cancel()
@@ -426,6 +427,14 @@ class DagRunner:
                     ready.append(dependent)
         return ready
 
+    async def _completion_event_id(self, name: str) -> int | None:
+        """The id of step ``name``'s completion event, which another driver recorded."""
+        for event in reversed(await self.store.read_history(self.run_id, self.execution_id)):
+            payload = event.payload if isinstance(event.payload, dict) else {}
+            if event.kind == EventKind.STEP_COMPLETED and payload.get("step") == name:
+                return event.event_id
+        return None
+
     def _merge(self, patch: Mapping[str, Any], recorded_as: int | None) -> None:
         """Merge a completed step's output into the bag as the store merged it: in commit order.
 
@@ -435,7 +444,7 @@ class DagRunner:
         set is taken from the one committed last, by its completion event's
         id, which the store hands out in commit order: the steps after them
         see the bag as stored, as a resume would. An output whose event is
-        unknown (completed by another driver) is taken as the newest.
+        not found (its history pruned) is taken as the newest.
         """
         newest = recorded_as if recorded_as is not None else max(self._set_by.values(), default=0)
         kept = {key: value for key, value in patch.items() if self._set_by.get(key, 0) <= newest}

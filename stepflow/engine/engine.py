@@ -290,20 +290,8 @@ class Engine:
         that id existed already (it is resumed, not replaced). The definition's
         opening step is claimed in the same store call as the create.
         """
-        if not is_definition(flow):
-            raise InvalidArgumentError(
-                f"expected a stepflow.Workflow or @stepflow.workflow definition, got {flow!r}"
-            )
-        flow.validate()
-        # One this engine cannot drive is refused before it is stored; the one it
-        # drives under that name says which step to claim with the create.
-        definition = self.workflow(flow.name)
-        if definition is not flow:
-            raise DefinitionError(
-                f"another definition of workflow {flow.name!r} replaced this one (workflows "
-                "register by name, the latest wins); this engine would run that one. Give "
-                "each workflow a name of its own"
-            )
+        # One this engine cannot drive is refused before it is stored.
+        definition = self._runnable(flow)
         value = flow.validate_input(input)
         run_id = validate_run_id(run_id) if run_id is not None else uuid.uuid4().hex
         # Created running, with its run_started, in one write: this engine
@@ -339,6 +327,29 @@ class Engine:
                 f"not {flow.name!r}; choose another run id"
             )
         return run_id, None
+
+    def _runnable(self, flow: Definition) -> Definition:
+        """``flow``, validated, if this engine runs it under its name; else a clear error.
+
+        Runs are stored by workflow name and driven by the definition the
+        engine holds under it, so a ``flow`` another definition of its name
+        replaced (workflows register by name, the latest wins) is refused:
+        running the other one would store this one's version beside that
+        one's steps. For ``run``/``start`` and for ``ctx.child``.
+        """
+        if not is_definition(flow):
+            raise InvalidArgumentError(
+                f"expected a stepflow.Workflow or @stepflow.workflow definition, got {flow!r}"
+            )
+        flow.validate()
+        definition = self.workflow(flow.name)
+        if definition is not flow:
+            raise DefinitionError(
+                f"another definition of workflow {flow.name!r} replaced this one (workflows "
+                "register by name, the latest wins); this engine would run that one. Give "
+                "each workflow a name of its own"
+            )
+        return definition
 
     async def _drive(
         self,
@@ -377,6 +388,7 @@ class Engine:
                     limiter=self._limiter,
                     default_prune=self.default_prune,
                     drive=lambda child_id: self._drive(child_id, parent=active),
+                    runnable=self._runnable,
                     wait_for_news=self._wait_for_news,
                     stop_reason=lambda: active.stop or (parent.stop if parent else None),
                     fresh=created is not None,

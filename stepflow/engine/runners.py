@@ -50,6 +50,9 @@ class RunnerServices:
     default_prune: PruneOptions | None
     drive: Callable[[str], Awaitable[RunRecord]]
     """Run (or resume) another stored run to its end in this task: child runs."""
+    runnable: Callable[[Any], Any]
+    """The definition given, if the engine runs it under its name, else raise (see
+    `Engine._runnable`): a child run is checked as a run the engine starts is."""
     wait_for_news: Callable[[str, float], Awaitable[None]]
     """Sleep up to the given seconds, waking early when an event is raised for the run."""
     stop_reason: Callable[[], str | None]
