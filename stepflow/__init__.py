@@ -50,6 +50,7 @@ from stepflow.errors import (
     UnknownDependencyError,
     WaitTimeoutError,
     WorkflowNotFoundError,
+    WorkflowVersionError,
 )
 from stepflow.models import (
     DeleteResult,
@@ -146,5 +147,6 @@ __all__ = [
     "WorkflowContext",
     "WorkflowNotFoundError",
     "WorkflowStore",
+    "WorkflowVersionError",
     "workflow",
 ]

@@ -18,6 +18,7 @@ missing run keeps working::
     │   ├── StepNotFoundError                  .run_id, .step_id
     │   ├── ExecutionNotFoundError             .run_id, .execution_id
     │   └── WorkflowNotFoundError              .workflow (not registered here)
+    │       └── WorkflowVersionError           a durable run of another version: .run_id
     ├── LeaseError                             the step lease protocol
     │   ├── LeaseHeldError                     another owner's lease is live
     │   ├── StaleLeaseError                    a write carried an old lease
@@ -165,6 +166,25 @@ class WorkflowNotFoundError(NotFoundError):
             f"workflow {workflow!r} is not registered in this process: import the "
             "module that defines it, or pass it in Engine(store, workflows=[...])"
         )
+
+
+class WorkflowVersionError(WorkflowNotFoundError):
+    """A durable run was started by another version of its workflow than this process has.
+
+    Its history holds the commands of that version, so a replay with this one
+    would fail it: the run is left as stored, for a process running its version.
+    """
+
+    def __init__(self, workflow: str, run_id: str, stored: str, here: str) -> None:
+        NotFoundError.__init__(
+            self,
+            f"run {run_id!r} was started by version {stored!r} of workflow {workflow!r}; "
+            f"this process has version {here!r}: resume it where version {stored!r} runs",
+        )
+        self.workflow = workflow
+        self.run_id = run_id
+        self.stored_version = stored
+        self.version = here
 
 
 class LeaseError(StepflowError):

@@ -91,3 +91,205 @@ async def test_events_pending_at_continue_as_new_survive_a_crash_right_after_it(
         await engine.resume(run_id)
         record = await _completed(engine, store, run_id)
     assert record.output == ["first", "second"]
+
+
+def _name(kind: str) -> str:
+    return f"test-{kind}-{uuid.uuid4().hex[:8]}"
+
+
+async def _noop(value: Any = None) -> Any:
+    await anyio.sleep(0.01)
+    return value
+
+
+async def test_commands_awaited_side_by_side_are_refused_on_the_first_run(
+    store: WorkflowStore,
+) -> None:
+    """On replay a recorded step returns at once, so steps run side by side were
+    numbered otherwise after a restart and took one another's results (a
+    reviewer's ``asyncio.gather`` of two branches swapped their results)."""
+
+    @stepflow.workflow(_name("side-by-side"))
+    async def side_by_side(ctx: stepflow.WorkflowContext, _: Any) -> Any:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ctx.step, _noop, "a")
+            tg.start_soon(ctx.step, _noop, "b")
+
+    with anyio.fail_after(5):
+        record = await Engine(store).run(side_by_side)
+    assert record.status == RunStatus.FAILED
+    assert record.error is not None
+    assert (
+        "InvalidArgumentError: ctx.step was called while ctx.step had not returned"
+        in (record.error["message"])
+    )
+
+
+@pytest.mark.parametrize(
+    "carried", [{"x": float("nan")}, {"big": "x" * (1024 * 1024)}], ids=["nan", "too large"]
+)
+async def test_a_continue_as_new_input_the_store_refuses_fails_the_run(
+    store: WorkflowStore, carried: Any
+) -> None:
+    """Before, the run stayed running without a driver, and every resume failed alike."""
+
+    @stepflow.workflow(_name("continue-refused"))
+    async def grows(ctx: stepflow.WorkflowContext, state: Any) -> None:
+        ctx.continue_as_new(carried)
+
+    with anyio.fail_after(5):
+        record = await Engine(store).run(grows)
+    assert record.status == RunStatus.FAILED
+    assert record.error is not None
+    assert record.error["phase"] == "continue_as_new"
+    assert record.current_execution_id == 1
+
+
+async def test_an_event_raised_after_a_wait_s_deadline_does_not_count_for_it(
+    store: WorkflowStore,
+) -> None:
+    """The deadline decides, whether or not a process ran the wait at that moment."""
+
+    @stepflow.workflow(_name("late-approval"))
+    async def approval(ctx: stepflow.WorkflowContext, _: Any) -> str:
+        try:
+            return str(await ctx.wait_for_event("approval", timeout=0.3))
+        except stepflow.EventTimeoutError:
+            return "timed out"
+
+    with anyio.fail_after(5):
+        async with Engine(store) as engine:
+            run_id = await engine.start(approval)
+            await anyio.sleep(0.1)  # the wait has begun; the engine stops
+        await anyio.sleep(0.4)  # past the deadline, no process running the wait
+        await Engine(store).raise_event(run_id, "approval", "approved")
+        async with Engine(store) as engine:
+            await engine.resume(run_id)
+            record = await engine.wait(run_id)
+    assert (record.status, record.output) == (RunStatus.COMPLETED, "timed out")
+
+
+class _SlowRead(PassThroughStore):
+    """A raising process that reads the run, then is held up before it appends."""
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        record = await self.inner.get_run(run_id)
+        await anyio.sleep(0.3)
+        return record
+
+
+async def test_an_event_raised_while_the_run_continues_and_prunes_is_delivered(
+    store: WorkflowStore,
+) -> None:
+    """Before, the append to the execution read found it pruned meanwhile and
+    ``raise_event`` failed with `ExecutionNotFoundError`."""
+
+    @stepflow.workflow(_name("continue-prune"))
+    async def rounds(ctx: stepflow.WorkflowContext, n: int) -> Any:
+        if n == 0:
+            await ctx.sleep(0.1)
+            ctx.continue_as_new(1, prune=stepflow.PruneOptions(keep_last=1))
+        return await ctx.wait_for_event("go")
+
+    with anyio.fail_after(5):
+        async with Engine(store) as engine:
+            run_id = await engine.start(rounds, 0)
+            await Engine(cast(WorkflowStore, _SlowRead(store))).raise_event(run_id, "go", "got")
+            record = await engine.wait(run_id)
+    assert (record.status, record.output, record.current_execution_id) == (
+        RunStatus.COMPLETED,
+        "got",
+        2,
+    )
+
+
+async def test_a_resumed_parent_resumes_the_child_its_cancel_stopped(
+    store: WorkflowStore,
+) -> None:
+    """Cancelling a parent cancels the child it awaits; resuming the parent once
+    failed it at once on that cancel (``ChildRunFailedError``)."""
+
+    waiting = [anyio.Event(), anyio.Event()]  # the child's first run, then its resumed one
+
+    @stepflow.workflow(_name("kid"))
+    async def kid(ctx: stepflow.WorkflowContext, _: Any) -> Any:
+        waiting[1 if waiting[0].is_set() else 0].set()
+        return await ctx.wait_for_event("go")
+
+    @stepflow.workflow(_name("parent"))
+    async def parent(ctx: stepflow.WorkflowContext, _: Any) -> Any:
+        return {"child said": await ctx.child(kid)}
+
+    with anyio.fail_after(5):
+        async with Engine(store) as engine:
+            run_id = await engine.start(parent)
+            await waiting[0].wait()
+            assert (await engine.cancel(run_id)).status == RunStatus.CANCELLED
+            [child] = [run for run in await store.list_runs() if run.parent_run_id == run_id]
+            assert child.status == RunStatus.CANCELLED
+            await engine.resume(run_id)
+            await waiting[1].wait()
+            await engine.raise_event(child.run_id, "go", "hello")
+            record = await engine.wait(run_id)
+    assert (record.status, record.output) == (RunStatus.COMPLETED, {"child said": "hello"})
+
+
+async def test_a_child_id_taken_by_another_run_fails_the_parent_and_adopts_nothing(
+    store: WorkflowStore,
+) -> None:
+    @stepflow.workflow(_name("other"))
+    async def other(ctx: stepflow.WorkflowContext, _: Any) -> str:
+        return "I am an unrelated run"
+
+    @stepflow.workflow(_name("kid"))
+    async def kid(ctx: stepflow.WorkflowContext, _: Any) -> str:
+        return "the child"
+
+    @stepflow.workflow(_name("parent"))
+    async def parent(ctx: stepflow.WorkflowContext, _: Any) -> Any:
+        return await ctx.child(kid)
+
+    with anyio.fail_after(5):
+        engine = Engine(store)
+        await engine.run(other, run_id="order-7.1.1")  # the id the parent's child gets
+        record = await engine.run(parent, run_id="order-7")
+    assert record.status == RunStatus.FAILED
+    assert record.error is not None
+    assert record.error["type"] == "ConflictError"
+    assert "taken by another run" in record.error["message"]
+    unrelated = await store.get_run("order-7.1.1")
+    assert unrelated is not None
+    assert unrelated.parent_run_id is None
+
+
+async def test_a_durable_run_of_another_version_is_left_for_a_process_running_that_version(
+    store: WorkflowStore,
+) -> None:
+    """Replaying it with other code would fail it; it is refused and left as stored."""
+    name = _name("versioned")
+
+    @stepflow.workflow(name, version="1")
+    async def v1(ctx: stepflow.WorkflowContext, _: Any) -> str:
+        await ctx.wait_for_event("go")
+        return "v1"
+
+    with anyio.fail_after(5):
+        async with Engine(store) as engine:
+            run_id = await engine.start(v1)
+            await anyio.sleep(0.05)
+
+        @stepflow.workflow(name, version="2")
+        async def v2(ctx: stepflow.WorkflowContext, _: Any) -> str:
+            return "v2"
+
+        async with Engine(store) as engine:
+            with pytest.raises(stepflow.WorkflowVersionError, match="version '1'") as caught:
+                await engine.resume(run_id)
+        assert (caught.value.stored_version, caught.value.version) == ("1", "2")
+        record = await store.get_run(run_id)
+        assert record is not None
+        assert (record.status, record.version) == (RunStatus.RUNNING, "1")
+        async with Engine(store, workflows=[v1]) as engine:  # a process still running v1
+            await engine.raise_event(run_id, "go", None)
+            await engine.resume(run_id)
+            assert (await engine.wait(run_id)).output == "v1"

@@ -8,13 +8,14 @@ event, re-runs its code but none of its side effects.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
 import random
 import uuid
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Concatenate, NoReturn, ParamSpec, TypeVar, cast
 
 from stepflow.dag import is_async_callable, step_options
 from stepflow.engine.attempts import LeaseLost, StepCall, execute_step
@@ -85,11 +86,46 @@ class ContinueAsNew(BaseException):
         self.prune = prune
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _command(
+    method: Callable[Concatenate[WorkflowContext, _P], Awaitable[_R]],
+) -> Callable[Concatenate[WorkflowContext, _P], Awaitable[_R]]:
+    """A ctx command: refused while another is in flight (``asyncio.gather`` of steps, say).
+
+    A command's place in the history is the order it is called in, and on
+    replay a recorded command returns without waiting, so commands running
+    side by side would be numbered otherwise on a replay and take one
+    another's results. Refused at once, on the first run, rather than found
+    out (or not) after a restart.
+    """
+
+    @functools.wraps(method)
+    async def one_at_a_time(self: WorkflowContext, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if self._command_running is not None:
+            raise InvalidArgumentError(
+                f"ctx.{method.__name__} was called while ctx.{self._command_running} had not "
+                "returned: a durable workflow awaits its ctx calls one at a time (run work "
+                "in parallel inside one ctx.step, or in child runs started one by one)"
+            )
+        self._command_running = method.__name__
+        try:
+            return await method(self, *args, **kwargs)
+        finally:
+            self._command_running = None
+
+    return one_at_a_time
+
+
 class WorkflowContext:
     """Passed to a durable workflow as ``ctx``; see the module docstring."""
 
     def __init__(self, runner: DurableRunner) -> None:
         self._runner = runner
+        self._command_running: str | None = None
+        """The ctx command in flight, if any (see `_command`)."""
         self._replay = runner.replay
         seed = hashlib.sha256(f"{runner.run_id}/{runner.execution_id}".encode()).digest()
         self._random = random.Random(seed)
@@ -119,6 +155,7 @@ class WorkflowContext:
 
     # -- commands ---------------------------------------------------------------------
 
+    @_command
     async def step(
         self,
         fn: Callable[..., Any],
@@ -205,6 +242,7 @@ class WorkflowContext:
             runner.note_recorded(outcome.event)
             return outcome.output
 
+    @_command
     async def sleep(self, seconds: float) -> None:
         """A durable timer: the wake-up time is recorded, so restarts don't reset it."""
         seconds = _seconds("ctx.sleep seconds", seconds)
@@ -220,12 +258,15 @@ class WorkflowContext:
         await self._runner.sleep_until(_deadline(created))
         await self._runner.append(EventKind.TIMER_FIRED, self._replay.tags(seq, "sleep", "sleep"))
 
+    @_command
     async def wait_for_event(self, name: str, timeout: float | None = None) -> Any:
         """Wait for ``Engine.raise_event(run_id, name, payload)`` and return its payload.
 
         Events raised before the wait are kept and delivered in order, one per
         wait. With ``timeout`` (seconds, measured from the first time this
-        wait ran, so restarts don't extend it) raises `EventTimeoutError`.
+        wait ran, so restarts don't extend it) raises `EventTimeoutError`; an
+        event raised after the deadline (by the store's clock) does not count
+        for this wait, even if no process ran it at the deadline.
         """
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError(f"event name must be a non-empty str, got {name!r}")
@@ -252,6 +293,11 @@ class WorkflowContext:
                 self._replay.passed(seq)  # ctx.now() as the other driver's and a replay's
                 return _event_wait_result(outcome, name, timeout)
             raised = self._replay.pending_event(name)
+            if raised is not None and deadline is not None and raised.timestamp >= deadline:
+                # Raised after the deadline (while no process ran the wait, say): the
+                # wait timed out first, as it would have with a process there; the
+                # event stays for a later wait.
+                raised = None
             if raised is not None:
                 received = await self._runner.try_append(
                     EventKind.EVENT_RECEIVED,
@@ -280,6 +326,7 @@ class WorkflowContext:
             await self._runner.refresh()
             delay = min(delay * 2, _EVENT_POLL_MAX)
 
+    @_command
     async def child(self, workflow: DurableWorkflow, input: Any = None) -> Any:
         """Run ``workflow`` as a sub-run of this one and return its output.
 
@@ -322,6 +369,7 @@ class WorkflowContext:
             return ended.payload.get("output")
         raise ChildRunFailedError(child_id, ended.payload.get("error"))
 
+    @_command
     async def prune_history(self, options: PruneOptions | None = None) -> PruneResult:
         """Delete this run's old finished executions now; recorded, so a replay doesn't redo it.
 

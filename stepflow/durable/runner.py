@@ -30,7 +30,12 @@ from stepflow.engine.attempts import (
     with_lease_keeper,
 )
 from stepflow.engine.runners import RunnerServices
-from stepflow.errors import ConflictError, RunCancelledError, StepflowError
+from stepflow.errors import (
+    ConflictError,
+    InvalidPayloadError,
+    RunCancelledError,
+    StepflowError,
+)
 from stepflow.models import (
     Event,
     EventKind,
@@ -176,6 +181,11 @@ class DurableRunner:
                     await self._continue_as_new(request)
                 except RunCancelledError:  # by another process meanwhile: that stands
                     return await self._stored()
+                except InvalidPayloadError as refused:  # refused before anything was written
+                    # The workflow's fault, as a refused output is: every resume would
+                    # ask the same, so the run fails rather than stay running.
+                    error = describe_error(refused, traceback=False, phase="continue_as_new")
+                    return await self._finish(RunStatus.FAILED, error=error)
                 if self.record.status.is_terminal:  # another driver continued it, and finished
                     return self.record
                 continue
@@ -423,8 +433,12 @@ class DurableRunner:
         return child_id
 
     async def create_child(self, workflow: DurableWorkflow, child_id: str, input: Any) -> None:
-        """Store the child run unless a replay finds it created already."""
-        await self.store.create_run(
+        """Store the child run unless a replay finds it created already.
+
+        A run of that id that is not this run's child of ``workflow`` (a run
+        someone started under the id) is refused, not taken for the child.
+        """
+        created = await self.store.create_run(
             RunRecord(
                 run_id=child_id,
                 workflow=workflow.name,
@@ -434,6 +448,15 @@ class DurableRunner:
             ),
             only_if_absent=True,
         )
+        if created:
+            return
+        found = await self.store.get_run(child_id)
+        if found is None or (found.parent_run_id, found.workflow) != (self.run_id, workflow.name):
+            raise ConflictError(
+                f"the id {child_id!r} of this run's child of workflow {workflow.name!r} is "
+                "taken by another run; child ids are '<run id>.<execution>.<position>', so "
+                "keep such ids free"
+            )
 
     async def drive_child(self, child_id: str) -> RunRecord:
         return await self.services.drive(child_id)

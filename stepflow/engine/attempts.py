@@ -64,10 +64,10 @@ def describe_error(exc: BaseException, *, traceback: bool = True, **extra: Any) 
     record always fits the store's payload limit (`stepflow._json.MIN_PAYLOAD_BYTES`):
     a failure too large to record would leave its run ``running`` for good.
     """
-    try:
-        message = str(exc)
-    except Exception as failed:  # a broken __str__ must not keep the failure from its record
-        message = f"<str() of the exception raised {type(failed).__name__}>"
+    message = _message(exc)
+    if isinstance(exc, BaseExceptionGroup):  # a task group's: say what is inside
+        inner = "; ".join(f"{type(sub).__name__}: {_message(sub)}" for sub in exc.exceptions)
+        message = f"{message}: {inner}"
     if len(message) > _MESSAGE_LIMIT:  # an API error quoting a whole response body, say
         cut = len(message) - _MESSAGE_LIMIT
         message = f"{message[:_MESSAGE_LIMIT]}... ({cut} more characters)"
@@ -76,6 +76,13 @@ def describe_error(exc: BaseException, *, traceback: bool = True, **extra: Any) 
         trace = "".join(_traceback.format_exception(exc))
         record["traceback"] = _storable(trace[-_TRACEBACK_LIMIT:])
     return {**record, **extra}
+
+
+def _message(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception as failed:  # a broken __str__ must not keep the failure from its record
+        return f"<str() of the exception raised {type(failed).__name__}>"
 
 
 def _storable(text: str) -> str:

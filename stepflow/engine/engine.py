@@ -42,12 +42,14 @@ from stepflow.engine.runners import Definition, RunnerServices, is_definition, m
 from stepflow.errors import (
     ConflictError,
     DefinitionError,
+    ExecutionNotFoundError,
     InvalidArgumentError,
     RunCancelledError,
     RunNotFoundError,
     StepflowError,
     WaitTimeoutError,
     WorkflowNotFoundError,
+    WorkflowVersionError,
 )
 from stepflow.models import (
     EventKind,
@@ -223,7 +225,7 @@ class Engine:
         """
         tg = self._require_started("resume")
         record = await self._existing(run_id)
-        self.workflow(record.workflow)  # fail here, not in the background
+        self._definition_for(record)  # fail here, not in the background
         self._launch(tg, run_id, rerun_finished=True)
         return run_id
 
@@ -328,6 +330,22 @@ class Engine:
             )
         return run_id, None
 
+    def _definition_for(self, record: RunRecord) -> Definition:
+        """The definition this engine drives ``record`` with.
+
+        A durable run replays its history, which holds its version's
+        commands: a run of another version than the one here is refused
+        (`WorkflowVersionError`) and left as stored, rather than replayed
+        with other code and failed. A DAG run is resumed with the code here.
+        """
+        definition = self.workflow(record.workflow)
+        replays = not isinstance(definition, Workflow)  # durable workflows; DAGs do not
+        if replays and definition.version != record.version:
+            raise WorkflowVersionError(
+                record.workflow, record.run_id, record.version, definition.version
+            )
+        return definition
+
     def _runnable(self, flow: Definition) -> Definition:
         """``flow``, validated, if this engine runs it under its name; else a clear error.
 
@@ -363,8 +381,12 @@ class Engine:
 
         A child run driven inside its parent's task stops for the parent's
         reason too: cancelling the parent cancels the child it is awaiting.
-        ``created`` is a run this engine has just created: its record need
-        not be read back, and the lease on its opening step goes to the runner.
+        A child found cancelled is resumed with its parent: the parent's own
+        cancel stopped it (a child's end the parent saw is in its history
+        and not driven again), so a resume of the parent goes on with it,
+        rather than fail at once on the cancel it made. ``created`` is a run
+        this engine has just created: its record need not be read back, and
+        the lease on its opening step goes to the runner.
         ``active`` is the run's entry `_launch` registered for this call. A run
         this engine drives already (``run`` by the id of a background run) is
         awaited, not driven a second time beside itself.
@@ -378,8 +400,11 @@ class Engine:
             with active.scope:
                 record = created.record if created is not None else await self._existing(run_id)
                 # A completed run is never run again; failed and cancelled ones on resume.
+                rerun = rerun_finished or (
+                    parent is not None and record.status == RunStatus.CANCELLED
+                )
                 if record.status == RunStatus.COMPLETED or (
-                    record.status.is_terminal and not rerun_finished
+                    record.status.is_terminal and not rerun
                 ):
                     return record
                 services = RunnerServices(
@@ -394,7 +419,7 @@ class Engine:
                     fresh=created is not None,
                     first_lease=created.first_lease if created is not None else None,
                 )
-                runner = make_runner(self.store, self.workflow(record.workflow), record, services)
+                runner = make_runner(self.store, self._definition_for(record), record, services)
                 record = await runner.execute()
                 if record.status == RunStatus.CANCELLED:
                     await self._cancel_orphans(run_id)
@@ -572,8 +597,10 @@ class Engine:
                     only_if_current=True,
                 )
                 break
-            except ConflictError:
-                continue  # the run continued as new meanwhile: raise it in the new execution
+            except (ConflictError, ExecutionNotFoundError):
+                # The run continued as new meanwhile (and may have pruned the execution
+                # read): raise it in the new execution.
+                continue
             except RunCancelledError as exc:  # cancelled since it was read
                 raise ConflictError(
                     f"run {run_id!r} is cancelled; it takes no more events"
