@@ -12,10 +12,11 @@ from typing import Any, cast
 
 import anyio
 import pytest
-from conftest import PassThroughStore
+from conftest import PassThroughStore, make_store
 
 import stepflow
 from stepflow import Engine, Event, RunRecord, RunStatus, WorkflowStore
+from stepflow._json import MIN_PAYLOAD_BYTES
 
 pytestmark = pytest.mark.anyio
 
@@ -291,5 +292,176 @@ async def test_a_durable_run_of_another_version_is_left_for_a_process_running_th
         assert (record.status, record.version) == (RunStatus.RUNNING, "1")
         async with Engine(store, workflows=[v1]) as engine:  # a process still running v1
             await engine.raise_event(run_id, "go", None)
+            await engine.resume(run_id)
+            assert (await engine.wait(run_id)).output == "v1"
+
+
+async def test_side_by_side_commands_stop_each_other_and_record_nothing_after_the_end(
+    store: WorkflowStore,
+) -> None:
+    """With ``asyncio.gather`` the refused call's sibling ran on: its step completed
+    and was recorded after ``run_failed``. The refusal stops it too."""
+    import asyncio
+
+    ran: list[str] = []
+
+    async def slow(label: str) -> str:
+        await anyio.sleep(0.2)
+        ran.append(label)
+        return label
+
+    @stepflow.workflow(_name("gather"))
+    async def gather(ctx: stepflow.WorkflowContext, _: Any) -> Any:
+        return await asyncio.gather(ctx.step(slow, "a", name="a"), ctx.step(slow, "b", name="b"))
+
+    with anyio.fail_after(5):
+        record = await Engine(store).run(gather)
+        await anyio.sleep(0.4)  # the first step would have finished by now
+    assert record.status == RunStatus.FAILED
+    assert ran == []
+    kinds = [event.kind for event in await store.read_history(record.run_id)]
+    assert kinds == [stepflow.EventKind.RUN_STARTED, stepflow.EventKind.RUN_FAILED]
+    assert all(
+        step.status != stepflow.StepStatus.RUNNING for step in await store.list_steps(record.run_id)
+    )
+
+
+class _SilentClaims(PassThroughStore):
+    async def claim_step(self, *args: Any, **kwargs: Any) -> Any:
+        await anyio.sleep_forever()
+
+
+async def test_a_claim_the_store_never_answers_leaves_a_durable_run_as_stored(
+    store: WorkflowStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given up on after its patience, the claim is the store's failure, as a lost
+    connection is: the run is left to a resume, not failed for good."""
+    monkeypatch.setattr(stepflow.engine.attempts, "_CLAIM_PATIENCE", 0.2)
+
+    @stepflow.workflow(_name("silent-claim"))
+    async def one_step(ctx: stepflow.WorkflowContext, _: Any) -> Any:
+        return await ctx.step(_noop, "done")
+
+    with anyio.fail_after(5):
+        with pytest.raises(stepflow.StoreError, match="did not answer a claim"):
+            await Engine(cast(WorkflowStore, _SilentClaims(store))).run(one_step, run_id="r1")
+        record = await store.get_run("r1")
+        assert record is not None
+        assert record.status == RunStatus.RUNNING
+        assert (await Engine(store).run(one_step, run_id="r1")).output == "done"
+
+
+async def test_a_child_cancelled_by_hand_while_its_parent_was_not_running_stays_cancelled(
+    store: WorkflowStore,
+) -> None:
+    """Only a parent's own cancel resumes its children with it."""
+
+    kid_waits = anyio.Event()
+
+    @stepflow.workflow(_name("kid"))
+    async def kid(ctx: stepflow.WorkflowContext, _: Any) -> Any:
+        kid_waits.set()
+        return await ctx.wait_for_event("go")
+
+    @stepflow.workflow(_name("parent"))
+    async def parent(ctx: stepflow.WorkflowContext, _: Any) -> Any:
+        try:
+            return await ctx.child(kid)
+        except stepflow.ChildRunFailedError as failed:
+            return {"child failed": failed.error["type"]}
+
+    with anyio.fail_after(5):
+        async with Engine(store) as engine:  # left running, with its child
+            run_id = await engine.start(parent)
+            await kid_waits.wait()
+        child_id = f"{run_id}.1.1"
+        assert (await Engine(store).cancel(child_id)).status == RunStatus.CANCELLED
+        async with Engine(store) as engine:
+            await engine.resume(run_id)
+            record = await engine.wait(run_id)
+    assert (record.status, record.output) == (RunStatus.COMPLETED, {"child failed": "Cancelled"})
+    assert (await store.get_run(child_id)).status == RunStatus.CANCELLED  # type: ignore[union-attr]
+
+
+async def test_a_child_of_another_version_leaves_its_parent_as_stored(
+    store: WorkflowStore,
+) -> None:
+    """Not failed: a process that has the child's version resumes both."""
+    kid_name = _name("kid")
+
+    kid_waits = anyio.Event()
+
+    @stepflow.workflow(kid_name, version="1")
+    async def kid_v1(ctx: stepflow.WorkflowContext, _: Any) -> Any:
+        kid_waits.set()
+        return await ctx.wait_for_event("go")
+
+    @stepflow.workflow(_name("parent"))
+    async def parent(ctx: stepflow.WorkflowContext, _: Any) -> Any:
+        return await ctx.child(kid_v1)
+
+    with anyio.fail_after(5):
+        async with Engine(store) as engine:
+            run_id = await engine.start(parent)
+            await kid_waits.wait()
+
+        @stepflow.workflow(kid_name, version="2")
+        async def kid_v2(ctx: stepflow.WorkflowContext, _: Any) -> Any:
+            return "v2"
+
+        async with Engine(store) as engine:
+            await engine.resume(run_id)
+            with pytest.raises(stepflow.WorkflowVersionError):
+                await engine.wait(run_id)
+        assert (await store.get_run(run_id)).status == RunStatus.RUNNING  # type: ignore[union-attr]
+        async with Engine(store, workflows=[parent, kid_v1]) as engine:
+            await engine.raise_event(f"{run_id}.1.1", "go", "v1 done")
+            await engine.resume(run_id)
+            assert (await engine.wait(run_id)).output == "v1 done"
+
+
+async def test_a_raised_event_at_the_size_limit_is_carried_and_received(
+    store_kind: str, key_prefix: str, request: pytest.FixtureRequest
+) -> None:
+    """Its ``carried_from`` marker took it over the limit, and the continue was
+    refused; taken by a wait, the wait's own fields did, and the run failed."""
+    store = await make_store(store_kind, key_prefix, request, max_payload_bytes=MIN_PAYLOAD_BYTES)
+
+    @stepflow.workflow(_name("carry-big"))
+    async def carry(ctx: stepflow.WorkflowContext, n: int) -> Any:
+        if n == 0:
+            await ctx.sleep(0.1)
+            ctx.continue_as_new(1)
+        return len(await ctx.wait_for_event("big"))
+
+    payload = "x" * (MIN_PAYLOAD_BYTES - 64)
+    try:
+        with anyio.fail_after(5):
+            async with Engine(store) as engine:
+                run_id = await engine.start(carry, 0)
+                await engine.raise_event(run_id, "big", payload)
+                record = await engine.wait(run_id)
+    finally:
+        await store.aclose()
+    assert (record.status, record.output) == (RunStatus.COMPLETED, len(payload))
+
+
+async def test_a_completed_run_of_another_version_is_returned_by_resume(
+    store: WorkflowStore,
+) -> None:
+    name = _name("done-versioned")
+
+    @stepflow.workflow(name, version="1")
+    async def v1(ctx: stepflow.WorkflowContext, _: Any) -> str:
+        return "v1"
+
+    with anyio.fail_after(5):
+        run_id = (await Engine(store).run(v1)).run_id
+
+        @stepflow.workflow(name, version="2")
+        async def v2(ctx: stepflow.WorkflowContext, _: Any) -> str:
+            return "v2"
+
+        async with Engine(store) as engine:
             await engine.resume(run_id)
             assert (await engine.wait(run_id)).output == "v1"

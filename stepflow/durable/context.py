@@ -17,6 +17,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Concatenate, NoReturn, ParamSpec, TypeVar, cast
 
+import anyio
+
 from stepflow.dag import is_async_callable, step_options
 from stepflow.engine.attempts import LeaseLost, StepCall, execute_step
 from stepflow.engine.runners import is_definition
@@ -28,6 +30,7 @@ from stepflow.errors import (
     RunCancelledError,
     StepAlreadyCompletedError,
     StepFailedError,
+    StoreError,
 )
 from stepflow.models import (
     Event,
@@ -90,6 +93,12 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
+_ONE_AT_A_TIME = (
+    "a durable workflow awaits its ctx calls one at a time (run work in parallel inside "
+    "one ctx.step, or in child runs started one by one)"
+)
+
+
 def _command(
     method: Callable[Concatenate[WorkflowContext, _P], Awaitable[_R]],
 ) -> Callable[Concatenate[WorkflowContext, _P], Awaitable[_R]]:
@@ -105,14 +114,21 @@ def _command(
     @functools.wraps(method)
     async def one_at_a_time(self: WorkflowContext, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         if self._command_running is not None:
+            running, scope = self._command_running
+            scope.cancel()  # the other stops too: neither is recorded past the run's end
             raise InvalidArgumentError(
-                f"ctx.{method.__name__} was called while ctx.{self._command_running} had not "
-                "returned: a durable workflow awaits its ctx calls one at a time (run work "
-                "in parallel inside one ctx.step, or in child runs started one by one)"
+                f"ctx.{method.__name__} was called while ctx.{running} had not returned: "
+                f"{_ONE_AT_A_TIME}"
             )
-        self._command_running = method.__name__
+        scope = anyio.CancelScope()
+        self._command_running = (method.__name__, scope)
         try:
-            return await method(self, *args, **kwargs)
+            with scope:
+                return await method(self, *args, **kwargs)
+            raise InvalidArgumentError(
+                f"ctx.{method.__name__} was stopped: another ctx call was made before it "
+                f"returned. {_ONE_AT_A_TIME}"
+            )
         finally:
             self._command_running = None
 
@@ -124,8 +140,8 @@ class WorkflowContext:
 
     def __init__(self, runner: DurableRunner) -> None:
         self._runner = runner
-        self._command_running: str | None = None
-        """The ctx command in flight, if any (see `_command`)."""
+        self._command_running: tuple[str, anyio.CancelScope] | None = None
+        """The ctx command in flight, if any, and its scope (see `_command`)."""
         self._replay = runner.replay
         seed = hashlib.sha256(f"{runner.run_id}/{runner.execution_id}".encode()).digest()
         self._random = random.Random(seed)
@@ -224,6 +240,9 @@ class WorkflowContext:
                     slot.give_back()
             except LeaseLost:
                 continue  # another driver took the step over: await its result or lapse
+            except StoreError as exc:  # a store that stopped answering a claim, say
+                runner.note_store_failure(exc)  # left as stored, not failed by it
+                raise
             except RunCancelledError:  # stopped in flight or in its backoff, or not begun
                 runner.note_cancelled_elsewhere()
                 raise

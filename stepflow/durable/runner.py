@@ -19,6 +19,7 @@ from typing import Any, cast
 import anyio
 import anyio.lowlevel
 
+from stepflow import _json
 from stepflow.durable.context import ContinueAsNew, WorkflowContext
 from stepflow.durable.definition import DurableWorkflow
 from stepflow.durable.replay import Replay
@@ -35,6 +36,7 @@ from stepflow.errors import (
     InvalidPayloadError,
     RunCancelledError,
     StepflowError,
+    WorkflowNotFoundError,
 )
 from stepflow.models import (
     Event,
@@ -178,14 +180,16 @@ class DurableRunner:
                 if (diverged := self.replay.divergence()) is not None:
                     return await self._finish(RunStatus.FAILED, error=describe_error(diverged))
                 try:
-                    await self._continue_as_new(request)
-                except RunCancelledError:  # by another process meanwhile: that stands
-                    return await self._stored()
-                except InvalidPayloadError as refused:  # refused before anything was written
+                    self._check_storable(request.input)
+                except InvalidPayloadError as refused:
                     # The workflow's fault, as a refused output is: every resume would
                     # ask the same, so the run fails rather than stay running.
                     error = describe_error(refused, traceback=False, phase="continue_as_new")
                     return await self._finish(RunStatus.FAILED, error=error)
+                try:
+                    await self._continue_as_new(request)
+                except RunCancelledError:  # by another process meanwhile: that stands
+                    return await self._stored()
                 if self.record.status.is_terminal:  # another driver continued it, and finished
                     return self.record
                 continue
@@ -205,6 +209,14 @@ class DurableRunner:
                 return await self._finish(RunStatus.FAILED, error=describe_error(diverged))
             return await self._finish(RunStatus.COMPLETED, output=output)
 
+    def _check_storable(self, input: Any) -> None:
+        """`InvalidPayloadError` for a continue_as_new input the store would refuse.
+
+        Checked apart from the continue itself, whose refusal of an event it
+        carries along is not the workflow's input's fault.
+        """
+        _json.dumps(input, what="continue_as_new input", limit=self.store.max_payload_bytes)
+
     def note_cancelled_elsewhere(self) -> None:
         """The store refused a ctx call: another process cancelled the run. Stop the workflow.
 
@@ -217,7 +229,8 @@ class DurableRunner:
         self._workflow_scope.cancel()
 
     def note_store_failure(self, exc: Exception) -> None:
-        """The store failed (see ``_raise_store_failure``)."""
+        """The store failed, or the run cannot go on in this process (a child run of a
+        workflow or version it does not have): see ``_raise_store_failure``."""
         self._store_failure = self._store_failure or exc
 
     def _raise_store_failure(self) -> None:
@@ -459,7 +472,13 @@ class DurableRunner:
             )
 
     async def drive_child(self, child_id: str) -> RunRecord:
-        return await self.services.drive(child_id)
+        """Drive the child to its end; one this process cannot drive leaves the parent
+        as stored too (a process that has the child's workflow resumes both)."""
+        try:
+            return await self.services.drive(child_id)
+        except WorkflowNotFoundError as exc:  # WorkflowVersionError included
+            self.note_store_failure(exc)
+            raise
 
     async def prune(self, options: PruneOptions) -> PruneResult | dict[str, Any]:
         """Prune old executions; a failure is returned (to be recorded), never raised."""

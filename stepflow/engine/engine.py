@@ -225,7 +225,8 @@ class Engine:
         """
         tg = self._require_started("resume")
         record = await self._existing(run_id)
-        self._definition_for(record)  # fail here, not in the background
+        if record.status != RunStatus.COMPLETED:  # left as is: no definition needed
+            self._definition_for(record)  # fail here, not in the background
         self._launch(tg, run_id, rerun_finished=True)
         return run_id
 
@@ -376,15 +377,17 @@ class Engine:
         parent: _ActiveRun | None = None,
         created: _Created | None = None,
         active: _ActiveRun | None = None,
+        rerun_cancelled: bool = False,
     ) -> RunRecord:
         """Execute a stored run in this task, tracked so `wait` and `cancel` can find it.
 
         A child run driven inside its parent's task stops for the parent's
         reason too: cancelling the parent cancels the child it is awaiting.
-        A child found cancelled is resumed with its parent: the parent's own
-        cancel stopped it (a child's end the parent saw is in its history
-        and not driven again), so a resume of the parent goes on with it,
-        rather than fail at once on the cancel it made. ``created`` is a run
+        A resume of a cancelled parent resumes the cancelled children it finds
+        (``rerun_cancelled``): the parent's cancel stopped them, and the
+        resume goes on with them rather than fail at once on that cancel. A
+        child cancelled while its parent was not (by hand) stays cancelled,
+        and the parent gets its `ChildRunFailedError`. ``created`` is a run
         this engine has just created: its record need not be read back, and
         the lease on its opening step goes to the runner.
         ``active`` is the run's entry `_launch` registered for this call. A run
@@ -400,9 +403,8 @@ class Engine:
             with active.scope:
                 record = created.record if created is not None else await self._existing(run_id)
                 # A completed run is never run again; failed and cancelled ones on resume.
-                rerun = rerun_finished or (
-                    parent is not None and record.status == RunStatus.CANCELLED
-                )
+                cancelled = record.status == RunStatus.CANCELLED
+                rerun = rerun_finished or (rerun_cancelled and cancelled)
                 if record.status == RunStatus.COMPLETED or (
                     record.status.is_terminal and not rerun
                 ):
@@ -412,7 +414,9 @@ class Engine:
                     lease_ms=self.lease_ms,
                     limiter=self._limiter,
                     default_prune=self.default_prune,
-                    drive=lambda child_id: self._drive(child_id, parent=active),
+                    drive=lambda child_id: self._drive(
+                        child_id, parent=active, rerun_cancelled=cancelled
+                    ),
                     runnable=self._runnable,
                     wait_for_news=self._wait_for_news,
                     stop_reason=lambda: active.stop or (parent.stop if parent else None),

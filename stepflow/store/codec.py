@@ -11,13 +11,18 @@ from typing import Any, NamedTuple
 
 from stepflow import _json
 from stepflow.errors import InvalidArgumentError, InvalidPayloadError
-from stepflow.models import NewEvent, RunRecord, StepState
+from stepflow.models import EventKind, NewEvent, RunRecord, StepState
 
 
 class EncodedRun(NamedTuple):
     input: bytes
     output: bytes
     error: bytes
+
+
+_WRAPPER_ROOM = 256
+"""Bytes over the limit allowed to an event that holds a stored raised event's payload
+with a few fields of its own: carried along (``carried_from``) or received by a wait."""
 
 
 class Codec:
@@ -69,7 +74,25 @@ class Codec:
         return output_json, self.encode_context(patch, "context patch")
 
     def encode_event(self, event: NewEvent) -> bytes:
-        return self.encode(event.payload, f"{event.kind.value} event payload")
+        # A wait's event_received holds the raised event's payload, which met the limit,
+        # with the wait's own fields: refused, the wait could never take the event.
+        room = _WRAPPER_ROOM if event.kind == EventKind.EVENT_RECEIVED else 0
+        return _json.dumps(
+            event.payload, what=f"{event.kind.value} event payload", limit=self.limit + room
+        )
+
+    def encode_carried(self, event: NewEvent) -> bytes:
+        """A raised event carried into the next execution: stored once, it is carried.
+
+        Its ``carried_from`` marker may take a payload that met the limit a
+        few bytes over it; refusing it there would hold the run's continue
+        off for good.
+        """
+        return _json.dumps(
+            event.payload,
+            what=f"carried {event.kind.value} event payload",
+            limit=self.limit + _WRAPPER_ROOM,
+        )
 
     def encode_step(self, step: StepState) -> bytes:
         """The whole step row as JSON, its payload fields checked against the limit."""

@@ -730,7 +730,7 @@ class MemoryStore(MemoryAdmin):
         if seen_events is not None:
             check_event_id(seen_events, "seen_events")
         input_json = self._codec.encode(input, "continue-as-new input")
-        carried = [(event.kind, self._codec.encode_event(event)) for event in carry]
+        carried = [(event.kind, self._codec.encode_carried(event)) for event in carry]
         run = self._run(run_id)
         _refuse_if_cancelled(run)
         if run.record.current_execution_id != execution_id:

@@ -853,7 +853,11 @@ class RedisStore(RedisAdmin):
         if seen_events is not None:
             check_event_id(seen_events, "seen_events")
         input_json = self._codec.encode(input, "continue-as-new input")
-        carried = [item for event in carry for item in self._event_args(event)]
+        carried = [
+            item
+            for event in carry
+            for item in (event.kind.value, self._codec.encode_carried(event))
+        ]
         new_id = execution_id + 1
         request_id = new_request_id()
 
