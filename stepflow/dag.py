@@ -128,12 +128,8 @@ def step_options(
                 "give either retries= or retry=, not both (set retries on the RetryPolicy)"
             )
         policy = retry
-    elif isinstance(retries, bool) or not isinstance(retries, int):
-        raise DefinitionError(f"retries must be an int, got {retries!r}")
-    elif retries < 0:
-        raise DefinitionError(f"retries must be >= 0, got {retries}")
     else:
-        policy = RetryPolicy(retries=retries)
+        policy = RetryPolicy(retries=retries)  # it checks ``retries``
     if timeout is None:
         return policy, None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):

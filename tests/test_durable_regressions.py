@@ -465,3 +465,36 @@ async def test_a_completed_run_of_another_version_is_returned_by_resume(
         async with Engine(store) as engine:
             await engine.resume(run_id)
             assert (await engine.wait(run_id)).output == "v1"
+
+
+class _ScriptFailsOnce(PassThroughStore):
+    """A store whose next history append fails in the script, as Redis answers a write
+    on a replica during a failover (``READONLY``)."""
+
+    failed = False
+
+    async def append_event(self, *args: Any, **kwargs: Any) -> Event:
+        if not self.failed:
+            self.failed = True
+            raise stepflow.ScriptError("Redis script failed: READONLY You can't write")
+        return await self.inner.append_event(*args, **kwargs)
+
+
+async def test_a_script_error_leaves_a_durable_run_as_stored_for_a_resume(
+    store: WorkflowStore,
+) -> None:
+    """A `StoreError` is the store's failure, not a refusal: before, it reached the
+    workflow and failed the run for good."""
+
+    @stepflow.workflow(_name("script-error"))
+    async def naps(ctx: stepflow.WorkflowContext, _: Any) -> str:
+        await ctx.sleep(0.01)
+        return "woke"
+
+    with anyio.fail_after(5):
+        with pytest.raises(stepflow.ScriptError):
+            await Engine(cast(WorkflowStore, _ScriptFailsOnce(store))).run(naps, run_id="r1")
+        record = await store.get_run("r1")
+        assert record is not None
+        assert record.status == RunStatus.RUNNING
+        assert (await Engine(store).run(naps, run_id="r1")).output == "woke"

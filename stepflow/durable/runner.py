@@ -19,7 +19,6 @@ from typing import Any, cast
 import anyio
 import anyio.lowlevel
 
-from stepflow import _json
 from stepflow.durable.context import ContinueAsNew, WorkflowContext
 from stepflow.durable.definition import DurableWorkflow
 from stepflow.durable.replay import Replay
@@ -36,6 +35,7 @@ from stepflow.errors import (
     InvalidPayloadError,
     RunCancelledError,
     StepflowError,
+    StoreError,
     WorkflowNotFoundError,
 )
 from stepflow.models import (
@@ -55,8 +55,14 @@ logger = logging.getLogger("stepflow.durable")
 _CONTINUE_ATTEMPTS = 10
 
 
+def is_store_failure(exc: Exception) -> bool:
+    """The store failed (a lost connection, a script error), as against refusing a call."""
+    return isinstance(exc, StoreError) or not isinstance(exc, StepflowError)
+
+
 class _FailureNotingStore:
-    """A store whose failures (any error but a `StepflowError` refusal) are reported first.
+    """A store whose failures are reported first: any error but a `StepflowError` refusal,
+    and a `StoreError` (a script that failed, as on a replica during a failover).
 
     What a step raises reaches the workflow as `StepFailedError` and a bad
     argument to a ctx call is raised before any store call, so this sees
@@ -87,10 +93,9 @@ class _FailureNotingStore:
             except RunCancelledError:
                 self._note_cancel()
                 raise
-            except StepflowError:
-                raise
             except Exception as exc:
-                self._note(exc)
+                if is_store_failure(exc):
+                    self._note(exc)
                 raise
 
         setattr(self, name, noted)  # found before __getattr__ from now on
@@ -180,16 +185,16 @@ class DurableRunner:
                 if (diverged := self.replay.divergence()) is not None:
                     return await self._finish(RunStatus.FAILED, error=describe_error(diverged))
                 try:
-                    self._check_storable(request.input)
-                except InvalidPayloadError as refused:
-                    # The workflow's fault, as a refused output is: every resume would
-                    # ask the same, so the run fails rather than stay running.
-                    error = describe_error(refused, traceback=False, phase="continue_as_new")
-                    return await self._finish(RunStatus.FAILED, error=error)
-                try:
                     await self._continue_as_new(request)
                 except RunCancelledError:  # by another process meanwhile: that stands
                     return await self._stored()
+                except InvalidPayloadError as refused:  # its input; nothing was written
+                    # The workflow's fault, as a refused output is: every resume would
+                    # ask the same, so the run fails rather than stay running. (The
+                    # raised events it carries along were stored once: the store
+                    # takes them, see `Codec.encode_carried`.)
+                    error = describe_error(refused, traceback=False, phase="continue_as_new")
+                    return await self._finish(RunStatus.FAILED, error=error)
                 if self.record.status.is_terminal:  # another driver continued it, and finished
                     return self.record
                 continue
@@ -208,14 +213,6 @@ class DurableRunner:
             if (diverged := self.replay.divergence()) is not None:
                 return await self._finish(RunStatus.FAILED, error=describe_error(diverged))
             return await self._finish(RunStatus.COMPLETED, output=output)
-
-    def _check_storable(self, input: Any) -> None:
-        """`InvalidPayloadError` for a continue_as_new input the store would refuse.
-
-        Checked apart from the continue itself, whose refusal of an event it
-        carries along is not the workflow's input's fault.
-        """
-        _json.dumps(input, what="continue_as_new input", limit=self.store.max_payload_bytes)
 
     def note_cancelled_elsewhere(self) -> None:
         """The store refused a ctx call: another process cancelled the run. Stop the workflow.

@@ -15,7 +15,7 @@ import contextlib
 import inspect
 import logging
 import traceback as _traceback
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -350,15 +350,27 @@ async def claimed_or_handed_back(
     if cut.cancelled_caught:
         await anyio.lowlevel.checkpoint_if_cancelled()  # a cancel that came meanwhile wins
         raise StoreError(f"the store did not answer a claim within {_CLAIM_PATIENCE:g} s")
-    try:
+    async with handed_back_if_interrupted(store, lease_of(reply)):
         await anyio.lowlevel.checkpoint_if_cancelled()
+    return reply
+
+
+@contextlib.asynccontextmanager
+async def handed_back_if_interrupted(
+    store: WorkflowStore, lease: Lease | None
+) -> AsyncIterator[None]:
+    """Hand ``lease`` back unrun if the block raises (a cancel, the store), then re-raise.
+
+    Between a claim and the attempt run under it, so no step is left held
+    by nobody until its lease lapses.
+    """
+    try:
+        yield
     except BaseException:
-        lease = lease_of(reply)
         if lease is not None:
             with anyio.CancelScope(shield=True):
                 await release(store, lease, ran=False)
         raise
-    return reply
 
 
 async def _take_recorded_failure(
@@ -374,12 +386,8 @@ async def _take_recorded_failure(
     """
     if call.on_claimed is None:
         return
-    try:
+    async with handed_back_if_interrupted(store, lease):
         error = await call.on_claimed(lease)
-    except BaseException:
-        with anyio.CancelScope(shield=True):
-            await release(store, lease, ran=False)
-        raise
     if error is None:
         return
     with anyio.CancelScope(shield=True), contextlib.suppress(LeaseLost, RunCancelledError):

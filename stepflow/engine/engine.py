@@ -61,7 +61,7 @@ from stepflow.models import (
     StepClaim,
     optional_record,
 )
-from stepflow.store.base import DEFAULT_LEASE_MS, WorkflowStore, validate_run_id
+from stepflow.store.base import DEFAULT_LEASE_MS, WorkflowStore, check_int, validate_run_id
 
 _POLL_START = 0.02
 _POLL_MAX = 0.5
@@ -70,10 +70,6 @@ _ATTEMPTS_WHILE_THE_RUN_MOVES = 10
 _CRASHES_KEPT = 1000
 
 _logger = logging.getLogger("stepflow.engine")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _by_name(workflows: Iterable[Definition]) -> dict[str, Definition]:
@@ -130,14 +126,8 @@ class Engine:
         owner: str | None = None,
         default_prune: PruneOptions | None = None,
     ) -> None:
-        if not _is_int(max_concurrency) or max_concurrency < 1:
-            raise InvalidArgumentError(
-                f"max_concurrency must be an int >= 1, got {max_concurrency!r}"
-            )
-        if not _is_int(lease_ms) or lease_ms < 30:
-            raise InvalidArgumentError(
-                f"lease_ms must be an int >= 30 (it is renewed every third), got {lease_ms!r}"
-            )
+        check_int(max_concurrency, "max_concurrency", 1)
+        check_int(lease_ms, "lease_ms", 30)  # it is renewed every third
         if owner is not None and (not isinstance(owner, str) or not owner):
             raise InvalidArgumentError(f"owner must be a non-empty str, got {owner!r}")
         self.store = store
@@ -462,25 +452,29 @@ class Engine:
             raise InvalidArgumentError(
                 f"timeout must be a number of seconds or None, got {timeout!r}"
             )
+        seen = None
         if run_id not in self._active:
             # One look before the clock runs, so a finished run is returned with any
             # timeout, 0 included, on every store (a read over a network takes time).
-            record = await self._existing(run_id)
-            if record.status.is_terminal:
-                return record
+            seen = await self._existing(run_id)
+            if seen.status.is_terminal:
+                return seen
         try:
             with anyio.fail_after(timeout):
-                return await self._wait_finished(run_id)
+                return await self._wait_finished(run_id, seen)
         except TimeoutError as exc:
             raise WaitTimeoutError(run_id, timeout or 0.0) from exc
 
-    async def _wait_finished(self, run_id: str) -> RunRecord:
+    async def _wait_finished(self, run_id: str, seen: RunRecord | None = None) -> RunRecord:
+        """The run once finished; ``seen``, the run as just read, saves the first read."""
         delay = _POLL_START
         while True:
             active = self._active.get(run_id)
             if active is not None:
                 await active.finished.wait()
-            record = await self._existing(run_id)
+                seen = None  # it has moved on since
+            record = seen or await self._existing(run_id)
+            seen = None
             if record.status.is_terminal:
                 return record
             crash = self._crashes.get(run_id)  # gone once a resume drives the run again

@@ -81,43 +81,20 @@ def check_claim(owner: object, lease_ms: object, name: object = "") -> None:
     """
     if not isinstance(owner, str) or not owner:
         raise InvalidArgumentError(f"owner must be a non-empty str, got {owner!r}")
-    check_lease_ms(lease_ms)
+    check_int(lease_ms, "lease_ms", 1)
     if not isinstance(name, str):
         raise InvalidArgumentError(f"step name must be a str, got {name!r}")
 
 
-def check_lease_ms(lease_ms: object) -> int:
-    """A lease length in milliseconds: an int from 1."""
-    if isinstance(lease_ms, bool) or not isinstance(lease_ms, int) or lease_ms < 1:
-        raise InvalidArgumentError(f"lease_ms must be an int >= 1, got {lease_ms!r}")
-    return lease_ms
+def check_int(value: object, name: str, minimum: int) -> int:
+    """``value`` if it is an int (not a bool) from ``minimum``, else `InvalidArgumentError`.
 
-
-def check_page(limit: object, offset: object) -> tuple[int, int]:
-    """A page of a listing: ``limit`` and ``offset`` ints from 0, or `InvalidArgumentError`.
-
-    A negative offset would count from the other end of the list on one
-    store and fail on another; 0 as the limit is an empty page.
+    For counts, ids, lengths and pages: a float or a text there would find
+    another record on one store and fail on the other, and a negative offset
+    would count from the other end of a list.
     """
-    for name, value in (("limit", limit), ("offset", offset)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise InvalidArgumentError(f"{name} must be an int >= 0, got {value!r}")
-    return limit, offset  # type: ignore[return-value]  # both checked to be ints
-
-
-def check_execution_id(value: object) -> int:
-    """An execution id: an int from 1 (a text or float id would find another execution)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgumentError(f"execution_id must be an int >= 1, got {value!r}")
-    return value
-
-
-def check_event_id(value: object, name: str = "after_event_id") -> int:
-    """An event id or count of events, the argument ``name``: an int from 0."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgumentError(f"{name} must be an int, not {type(value).__name__}")
-    if value < 0:
-        raise InvalidArgumentError(f"{name} must be >= 0, got {value}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidArgumentError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
 
 

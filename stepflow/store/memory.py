@@ -54,10 +54,7 @@ from stepflow.models import (
 from stepflow.store.base import (
     DEFAULT_LEASE_MS,
     check_claim,
-    check_event_id,
-    check_execution_id,
-    check_lease_ms,
-    check_page,
+    check_int,
     validate_run_id,
     validate_step_id,
 )
@@ -385,7 +382,8 @@ class MemoryStore(MemoryAdmin):
         return self._page(runs, limit, offset, oldest_first)
 
     def _page(self, runs: Any, limit: int, offset: int, oldest_first: bool) -> list[RunRecord]:
-        check_page(limit, offset)
+        check_int(limit, "limit", 0)
+        check_int(offset, "offset", 0)
         ordered = sorted(runs, key=lambda run: (run.record.created_at, run.record.run_id))
         if not oldest_first:
             ordered.reverse()
@@ -511,7 +509,7 @@ class MemoryStore(MemoryAdmin):
 
     async def renew_lease(self, lease: Lease, *, lease_ms: int = DEFAULT_LEASE_MS) -> Lease:
         validate_run_id(lease.run_id)
-        check_lease_ms(lease_ms)
+        check_int(lease_ms, "lease_ms", 1)
         run, held = self._current_lease(lease, allow_expired=True)  # unclaimed since: still ours
         _refuse_if_cancelled(run)
         held.expires_at = now_ms() + lease_ms
@@ -675,7 +673,7 @@ class MemoryStore(MemoryAdmin):
     ) -> Event:
         validate_run_id(run_id)
         if seen_events is not None:
-            check_event_id(seen_events, "seen_events")
+            check_int(seen_events, "seen_events", 0)
         payload = self._codec.encode_event(event)
         run = self._run(run_id)
         _refuse_if_cancelled(run)
@@ -692,9 +690,9 @@ class MemoryStore(MemoryAdmin):
         self, run_id: str, execution_id: int | None = None, *, after_event_id: int = 0
     ) -> list[Event]:
         validate_run_id(run_id)
-        check_event_id(after_event_id)
+        check_int(after_event_id, "after_event_id", 0)
         if execution_id is not None:
-            check_execution_id(execution_id)
+            check_int(execution_id, "execution_id", 1)
         run = self._run(run_id)
         xid = run.record.current_execution_id if execution_id is None else execution_id
         events = self._execution(run, xid).events[after_event_id:]  # ids run 1..N
@@ -728,7 +726,7 @@ class MemoryStore(MemoryAdmin):
     ) -> int:
         validate_run_id(run_id)
         if seen_events is not None:
-            check_event_id(seen_events, "seen_events")
+            check_int(seen_events, "seen_events", 0)
         input_json = self._codec.encode(input, "continue-as-new input")
         carried = [(event.kind, self._codec.encode_carried(event)) for event in carry]
         run = self._run(run_id)

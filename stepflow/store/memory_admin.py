@@ -18,7 +18,7 @@ from stepflow.errors import (
     SubRunDeleteError,
 )
 from stepflow.models import DeleteResult, QueueDepths, RunStatus, SystemMetrics
-from stepflow.store.base import check_page, validate_run_id
+from stepflow.store.base import check_int, validate_run_id
 
 if TYPE_CHECKING:
     from stepflow.store.memory import _Run
@@ -57,7 +57,8 @@ class MemoryAdmin:
         oldest_first: bool = False,
     ) -> list[str]:
         """One page of run ids (all, or in ``status``), newest first."""
-        check_page(limit, offset)
+        check_int(limit, "limit", 0)
+        check_int(offset, "offset", 0)
         runs = [r for r in self._runs.values() if status is None or r.record.status == status]
         runs.sort(key=lambda run: (run.record.created_at, run.record.run_id))
         if not oldest_first:

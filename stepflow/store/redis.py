@@ -54,9 +54,7 @@ from stepflow.models import (
 from stepflow.store.base import (
     DEFAULT_LEASE_MS,
     check_claim,
-    check_event_id,
-    check_execution_id,
-    check_lease_ms,
+    check_int,
     validate_run_id,
     validate_step_id,
 )
@@ -590,7 +588,7 @@ class RedisStore(RedisAdmin):
 
     async def renew_lease(self, lease: Lease, *, lease_ms: int = DEFAULT_LEASE_MS) -> Lease:
         keys = self.keys.run(lease.run_id)
-        check_lease_ms(lease_ms)
+        check_int(lease_ms, "lease_ms", 1)
         expires = await self._call(
             "renew_lease",
             [keys.run, keys.reqs, keys.reqlog, keys.steps],
@@ -797,7 +795,7 @@ class RedisStore(RedisAdmin):
         seen_events: int | None = None,
     ) -> Event:
         keys = self.keys.run(run_id)
-        seen = "" if seen_events is None else check_event_id(seen_events, "seen_events")
+        seen = "" if seen_events is None else check_int(seen_events, "seen_events", 0)
         payload = self._codec.encode_event(event)
         reply = await self._call(
             "append_event",
@@ -812,9 +810,9 @@ class RedisStore(RedisAdmin):
         self, run_id: str, execution_id: int | None = None, *, after_event_id: int = 0
     ) -> list[Event]:
         keys = self.keys.run(run_id)
-        check_event_id(after_event_id)
+        check_int(after_event_id, "after_event_id", 0)
         if execution_id is not None:
-            check_execution_id(execution_id)
+            check_int(execution_id, "execution_id", 1)
         else:
             current = await self.client.hget(keys.run, "current_execution_id")
             if current is None:
@@ -851,7 +849,7 @@ class RedisStore(RedisAdmin):
     ) -> int:
         keys = self.keys.run(run_id)
         if seen_events is not None:
-            check_event_id(seen_events, "seen_events")
+            check_int(seen_events, "seen_events", 0)
         input_json = self._codec.encode(input, "continue-as-new input")
         carried = [
             item

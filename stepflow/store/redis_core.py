@@ -29,7 +29,7 @@ from stepflow import _json
 from stepflow.errors import ConflictError, InvalidArgumentError, StoreLayoutError
 from stepflow.models import RunRecord, RunStatus, now_ms
 from stepflow.store import connection, scripts
-from stepflow.store.base import check_page
+from stepflow.store.base import check_int
 from stepflow.store.codec import Codec
 from stepflow.store.connection import fast_client
 from stepflow.store.keys import Keys, RunKeys
@@ -443,7 +443,8 @@ class RedisCore:
         self, index: str, limit: int, offset: int, oldest_first: bool
     ) -> list[tuple[str, float]]:
         """(run id, score) of one page of an index zset, newest first unless ``oldest_first``."""
-        check_page(limit, offset)
+        check_int(limit, "limit", 0)
+        check_int(offset, "offset", 0)
         if limit == 0 or offset > _LAST_INDEX:
             return []
         page = self.client.zrange if oldest_first else self.client.zrevrange
